@@ -1,0 +1,215 @@
+//! Conversions between proto types and domain types; the only place that
+//! sees `prost_types::Timestamp` and `Duration`.
+
+use chrono::{DateTime, Utc};
+use kairos_proto::v1 as pb;
+
+use crate::app::{AppError, AttemptEnd, AttemptStart, TaskDetail, TaskPage};
+use crate::domain::{
+    AttemptOutcome, AttemptRecord, ScheduleSpec, TaskId, TaskRecord, TaskState, ValidationError,
+};
+use crate::store::TaskFilter;
+
+/// Largest page ListTasks returns.
+pub(crate) const MAX_PAGE: u32 = 1000;
+const DEFAULT_PAGE: u32 = 100;
+
+pub(crate) fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<DateTime<Utc>, ValidationError> {
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(ValidationError::invalid(field, "nanos must be in 0..1e9"));
+    }
+    DateTime::from_timestamp(t.seconds, t.nanos as u32)
+        .ok_or_else(|| ValidationError::invalid(field, "timestamp out of range"))
+}
+
+fn duration_ms(field: &str, d: &prost_types::Duration) -> Result<i64, ValidationError> {
+    if d.nanos.abs() >= 1_000_000_000 || (d.seconds > 0 && d.nanos < 0) || (d.seconds < 0 && d.nanos > 0) {
+        return Err(ValidationError::invalid(field, "malformed duration"));
+    }
+    d.seconds
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(i64::from(d.nanos / 1_000_000)))
+        .ok_or_else(|| ValidationError::invalid(field, "duration out of range"))
+}
+
+impl TryFrom<pb::ScheduleRequest> for ScheduleSpec {
+    type Error = ValidationError;
+
+    fn try_from(req: pb::ScheduleRequest) -> Result<Self, Self::Error> {
+        Ok(ScheduleSpec {
+            queue: req.queue,
+            payload: req.payload.into(),
+            content_type: req.content_type,
+            headers: req.headers.into_iter().collect(),
+            run_at: req.run_at.as_ref().map(|t| from_timestamp("run_at", t)).transpose()?,
+            delay_ms: req.delay.as_ref().map(|d| duration_ms("delay", d)).transpose()?,
+            idempotency_key: req.idempotency_key,
+            expire_after_ms: req
+                .expire_after
+                .as_ref()
+                .map(|d| duration_ms("expire_after", d))
+                .transpose()?,
+            max_attempts: req.max_attempts,
+        })
+    }
+}
+
+/// Parses a task id field, naming the field when it is empty or malformed.
+pub(crate) fn task_id(field: &str, id: &str) -> Result<TaskId, AppError> {
+    if id.is_empty() {
+        return Err(ValidationError::invalid(field, "must not be empty").into());
+    }
+    id.parse()
+        .map_err(|_| ValidationError::invalid(field, "is not a task id (a UUID)").into())
+}
+
+pub(crate) fn state_to_pb(state: TaskState) -> pb::TaskState {
+    match state {
+        TaskState::Scheduled => pb::TaskState::Scheduled,
+        TaskState::Dispatched => pb::TaskState::Dispatched,
+        TaskState::Running => pb::TaskState::Running,
+        TaskState::Succeeded => pb::TaskState::Succeeded,
+        TaskState::Retrying => pb::TaskState::Retrying,
+        TaskState::Dead => pb::TaskState::Dead,
+        TaskState::Cancelled => pb::TaskState::Cancelled,
+        TaskState::Expired => pb::TaskState::Expired,
+    }
+}
+
+fn state_from_pb(value: i32) -> Result<Option<TaskState>, ValidationError> {
+    Ok(match pb::TaskState::try_from(value) {
+        Ok(pb::TaskState::Unspecified) => None,
+        Ok(pb::TaskState::Scheduled) => Some(TaskState::Scheduled),
+        Ok(pb::TaskState::Dispatched) => Some(TaskState::Dispatched),
+        Ok(pb::TaskState::Running) => Some(TaskState::Running),
+        Ok(pb::TaskState::Succeeded) => Some(TaskState::Succeeded),
+        Ok(pb::TaskState::Retrying) => Some(TaskState::Retrying),
+        Ok(pb::TaskState::Dead) => Some(TaskState::Dead),
+        Ok(pb::TaskState::Cancelled) => Some(TaskState::Cancelled),
+        Ok(pb::TaskState::Expired) => Some(TaskState::Expired),
+        Err(_) => return Err(ValidationError::invalid("state", "unknown task state")),
+    })
+}
+
+impl From<TaskRecord> for pb::Task {
+    fn from(t: TaskRecord) -> Self {
+        pb::Task {
+            id: t.id.to_string(),
+            queue: t.queue,
+            due_at: Some(timestamp(t.due_at)),
+            state: state_to_pb(t.state).into(),
+            attempts: t.attempts,
+            max_attempts: t.max_attempts,
+            created_at: Some(timestamp(t.created_at)),
+            updated_at: Some(timestamp(t.updated_at)),
+            expire_at: t.expire_at.map(timestamp),
+            idempotency_key: t.idempotency_key.unwrap_or_default(),
+            content_type: t.content_type,
+            payload_size: u32::try_from(t.payload_size).unwrap_or(u32::MAX),
+            last_error: t.last_error.unwrap_or_default(),
+        }
+    }
+}
+
+impl From<AttemptRecord> for pb::TaskAttempt {
+    fn from(a: AttemptRecord) -> Self {
+        let outcome = match a.outcome {
+            None => pb::AttemptOutcome::Unspecified,
+            Some(AttemptOutcome::Succeeded) => pb::AttemptOutcome::Succeeded,
+            Some(AttemptOutcome::Failed) => pb::AttemptOutcome::Failed,
+            Some(AttemptOutcome::Terminal) => pb::AttemptOutcome::Terminal,
+        };
+        pb::TaskAttempt {
+            attempt: a.attempt,
+            worker_id: a.worker_id,
+            started_at: Some(timestamp(a.started_at)),
+            finished_at: a.finished_at.map(timestamp),
+            outcome: outcome.into(),
+            error: a.error.unwrap_or_default(),
+        }
+    }
+}
+
+impl From<TaskDetail> for pb::GetTaskResponse {
+    fn from(d: TaskDetail) -> Self {
+        pb::GetTaskResponse {
+            task: Some(d.task.into()),
+            attempts: d.attempts.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<TaskPage> for pb::ListTasksResponse {
+    fn from(page: TaskPage) -> Self {
+        pb::ListTasksResponse {
+            tasks: page.tasks.into_iter().map(Into::into).collect(),
+            next_page_token: page.next.map(|id| id.to_string()).unwrap_or_default(),
+        }
+    }
+}
+
+/// Converts a ListTasks request into a store filter.
+pub(crate) fn task_filter(req: pb::ListTasksRequest) -> Result<TaskFilter, AppError> {
+    if !req.queue.is_empty() && !kairos_proto::wire::is_valid_queue(&req.queue) {
+        return Err(ValidationError::invalid("queue", "is not a valid queue name").into());
+    }
+    if req.page_size > MAX_PAGE {
+        return Err(ValidationError::invalid(
+            "page_size",
+            format!("must be at most {MAX_PAGE}"),
+        )
+        .into());
+    }
+    let before = if req.page_token.is_empty() {
+        None
+    } else {
+        Some(task_id("page_token", &req.page_token)?)
+    };
+    Ok(TaskFilter {
+        queue: (!req.queue.is_empty()).then_some(req.queue),
+        state: state_from_pb(req.state)?,
+        before,
+        limit: if req.page_size == 0 { DEFAULT_PAGE } else { req.page_size },
+    })
+}
+
+/// Converts a worker's start message.
+pub(crate) fn attempt_start(worker_id: String, s: pb::AttemptStarted) -> AttemptStart {
+    AttemptStart {
+        task_id: s.task_id,
+        attempt: s.attempt,
+        bucket_ms: s.bucket_ms,
+        expire_at_ms: s.expire_at_ms,
+        worker_id,
+    }
+}
+
+/// Converts a worker's result message.
+pub(crate) fn attempt_end(worker_id: String, f: pb::AttemptFinished) -> Result<AttemptEnd, ValidationError> {
+    let state = match pb::AttemptResult::try_from(f.result) {
+        Ok(pb::AttemptResult::Succeeded) => TaskState::Succeeded,
+        Ok(pb::AttemptResult::Retrying) => TaskState::Retrying,
+        Ok(pb::AttemptResult::Dead) => TaskState::Dead,
+        _ => return Err(ValidationError::invalid("result", "unknown attempt result")),
+    };
+    let at = match &f.at {
+        Some(t) => from_timestamp("at", t)?,
+        None => Utc::now(),
+    };
+    Ok(AttemptEnd {
+        task_id: f.task_id,
+        attempt: f.attempt,
+        bucket_ms: f.bucket_ms,
+        state,
+        error: (!f.error.is_empty()).then_some(f.error),
+        at,
+        worker_id,
+    })
+}

@@ -1,0 +1,52 @@
+//! The one place where use-case errors become gRPC statuses.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+use tracing::{error, warn};
+
+use crate::app::AppError;
+use crate::domain::{ValidationError, ValidationKind};
+
+impl From<AppError> for Status {
+    fn from(err: AppError) -> Self {
+        match err {
+            AppError::Invalid(ValidationError {
+                field,
+                reason,
+                kind,
+            }) => {
+                let code = match kind {
+                    ValidationKind::Invalid => Code::InvalidArgument,
+                    ValidationKind::TooLarge => Code::ResourceExhausted,
+                };
+                let details = ErrorDetails::with_bad_request_violation(field.clone(), reason.clone());
+                Status::with_error_details(code, format!("{field}: {reason}"), details)
+            }
+            AppError::NotFound { .. } => Status::not_found(err.to_string()),
+            AppError::AlreadyExists { .. } => Status::already_exists(err.to_string()),
+            AppError::FailedPrecondition { .. } => Status::failed_precondition(err.to_string()),
+            AppError::Unavailable { backend, ref cause } => {
+                warn!(backend, cause, "backend unavailable");
+                Status::unavailable(format!("{backend} unavailable, retry later"))
+            }
+            AppError::Internal(ref cause) => {
+                error!(cause, "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+/// Returns the code and field a batch item's error is reported with.
+pub(crate) fn item_error(err: AppError) -> kairos_proto::v1::ItemError {
+    let field = match &err {
+        AppError::Invalid(v) => v.field.clone(),
+        _ => String::new(),
+    };
+    let status = Status::from(err);
+    kairos_proto::v1::ItemError {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        field,
+    }
+}

@@ -1,0 +1,107 @@
+//! `kairos.v1.SchedulerService`: unwrap, convert, call, convert back.
+
+use kairos_proto::v1 as pb;
+use kairos_proto::v1::scheduler_service_server::SchedulerService;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::convert;
+use super::error::item_error;
+use crate::app::{AppError, TaskService};
+use crate::domain::{ScheduleSpec, ValidationError};
+
+/// Most tasks one ScheduleBatch call may carry.
+pub const MAX_BATCH: usize = 1000;
+
+/// The SchedulerService implementation.
+#[derive(Debug, Clone)]
+pub struct SchedulerApi {
+    tasks: TaskService,
+}
+
+impl SchedulerApi {
+    /// Creates the API over the task use cases.
+    pub fn new(tasks: TaskService) -> Self {
+        Self { tasks }
+    }
+}
+
+#[tonic::async_trait]
+impl SchedulerService for SchedulerApi {
+    #[instrument(skip_all)]
+    async fn schedule(
+        &self,
+        request: Request<pb::ScheduleRequest>,
+    ) -> Result<Response<pb::ScheduleResponse>, Status> {
+        let spec = ScheduleSpec::try_from(request.into_inner()).map_err(AppError::from)?;
+        let task = self.tasks.schedule(spec).await?;
+        Ok(Response::new(pb::ScheduleResponse {
+            task: Some(task.into()),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn schedule_batch(
+        &self,
+        request: Request<pb::ScheduleBatchRequest>,
+    ) -> Result<Response<pb::ScheduleBatchResponse>, Status> {
+        let items = request.into_inner().tasks;
+        if items.is_empty() || items.len() > MAX_BATCH {
+            let reason = format!("must hold 1 to {MAX_BATCH} tasks, got {}", items.len());
+            return Err(AppError::from(ValidationError::invalid("tasks", reason)).into());
+        }
+        let specs = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                ScheduleSpec::try_from(item).map_err(|mut e| {
+                    e.field = format!("tasks[{i}].{}", e.field);
+                    e
+                })
+            })
+            .collect();
+        let results = self.tasks.schedule_batch(specs).await?;
+        let results = results
+            .into_iter()
+            .map(|r| pb::ScheduleBatchResult {
+                result: Some(match r {
+                    Ok(task) => pb::schedule_batch_result::Result::Task(task.into()),
+                    Err(err) => pb::schedule_batch_result::Result::Error(item_error(err)),
+                }),
+            })
+            .collect();
+        Ok(Response::new(pb::ScheduleBatchResponse { results }))
+    }
+
+    #[instrument(skip_all)]
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let id = convert::task_id("id", &request.into_inner().id)?;
+        let task = self.tasks.cancel(id).await?;
+        Ok(Response::new(pb::CancelResponse {
+            task: Some(task.into()),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::GetTaskResponse>, Status> {
+        let id = convert::task_id("id", &request.into_inner().id)?;
+        let detail = self.tasks.get(id).await?;
+        Ok(Response::new(detail.into()))
+    }
+
+    #[instrument(skip_all)]
+    async fn list_tasks(
+        &self,
+        request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let filter = convert::task_filter(request.into_inner())?;
+        let page = self.tasks.list(filter).await?;
+        Ok(Response::new(page.into()))
+    }
+}

@@ -1,0 +1,97 @@
+//! Use cases: they orchestrate the SQL store, the Redis claims and the bus,
+//! and decide what each outcome means. No proto types here.
+
+mod recorder;
+mod reports;
+mod tasks;
+
+use crate::bus::BusError;
+use crate::domain::{TaskId, ValidationError};
+use crate::store::StoreError;
+use crate::store::claims::ClaimError;
+
+pub use recorder::Recorder;
+pub use reports::{AttemptEnd, AttemptStart, ReportService, StartOutcome};
+pub use tasks::{TaskDetail, TaskPage, TaskService};
+
+/// Errors of the use cases, mapped to gRPC codes in `api/error.rs` only.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The request is malformed or too large.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// No task has this id.
+    #[error("task `{id}` not found")]
+    NotFound {
+        /// The id asked for.
+        id: String,
+    },
+    /// The idempotency key was used with other content.
+    #[error("idempotency key `{key}` was already used with different content")]
+    AlreadyExists {
+        /// The key.
+        key: String,
+    },
+    /// The task's state forbids the operation.
+    #[error("task `{id}` is {state}")]
+    FailedPrecondition {
+        /// The task.
+        id: TaskId,
+        /// Its current state, by name.
+        state: String,
+    },
+    /// A backend is down; nothing was half-written.
+    #[error("{backend} unavailable")]
+    Unavailable {
+        /// Which backend.
+        backend: &'static str,
+        /// The cause, for logs only.
+        cause: String,
+    },
+    /// A bug or corrupt data.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl AppError {
+    /// Tells whether the caller may retry the same request later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+impl From<StoreError> for AppError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Corrupt { .. } => Self::Internal(err.to_string()),
+            other => Self::Unavailable {
+                backend: "database",
+                cause: format!("{other}: {:?}", other),
+            },
+        }
+    }
+}
+
+impl From<ClaimError> for AppError {
+    fn from(err: ClaimError) -> Self {
+        match err {
+            ClaimError::Unexpected(_) => Self::Internal(err.to_string()),
+            ClaimError::Unavailable(cause) => Self::Unavailable {
+                backend: "redis",
+                cause: cause.to_string(),
+            },
+        }
+    }
+}
+
+impl From<BusError> for AppError {
+    fn from(err: BusError) -> Self {
+        Self::Unavailable {
+            backend: "nats",
+            cause: err.to_string(),
+        }
+    }
+}
+
+/// Result of a use case.
+pub type AppResult<T> = Result<T, AppError>;

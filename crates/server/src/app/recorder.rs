@@ -1,0 +1,96 @@
+//! Writes status changes to SQL in batches: many concurrent reports share one
+//! transaction, which is what keeps SQLite fast under bursts.
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{AppError, AppResult};
+use crate::domain::StatusWrite;
+use crate::store::DynStore;
+
+/// Most writes folded into one transaction.
+const MAX_BATCH: usize = 1024;
+
+type Waiter = oneshot::Sender<Result<(), String>>;
+
+/// Handle to the recorder task. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    tx: mpsc::Sender<(StatusWrite, Option<Waiter>)>,
+}
+
+impl Recorder {
+    /// Starts the recorder; it flushes what is queued and stops once `shutdown`
+    /// fires and every handle is gone.
+    pub fn spawn(store: DynStore, shutdown: CancellationToken) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(16 * MAX_BATCH);
+        let handle = tokio::spawn(run(store, rx, shutdown));
+        (Self { tx }, handle)
+    }
+
+    /// Records a change and waits until it is committed.
+    pub async fn record(&self, write: StatusWrite) -> AppResult<()> {
+        let (done, wait) = oneshot::channel();
+        let closed = || AppError::Unavailable {
+            backend: "recorder",
+            cause: "shutting down".into(),
+        };
+        self.tx.send((write, Some(done))).await.map_err(|_| closed())?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(cause)) => Err(AppError::Unavailable {
+                backend: "database",
+                cause,
+            }),
+            Err(_) => Err(closed()),
+        }
+    }
+
+    /// Records a change without waiting (status that is informational only).
+    pub async fn record_later(&self, write: StatusWrite) {
+        if self.tx.send((write, None)).await.is_err() {
+            debug!("recorder closed, status change dropped");
+        }
+    }
+}
+
+async fn run(
+    store: DynStore,
+    mut rx: mpsc::Receiver<(StatusWrite, Option<Waiter>)>,
+    shutdown: CancellationToken,
+) {
+    let mut writes = Vec::with_capacity(MAX_BATCH);
+    let mut waiters = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let first = tokio::select! {
+            item = rx.recv() => item,
+            () = shutdown.cancelled() => {
+                // Take what is already queued, then stop accepting more.
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some((write, waiter)) = first else { break };
+        writes.push(write);
+        waiters.extend(waiter);
+        while writes.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok((write, waiter)) => {
+                    writes.push(write);
+                    waiters.extend(waiter);
+                }
+                Err(_) => break,
+            }
+        }
+        let result = store.apply(&writes).await;
+        if let Err(err) = &result {
+            warn!(writes = writes.len(), error = %err, "status batch not recorded");
+        }
+        let outcome = result.map_err(|e| e.to_string());
+        for waiter in waiters.drain(..) {
+            let _ = waiter.send(outcome.clone());
+        }
+        writes.clear();
+    }
+}

@@ -1,0 +1,256 @@
+//! Scheduling, cancelling and looking up one-off tasks.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use tracing::{instrument, warn};
+
+use super::{AppError, AppResult, Recorder};
+use crate::bus::Bus;
+use crate::domain::{
+    AttemptRecord, Limits, NewTask, ScheduleSpec, StatusWrite, TaskId, TaskRecord, TaskState,
+    ValidationError, bucket_of, validate,
+};
+use crate::store::claims::{CancelClaim, Claims};
+use crate::store::{DynStore, InsertOutcome, TaskFilter};
+
+/// A task with its run log.
+#[derive(Debug, Clone)]
+pub struct TaskDetail {
+    /// The task.
+    pub task: TaskRecord,
+    /// Every attempt, oldest first.
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// One page of ListTasks.
+#[derive(Debug, Clone)]
+pub struct TaskPage {
+    /// Tasks, newest first.
+    pub tasks: Vec<TaskRecord>,
+    /// Token of the next page, if any.
+    pub next: Option<TaskId>,
+}
+
+/// The one-off task use cases. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TaskService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: DynStore,
+    claims: Claims,
+    bus: Bus,
+    recorder: Recorder,
+    limits: Limits,
+    /// Bucket width in ms: a task's bucket decides its subject and claim hash.
+    width_ms: i64,
+}
+
+impl TaskService {
+    /// Creates the service over its backends.
+    pub fn new(
+        store: DynStore,
+        claims: Claims,
+        bus: Bus,
+        recorder: Recorder,
+        limits: Limits,
+        width_ms: i64,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                claims,
+                bus,
+                recorder,
+                limits,
+                width_ms,
+            }),
+        }
+    }
+
+    /// Books one task; returns once it is durable in JetStream and visible in SQL.
+    #[instrument(skip_all, fields(queue = %spec.queue))]
+    pub async fn schedule(&self, spec: ScheduleSpec) -> AppResult<TaskRecord> {
+        let mut results = self.schedule_batch(vec![Ok(spec)]).await?;
+        results.pop().unwrap_or_else(|| Err(AppError::Internal("empty batch result".into())))
+    }
+
+    /// Books many tasks, each stored or rejected on its own; one result per
+    /// item, in order. Items that failed validation upstream come in as `Err`.
+    #[instrument(skip_all, fields(items = specs.len()))]
+    pub async fn schedule_batch(
+        &self,
+        specs: Vec<Result<ScheduleSpec, ValidationError>>,
+    ) -> AppResult<Vec<AppResult<TaskRecord>>> {
+        let inner = &self.inner;
+        let now = Utc::now();
+        let mut results: Vec<Option<AppResult<TaskRecord>>> = Vec::with_capacity(specs.len());
+        let mut valid: Vec<(usize, NewTask)> = Vec::new();
+        for (i, spec) in specs.into_iter().enumerate() {
+            match spec.and_then(|s| validate(s, now, &inner.limits)) {
+                Ok(task) => {
+                    valid.push((i, task));
+                    results.push(None);
+                }
+                Err(err) => results.push(Some(Err(err.into()))),
+            }
+        }
+        if valid.is_empty() {
+            return Ok(results.into_iter().flatten().collect());
+        }
+        // A past-due task goes into the current bucket, which is always open.
+        let now_ms = now.timestamp_millis();
+        let buckets: Vec<i64> = valid
+            .iter()
+            .map(|(_, t)| bucket_of(t.due_at.timestamp_millis().max(now_ms), inner.width_ms))
+            .collect();
+        let tasks: Vec<NewTask> = valid.iter().map(|(_, t)| t.clone()).collect();
+        let outcomes = inner.store.insert_tasks(&tasks, &buckets).await?;
+
+        let mut fresh: Vec<(usize, i64, &NewTask)> = Vec::new();
+        for (((slot, task), bucket), outcome) in valid.iter().zip(&buckets).zip(outcomes) {
+            match outcome {
+                InsertOutcome::Inserted => fresh.push((*slot, *bucket, task)),
+                InsertOutcome::Existing(record) => results[*slot] = Some(Ok(record)),
+                InsertOutcome::Conflict { key } => {
+                    results[*slot] = Some(Err(AppError::AlreadyExists { key }));
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            let seeds: Vec<(i64, TaskId)> = fresh.iter().map(|(_, b, t)| (*b, t.id)).collect();
+            if let Err(err) = inner.claims.seed(&seeds, inner.width_ms).await {
+                self.forget(&fresh.iter().map(|(_, b, t)| (*b, t.id)).collect::<Vec<_>>())
+                    .await;
+                return Err(err.into());
+            }
+            let to_publish: Vec<(i64, &NewTask)> = fresh.iter().map(|(_, b, t)| (*b, *t)).collect();
+            let published = inner.bus.publish_tasks(&to_publish).await;
+            let mut failed = Vec::new();
+            for ((slot, bucket, task), outcome) in fresh.iter().zip(published) {
+                match outcome {
+                    Ok(()) => {
+                        let mut record = task.record();
+                        record.bucket_ms = *bucket;
+                        results[*slot] = Some(Ok(record));
+                    }
+                    Err(err) => {
+                        failed.push((*bucket, task.id));
+                        results[*slot] = Some(Err(err.into()));
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                self.forget(&failed).await;
+                if failed.len() == fresh.len() && results.len() == 1 {
+                    return Err(results.pop().flatten().expect("one result").unwrap_err());
+                }
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(AppError::Internal("item without result".into()))))
+            .collect())
+    }
+
+    /// Undoes tasks whose publish failed or is in doubt: the claim is marked
+    /// cancelled (so a copy JetStream did store never runs) and the row goes.
+    async fn forget(&self, tasks: &[(i64, TaskId)]) {
+        let inner = &self.inner;
+        for (bucket, id) in tasks {
+            if let Err(err) = inner.claims.cancel(*bucket, inner.width_ms, *id).await {
+                warn!(%id, error = %err, "could not mark an unpublished task cancelled");
+            }
+        }
+        let ids: Vec<TaskId> = tasks.iter().map(|(_, id)| *id).collect();
+        if let Err(err) = inner.store.delete_tasks(&ids).await {
+            warn!(count = ids.len(), error = %err, "could not delete unpublished tasks");
+        }
+    }
+
+    /// Cancels a task no worker has started; it will never run.
+    #[instrument(skip_all, fields(%id))]
+    pub async fn cancel(&self, id: TaskId) -> AppResult<TaskRecord> {
+        let inner = &self.inner;
+        let mut task = self.find(id).await?;
+        match task.state {
+            TaskState::Cancelled => return Ok(task),
+            TaskState::Scheduled | TaskState::Dispatched | TaskState::Retrying => {}
+            state => {
+                return Err(AppError::FailedPrecondition {
+                    id,
+                    state: state.to_string(),
+                });
+            }
+        }
+        match inner.claims.cancel(task.bucket_ms, inner.width_ms, id).await? {
+            CancelClaim::Cancelled => {}
+            CancelClaim::TooLate(claim) if claim == "C" => {}
+            CancelClaim::TooLate(claim) => {
+                return Err(AppError::FailedPrecondition {
+                    id,
+                    state: claim_state(&claim).to_string(),
+                });
+            }
+        }
+        let now = Utc::now();
+        inner
+            .recorder
+            .record(StatusWrite::Closed {
+                id,
+                state: TaskState::Cancelled,
+                at: now,
+            })
+            .await?;
+        task.state = TaskState::Cancelled;
+        task.updated_at = now;
+        Ok(task)
+    }
+
+    /// Returns a task with its run log.
+    pub async fn get(&self, id: TaskId) -> AppResult<TaskDetail> {
+        let task = self.find(id).await?;
+        let attempts = self.inner.store.get_attempts(id).await?;
+        Ok(TaskDetail { task, attempts })
+    }
+
+    /// Returns one page of tasks, newest first.
+    pub async fn list(&self, mut filter: TaskFilter) -> AppResult<TaskPage> {
+        let limit = filter.limit;
+        // One extra row tells whether another page follows.
+        filter.limit = limit + 1;
+        let mut tasks = self.inner.store.list_tasks(&filter).await?;
+        let next = if tasks.len() > limit as usize {
+            tasks.truncate(limit as usize);
+            tasks.last().map(|t| t.id)
+        } else {
+            None
+        };
+        Ok(TaskPage { tasks, next })
+    }
+
+    async fn find(&self, id: TaskId) -> AppResult<TaskRecord> {
+        self.inner
+            .store
+            .get_task(id)
+            .await?
+            .ok_or_else(|| AppError::NotFound { id: id.to_string() })
+    }
+}
+
+/// Names the state a claim value stands for.
+fn claim_state(claim: &str) -> TaskState {
+    match claim {
+        "S" => TaskState::Scheduled,
+        "D" => TaskState::Dispatched,
+        "OK" => TaskState::Succeeded,
+        "X" => TaskState::Dead,
+        "C" => TaskState::Cancelled,
+        "E" => TaskState::Expired,
+        c if c.starts_with('Y') => TaskState::Retrying,
+        _ => TaskState::Running,
+    }
+}

@@ -1,0 +1,293 @@
+//! JetStream I/O: the two streams, publishing waiting tasks into buckets,
+//! releasing due tasks to their queues, and per-bucket consumers.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use kairos_proto::v1 as pb;
+use kairos_proto::wire;
+use prost::Message as _;
+
+use crate::domain::NewTask;
+
+/// Errors talking to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// NATS could not be reached, or JetStream refused the request.
+    #[error("nats unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl BusError {
+    fn from_any(err: impl std::fmt::Display) -> Self {
+        Self::Unavailable(err.to_string())
+    }
+}
+
+/// Result of a bus operation.
+pub type BusResult<T> = Result<T, BusError>;
+
+/// Stream settings taken from the server config.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// Replicas of each stream (1 on a single NATS server).
+    pub replicas: usize,
+    /// JetStream duplicate window for message ids.
+    pub duplicate_window: Duration,
+}
+
+/// The JetStream side of Kairos. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+/// A task message pulled from a bucket, kept in memory until due.
+pub struct BucketMessage {
+    /// Task id.
+    pub task_id: String,
+    /// Queue to release it to.
+    pub queue: String,
+    /// Due instant (ms since epoch).
+    pub due_ms: i64,
+    /// Start deadline (ms since epoch), 0 when none.
+    pub expire_at_ms: i64,
+    /// Stream sequence, to order ties.
+    pub seq: u64,
+    /// The encoded envelope, released as-is.
+    pub body: Bytes,
+    /// Acknowledges the bucket message once the release is durable.
+    pub acker: jetstream::message::Acker,
+}
+
+impl std::fmt::Debug for BucketMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BucketMessage")
+            .field("task_id", &self.task_id)
+            .field("due_ms", &self.due_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bus {
+    /// Connects to NATS; the client reconnects by itself after an outage.
+    pub async fn connect(url: &str, name: &str) -> BusResult<Self> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(3))
+            .connect(url)
+            .await
+            .map_err(BusError::from_any)?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .max_ack_inflight(20_000)
+            .build(client.clone());
+        Ok(Self { client, js })
+    }
+
+    /// Returns the NATS client, e.g. to flush on shutdown.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// Creates both streams if they do not exist (file storage, work-queue retention).
+    pub async fn ensure_streams(&self, settings: &StreamSettings) -> BusResult<()> {
+        for (name, subject) in [
+            (wire::TASKS_STREAM, format!("{}.>", wire::TASKS_SUBJECT_PREFIX)),
+            (wire::READY_STREAM, format!("{}.>", wire::READY_SUBJECT_PREFIX)),
+        ] {
+            self.js
+                .get_or_create_stream(stream::Config {
+                    name: name.to_owned(),
+                    subjects: vec![subject],
+                    retention: stream::RetentionPolicy::WorkQueue,
+                    storage: stream::StorageType::File,
+                    num_replicas: settings.replicas,
+                    duplicate_window: settings.duplicate_window,
+                    ..Default::default()
+                })
+                .await
+                .map_err(BusError::from_any)?;
+        }
+        Ok(())
+    }
+
+    /// Publishes new tasks into their buckets and waits until JetStream has
+    /// stored each; one result per task, in order.
+    pub async fn publish_tasks(&self, tasks: &[(i64, &NewTask)]) -> Vec<BusResult<()>> {
+        let mut pending = Vec::with_capacity(tasks.len());
+        for (bucket, task) in tasks {
+            let (headers, body) = encode_task(*bucket, task);
+            let sent = self
+                .js
+                .send_publish(
+                    wire::bucket_subject(*bucket),
+                    jetstream::message::PublishMessage::build()
+                        .payload(body)
+                        .headers(headers)
+                        .message_id(task.id.to_string()),
+                )
+                .await;
+            pending.push(sent);
+        }
+        let mut results = Vec::with_capacity(tasks.len());
+        for sent in pending {
+            results.push(match sent {
+                Ok(ack) => ack.await.map(drop).map_err(BusError::from_any),
+                Err(err) => Err(BusError::from_any(err)),
+            });
+        }
+        results
+    }
+
+    /// Publishes a due task to its queue; the message id makes a second
+    /// release of the same task a no-op inside the duplicate window.
+    pub async fn release(
+        &self,
+        msg: &BucketMessage,
+    ) -> BusResult<jetstream::context::PublishAckFuture> {
+        let mut headers = HeaderMap::new();
+        headers.insert(wire::TASK_ID_HEADER, msg.task_id.as_str());
+        self.js
+            .send_publish(
+                wire::ready_subject(&msg.queue),
+                jetstream::message::PublishMessage::build()
+                    .payload(msg.body.clone())
+                    .headers(headers)
+                    .message_id(wire::release_msg_id(&msg.task_id)),
+            )
+            .await
+            .map_err(BusError::from_any)
+    }
+
+    /// Returns the buckets that hold at least one message.
+    pub async fn buckets_with_messages(&self) -> BusResult<Vec<i64>> {
+        let stream = self
+            .js
+            .get_stream(wire::TASKS_STREAM)
+            .await
+            .map_err(BusError::from_any)?;
+        let subjects = stream
+            .info_with_subjects(format!("{}.>", wire::TASKS_SUBJECT_PREFIX))
+            .await
+            .map_err(BusError::from_any)?;
+        let found: Vec<(String, usize)> = subjects.try_collect().await.map_err(BusError::from_any)?;
+        let prefix = format!("{}.", wire::TASKS_SUBJECT_PREFIX);
+        Ok(found
+            .into_iter()
+            .filter_map(|(subject, _)| subject.strip_prefix(&prefix)?.parse().ok())
+            .collect())
+    }
+
+    /// Recreates a bucket's consumer from scratch, so that messages a dead
+    /// owner held unacknowledged are delivered again at once.
+    pub async fn reset_bucket_consumer(
+        &self,
+        bucket_ms: i64,
+        ack_wait: Duration,
+    ) -> BusResult<consumer::PullConsumer> {
+        let stream = self
+            .js
+            .get_stream(wire::TASKS_STREAM)
+            .await
+            .map_err(BusError::from_any)?;
+        let name = wire::bucket_consumer(bucket_ms);
+        // A missing consumer is the normal case for a fresh bucket.
+        let _ = stream.delete_consumer(&name).await;
+        stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(name),
+                filter_subject: wire::bucket_subject(bucket_ms),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait,
+                max_ack_pending: -1,
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(BusError::from_any)
+    }
+
+    /// Tells whether a bucket's consumer has nothing left to deliver or acknowledge.
+    pub async fn bucket_drained(&self, bucket_ms: i64) -> BusResult<bool> {
+        let stream = self
+            .js
+            .get_stream(wire::TASKS_STREAM)
+            .await
+            .map_err(BusError::from_any)?;
+        let mut consumer: consumer::PullConsumer = stream
+            .get_consumer(&wire::bucket_consumer(bucket_ms))
+            .await
+            .map_err(BusError::from_any)?;
+        let info = consumer.info().await.map_err(BusError::from_any)?;
+        Ok(info.num_pending == 0 && info.num_ack_pending == 0)
+    }
+
+    /// Deletes a drained bucket's consumer.
+    pub async fn delete_bucket_consumer(&self, bucket_ms: i64) -> BusResult<()> {
+        let stream = self
+            .js
+            .get_stream(wire::TASKS_STREAM)
+            .await
+            .map_err(BusError::from_any)?;
+        stream
+            .delete_consumer(&wire::bucket_consumer(bucket_ms))
+            .await
+            .map_err(BusError::from_any)?;
+        Ok(())
+    }
+}
+
+/// Encodes a task as its envelope plus the headers the dispatcher reads.
+fn encode_task(bucket_ms: i64, task: &NewTask) -> (HeaderMap, Bytes) {
+    let expire_at_ms = task.expire_at.map_or(0, |t| t.timestamp_millis());
+    let envelope = pb::TaskEnvelope {
+        id: task.id.to_string(),
+        queue: task.queue.clone(),
+        payload: task.payload.to_vec(),
+        content_type: task.content_type.clone(),
+        headers: task.headers.clone().into_iter().collect(),
+        due_at_ms: task.due_at.timestamp_millis(),
+        expire_at_ms,
+        max_attempts: task.max_attempts,
+        bucket_ms,
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(wire::TASK_ID_HEADER, envelope.id.as_str());
+    headers.insert(wire::DUE_HEADER, envelope.due_at_ms.to_string().as_str());
+    headers.insert(wire::QUEUE_HEADER, task.queue.as_str());
+    if expire_at_ms > 0 {
+        headers.insert(wire::EXPIRE_HEADER, expire_at_ms.to_string().as_str());
+    }
+    (headers, Bytes::from(envelope.encode_to_vec()))
+}
+
+/// Reads a bucket message's headers into what the dispatcher holds in memory.
+pub fn decode_bucket_message(msg: jetstream::Message) -> Result<BucketMessage, String> {
+    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+    let (msg, acker) = msg.split();
+    let headers = msg.headers.as_ref().ok_or("message without headers")?;
+    let get = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+    let task_id = get(wire::TASK_ID_HEADER).ok_or("missing task id header")?;
+    let queue = get(wire::QUEUE_HEADER).ok_or("missing queue header")?;
+    let due_ms = get(wire::DUE_HEADER)
+        .and_then(|v| v.parse().ok())
+        .ok_or("missing or bad due header")?;
+    let expire_at_ms = get(wire::EXPIRE_HEADER)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok(BucketMessage {
+        task_id,
+        queue,
+        due_ms,
+        expire_at_ms,
+        seq,
+        body: msg.payload,
+        acker,
+    })
+}

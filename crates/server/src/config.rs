@@ -1,0 +1,143 @@
+//! Server configuration: every setting is a flag and a `KAIROS_*` variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::domain::Limits;
+use crate::engine::dispatcher::DispatchSettings;
+
+/// Configuration of `kairos-server`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kairos-server", version, about = "Kairos scheduling server")]
+pub struct ServerConfig {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "KAIROS_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// NATS server URL (JetStream must be enabled).
+    #[arg(long, env = "KAIROS_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+
+    /// Redis URL, for the atomic task claims and bucket leases.
+    #[arg(long, env = "KAIROS_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Database URL: `sqlite://PATH` (default) or `postgres://…` for several replicas.
+    #[arg(long, env = "KAIROS_DATABASE_URL", default_value = "sqlite://.kairos/kairos.db")]
+    pub database_url: String,
+
+    /// Width of a time bucket (one JetStream subject per bucket).
+    #[arg(long, env = "KAIROS_BUCKET_WIDTH", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub bucket_width: Duration,
+
+    /// How far ahead the dispatcher opens buckets and holds their tasks in memory.
+    #[arg(long, env = "KAIROS_LOOKAHEAD", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub lookahead: Duration,
+
+    /// Furthest a task may be scheduled ahead.
+    #[arg(long, env = "KAIROS_MAX_HORIZON", default_value = "400days", value_parser = humantime::parse_duration)]
+    pub max_horizon: Duration,
+
+    /// Largest task payload in bytes.
+    #[arg(long, env = "KAIROS_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: usize,
+
+    /// Attempts per task when the request does not say.
+    #[arg(long, env = "KAIROS_DEFAULT_MAX_ATTEMPTS", default_value_t = 3)]
+    pub default_max_attempts: u32,
+
+    /// Most attempts a request may ask for.
+    #[arg(long, env = "KAIROS_MAX_ATTEMPTS_LIMIT", default_value_t = 100)]
+    pub max_attempts_limit: u32,
+
+    /// Time-to-live of a bucket lease: how fast another replica takes over a dead one's buckets.
+    #[arg(long, env = "KAIROS_LEASE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Duration,
+
+    /// How long claim state in Redis outlives its bucket (covers retries).
+    #[arg(long, env = "KAIROS_CLAIM_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub claim_retention: Duration,
+
+    /// JetStream replicas of the Kairos streams (1 on a single NATS server).
+    #[arg(long, env = "KAIROS_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+
+    /// JetStream duplicate window for task and release message ids.
+    #[arg(long, env = "KAIROS_DUPLICATE_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub duplicate_window: Duration,
+
+    /// Identity of this replica (the bucket lease value); random when empty.
+    #[arg(long, env = "KAIROS_REPLICA_ID", default_value = "")]
+    pub replica_id: String,
+
+    /// Largest gRPC message the server accepts, in bytes.
+    #[arg(long, env = "KAIROS_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// How long shutdown waits for in-flight RPCs.
+    #[arg(long, env = "KAIROS_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+/// A setting that makes no sense.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {setting}: {reason}")]
+pub struct ConfigError {
+    /// The setting.
+    pub setting: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+impl ServerConfig {
+    /// Checks the settings together, before anything starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |setting, reason: &str| {
+            Err(ConfigError {
+                setting,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.bucket_width < Duration::from_secs(1) {
+            return bad("KAIROS_BUCKET_WIDTH", "must be at least 1s");
+        }
+        if self.lease_ttl < Duration::from_secs(1) {
+            return bad("KAIROS_LEASE_TTL", "must be at least 1s");
+        }
+        if self.default_max_attempts == 0 || self.default_max_attempts > self.max_attempts_limit {
+            return bad(
+                "KAIROS_DEFAULT_MAX_ATTEMPTS",
+                "must be between 1 and KAIROS_MAX_ATTEMPTS_LIMIT",
+            );
+        }
+        if self.max_payload_bytes == 0 {
+            return bad("KAIROS_MAX_PAYLOAD_BYTES", "must be positive");
+        }
+        Ok(())
+    }
+
+    /// Returns the request limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_payload_bytes: self.max_payload_bytes,
+            max_horizon: self.max_horizon,
+            default_max_attempts: self.default_max_attempts,
+            max_attempts_limit: self.max_attempts_limit,
+        }
+    }
+
+    /// Returns the dispatcher settings.
+    pub fn dispatch(&self, replica_id: String) -> DispatchSettings {
+        DispatchSettings {
+            width: self.bucket_width,
+            lookahead: self.lookahead,
+            lease_ttl: self.lease_ttl,
+            tick: Duration::from_millis(250),
+            scan_every: Duration::from_secs(30),
+            grace: Duration::from_secs(30),
+            replica_id,
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Pure domain types and rules: task ids, states, validation of new tasks,
+//! bucket arithmetic. No I/O and no generated proto types here.
+
+mod task;
+mod validate;
+
+pub use task::{
+    AttemptOutcome, AttemptRecord, NewTask, StatusWrite, TaskId, TaskRecord, TaskState,
+    bucket_of, content_hash, version_of,
+};
+pub use validate::{Limits, ScheduleSpec, ValidationError, ValidationKind, validate};

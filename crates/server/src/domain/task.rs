@@ -1,0 +1,377 @@
+//! Tasks, their states and the status changes the recorder writes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// Sortable task identifier (UUIDv7: ordered by creation time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId(Uuid);
+
+impl TaskId {
+    /// Returns a fresh, time-ordered id.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+}
+
+impl Default for TaskId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl FromStr for TaskId {
+    type Err = uuid::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(Self)
+    }
+}
+
+/// Where a task is in its life cycle (see DESIGN.md, "The task state machine").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskState {
+    /// Stored, waiting for its due time.
+    Scheduled,
+    /// Released to its queue, not started.
+    Dispatched,
+    /// An attempt is running.
+    Running,
+    /// The last attempt succeeded.
+    Succeeded,
+    /// Failed; another attempt follows.
+    Retrying,
+    /// Will not run again.
+    Dead,
+    /// Cancelled before it started.
+    Cancelled,
+    /// Could not start before its deadline.
+    Expired,
+}
+
+impl TaskState {
+    /// Every state, in life-cycle order.
+    pub const ALL: [TaskState; 8] = [
+        Self::Scheduled,
+        Self::Dispatched,
+        Self::Running,
+        Self::Succeeded,
+        Self::Retrying,
+        Self::Dead,
+        Self::Cancelled,
+        Self::Expired,
+    ];
+
+    /// Returns the name stored in SQL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Scheduled => "scheduled",
+            Self::Dispatched => "dispatched",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Retrying => "retrying",
+            Self::Dead => "dead",
+            Self::Cancelled => "cancelled",
+            Self::Expired => "expired",
+        }
+    }
+
+    /// Parses a name stored in SQL.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|state| state.as_str() == s)
+    }
+
+    /// Tells whether no further transition can happen.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Succeeded | Self::Dead | Self::Cancelled | Self::Expired
+        )
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Returns the ordering key of a state change, so that status writes arriving
+/// out of order (dispatcher and workers report through different replicas)
+/// never move a task backwards.
+pub fn version_of(state: TaskState, attempt: u32) -> i64 {
+    let attempt = i64::from(attempt);
+    match state {
+        TaskState::Scheduled => 0,
+        TaskState::Dispatched => 1,
+        TaskState::Running => attempt * 10 + 2,
+        TaskState::Retrying => attempt * 10 + 3,
+        TaskState::Succeeded | TaskState::Dead | TaskState::Cancelled | TaskState::Expired => {
+            i64::MAX
+        }
+    }
+}
+
+/// Returns the start (ms since epoch) of the bucket that holds `at_ms`.
+pub fn bucket_of(at_ms: i64, width_ms: i64) -> i64 {
+    at_ms.div_euclid(width_ms) * width_ms
+}
+
+/// Returns the fingerprint of a schedule request, used to tell a retried
+/// request (same idempotency key, same content) from a conflicting one.
+pub fn content_hash(
+    queue: &str,
+    payload: &[u8],
+    content_type: &str,
+    headers: &BTreeMap<String, String>,
+    when: &str,
+    expire_after_ms: Option<i64>,
+    max_attempts: Option<u32>,
+) -> String {
+    let mut hasher = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    };
+    field(queue.as_bytes());
+    field(payload);
+    field(content_type.as_bytes());
+    for (name, value) in headers {
+        field(name.as_bytes());
+        field(value.as_bytes());
+    }
+    field(when.as_bytes());
+    field(&expire_after_ms.unwrap_or(-1).to_le_bytes());
+    field(&max_attempts.map_or(-1, i64::from).to_le_bytes());
+    let digest = hasher.finalize();
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A validated task, ready to be stored.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    /// Fresh id.
+    pub id: TaskId,
+    /// Queue it runs on (a valid subject token).
+    pub queue: String,
+    /// Opaque payload.
+    pub payload: Bytes,
+    /// Media type of the payload.
+    pub content_type: String,
+    /// Producer headers, sorted so the fingerprint is stable.
+    pub headers: BTreeMap<String, String>,
+    /// Due instant.
+    pub due_at: DateTime<Utc>,
+    /// Start deadline.
+    pub expire_at: Option<DateTime<Utc>>,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// Producer's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Fingerprint of the request, compared on a repeated idempotency key.
+    pub content_hash: String,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+}
+
+impl NewTask {
+    /// Returns the status record of this task as it is right after scheduling.
+    pub fn record(&self) -> TaskRecord {
+        TaskRecord {
+            id: self.id,
+            queue: self.queue.clone(),
+            state: TaskState::Scheduled,
+            due_at: self.due_at,
+            bucket_ms: 0,
+            expire_at: self.expire_at,
+            max_attempts: self.max_attempts,
+            attempts: 0,
+            idempotency_key: self.idempotency_key.clone(),
+            content_type: self.content_type.clone(),
+            payload_size: self.payload.len() as u64,
+            last_error: None,
+            created_at: self.created_at,
+            updated_at: self.created_at,
+        }
+    }
+}
+
+/// The status view of a stored task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRecord {
+    /// Task id.
+    pub id: TaskId,
+    /// Queue.
+    pub queue: String,
+    /// Current state.
+    pub state: TaskState,
+    /// Due instant.
+    pub due_at: DateTime<Utc>,
+    /// Bucket whose Redis hash holds the task's claim state.
+    pub bucket_ms: i64,
+    /// Start deadline.
+    pub expire_at: Option<DateTime<Utc>>,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// Attempts started so far.
+    pub attempts: u32,
+    /// Producer's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Media type of the payload.
+    pub content_type: String,
+    /// Payload size in bytes.
+    pub payload_size: u64,
+    /// Error of the last failed attempt.
+    pub last_error: Option<String>,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// Last state change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// The handler succeeded.
+    Succeeded,
+    /// Failed; retried later.
+    Failed,
+    /// Failed for good.
+    Terminal,
+}
+
+impl AttemptOutcome {
+    /// Returns the name stored in SQL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Terminal => "terminal",
+        }
+    }
+
+    /// Parses a name stored in SQL.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Succeeded, Self::Failed, Self::Terminal]
+            .into_iter()
+            .find(|o| o.as_str() == s)
+    }
+}
+
+/// One row of a task's run log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRecord {
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// Worker that ran it.
+    pub worker_id: String,
+    /// Handler start.
+    pub started_at: DateTime<Utc>,
+    /// Handler end, once ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Outcome, once ended.
+    pub outcome: Option<AttemptOutcome>,
+    /// Error of a failed attempt.
+    pub error: Option<String>,
+}
+
+/// A status change for the SQL task index and run log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatusWrite {
+    /// Released to its queue.
+    Dispatched {
+        /// Task.
+        id: TaskId,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// A worker started an attempt.
+    Started {
+        /// Task.
+        id: TaskId,
+        /// Attempt number.
+        attempt: u32,
+        /// Worker.
+        worker_id: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// An attempt ended; `state` is Succeeded, Retrying or Dead.
+    Finished {
+        /// Task.
+        id: TaskId,
+        /// Attempt number.
+        attempt: u32,
+        /// Worker.
+        worker_id: String,
+        /// The task's new state.
+        state: TaskState,
+        /// Error text for failures.
+        error: Option<String>,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// Cancelled, or expired before it could start.
+    Closed {
+        /// Task.
+        id: TaskId,
+        /// Cancelled or Expired.
+        state: TaskState,
+        /// When.
+        at: DateTime<Utc>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_floor_to_width() {
+        assert_eq!(bucket_of(0, 600_000), 0);
+        assert_eq!(bucket_of(599_999, 600_000), 0);
+        assert_eq!(bucket_of(600_000, 600_000), 600_000);
+        assert_eq!(bucket_of(-1, 600_000), -600_000);
+    }
+
+    #[test]
+    fn versions_never_go_backwards_within_a_life_cycle() {
+        let order = [
+            version_of(TaskState::Scheduled, 0),
+            version_of(TaskState::Dispatched, 0),
+            version_of(TaskState::Running, 1),
+            version_of(TaskState::Retrying, 1),
+            version_of(TaskState::Running, 2),
+            version_of(TaskState::Succeeded, 2),
+        ];
+        assert!(order.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn states_round_trip_through_their_names() {
+        for state in TaskState::ALL {
+            assert_eq!(TaskState::parse(state.as_str()), Some(state));
+        }
+    }
+
+    #[test]
+    fn content_hash_separates_fields() {
+        let h = BTreeMap::new();
+        let a = content_hash("q", b"ab", "", &h, "x", None, None);
+        let b = content_hash("qa", b"b", "", &h, "x", None, None);
+        assert_ne!(a, b);
+        assert_eq!(a, content_hash("q", b"ab", "", &h, "x", None, None));
+    }
+}

@@ -1,0 +1,539 @@
+//! Releases due tasks without ever cycling a waiting one.
+//!
+//! Each bucket (a window of due times, one subject) is dispatched by one
+//! replica at a time, which holds a lease on it in Redis. The owner recreates
+//! the bucket's durable consumer (so whatever a dead owner held comes back at
+//! once), pulls all its messages into an in-memory timer and keeps them
+//! unacknowledged. When a task is due it claims it in Redis, publishes it to
+//! its queue with a stable message id, waits for the publish acknowledgement,
+//! and only then acknowledges the bucket message.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::app::Recorder;
+use crate::bus::{Bus, BucketMessage, decode_bucket_message};
+use crate::domain::{StatusWrite, TaskId, bucket_of};
+use crate::store::DynStore;
+use crate::store::claims::{Claims, DispatchClaim};
+
+/// Most tasks released in one round (one Lua call, one wave of publishes).
+const MAX_RELEASE: usize = 4096;
+/// How long a task waits before another try when a backend failed its release.
+const RETRY_DELAY_MS: i64 = 1000;
+
+/// Settings of the dispatcher.
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    /// Width of a bucket.
+    pub width: Duration,
+    /// How far ahead buckets are opened and their tasks held in memory.
+    pub lookahead: Duration,
+    /// Time-to-live of a bucket lease; a dead owner's buckets move after this.
+    pub lease_ttl: Duration,
+    /// How often leases are taken and renewed.
+    pub tick: Duration,
+    /// How often the stream is scanned for buckets with messages (late tasks).
+    pub scan_every: Duration,
+    /// How long after its window a drained bucket is kept open, for clock skew.
+    pub grace: Duration,
+    /// This replica's identity, the lease value.
+    pub replica_id: String,
+}
+
+struct Held {
+    bucket: i64,
+    generation: u64,
+    msg: BucketMessage,
+}
+
+impl PartialEq for Held {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+impl Eq for Held {}
+impl PartialOrd for Held {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Held {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+impl Held {
+    fn key(&self) -> (i64, i64, u64) {
+        (self.msg.due_ms, self.bucket, self.msg.seq)
+    }
+}
+
+/// A bucket this replica holds the lease of.
+struct Owned {
+    /// Bumped on every (re)acquisition, so messages of an old puller are ignored.
+    generation: u64,
+    puller: JoinHandle<()>,
+    /// Tasks of this bucket in the timer, to know when it is drained.
+    held: usize,
+    last_renew: Instant,
+}
+
+/// The dispatcher loop of one replica.
+pub struct Dispatcher {
+    bus: Bus,
+    claims: Claims,
+    store: DynStore,
+    recorder: Recorder,
+    settings: DispatchSettings,
+    width_ms: i64,
+    owned: HashMap<i64, Owned>,
+    timer: BinaryHeap<Reverse<Held>>,
+    known: BTreeSet<i64>,
+    next_generation: u64,
+    tx: mpsc::Sender<(i64, u64, BucketMessage)>,
+    rx: mpsc::Receiver<(i64, u64, BucketMessage)>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("settings", &self.settings)
+            .field("owned", &self.owned.len())
+            .field("held", &self.timer.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dispatcher {
+    /// Creates a dispatcher over its backends.
+    pub fn new(
+        bus: Bus,
+        claims: Claims,
+        store: DynStore,
+        recorder: Recorder,
+        settings: DispatchSettings,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(65_536);
+        Self {
+            bus,
+            claims,
+            store,
+            recorder,
+            width_ms: settings.width.as_millis() as i64,
+            settings,
+            owned: HashMap::new(),
+            timer: BinaryHeap::new(),
+            known: BTreeSet::new(),
+            next_generation: 0,
+            tx,
+            rx,
+        }
+    }
+
+    /// Runs until `shutdown`; then gives its leases back so other replicas take
+    /// over at once, leaving held messages unacknowledged for them.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.tick);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut last_scan: Option<Instant> = None;
+        loop {
+            let next_due = self.timer.peek().map(|Reverse(h)| h.msg.due_ms);
+            let wake = async {
+                match next_due {
+                    Some(due_ms) => {
+                        let wait = (due_ms - Utc::now().timestamp_millis()).max(0) as u64;
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                    }
+                    None => futures::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                Some(first) = self.rx.recv() => {
+                    self.hold(first);
+                    while let Ok(next) = self.rx.try_recv() {
+                        self.hold(next);
+                    }
+                }
+                () = wake => self.release_due().await,
+                _ = tick.tick() => {
+                    let scan = last_scan.is_none_or(|t| t.elapsed() >= self.settings.scan_every);
+                    if scan {
+                        last_scan = Some(Instant::now());
+                    }
+                    self.manage_leases(scan).await;
+                }
+            }
+        }
+        self.stop().await;
+    }
+
+    fn hold(&mut self, (bucket, generation, msg): (i64, u64, BucketMessage)) {
+        match self.owned.get_mut(&bucket) {
+            Some(owned) if owned.generation == generation => {
+                owned.held += 1;
+                self.timer.push(Reverse(Held {
+                    bucket,
+                    generation,
+                    msg,
+                }));
+            }
+            // A message of a lost lease: its new owner redelivers it.
+            _ => {}
+        }
+    }
+
+    fn unhold(&mut self, bucket: i64, generation: u64) {
+        if let Some(owned) = self.owned.get_mut(&bucket)
+            && owned.generation == generation
+        {
+            owned.held = owned.held.saturating_sub(1);
+        }
+    }
+
+    fn retry_later(&mut self, mut held: Held) {
+        held.msg.due_ms = Utc::now().timestamp_millis() + RETRY_DELAY_MS;
+        self.timer.push(Reverse(held));
+    }
+
+    /// Releases every task that is due, oldest first, in rounds.
+    async fn release_due(&mut self) {
+        let now_ms = Utc::now().timestamp_millis();
+        let mut due: Vec<Held> = Vec::new();
+        while due.len() < MAX_RELEASE {
+            match self.timer.peek() {
+                Some(Reverse(top)) if top.msg.due_ms <= now_ms => {
+                    let Reverse(held) = self.timer.pop().expect("peeked");
+                    let current = self
+                        .owned
+                        .get(&held.bucket)
+                        .is_some_and(|o| o.generation == held.generation);
+                    if current {
+                        due.push(held);
+                    }
+                }
+                _ => break,
+            }
+        }
+        let mut by_bucket: HashMap<i64, Vec<Held>> = HashMap::new();
+        for held in due {
+            by_bucket.entry(held.bucket).or_default().push(held);
+        }
+        for (bucket, batch) in by_bucket {
+            self.release_bucket(bucket, batch, now_ms, false).await;
+        }
+    }
+
+    async fn release_bucket(&mut self, bucket: i64, batch: Vec<Held>, now_ms: i64, force: bool) {
+        let ids: Vec<(&str, i64)> = batch
+            .iter()
+            .map(|h| (h.msg.task_id.as_str(), h.msg.expire_at_ms))
+            .collect();
+        let claims = match self
+            .claims
+            .dispatch(bucket, self.width_ms, now_ms, &ids, force)
+            .await
+        {
+            Ok(claims) => claims,
+            Err(err) => {
+                // Late beats wrong: hold the tasks until Redis answers again.
+                warn!(bucket, tasks = batch.len(), error = %err, "cannot claim due tasks; holding them");
+                for held in batch {
+                    self.retry_later(held);
+                }
+                return;
+            }
+        };
+        let mut to_release = Vec::new();
+        let mut missing = Vec::new();
+        for (held, claim) in batch.into_iter().zip(claims) {
+            match claim {
+                DispatchClaim::Go => to_release.push(held),
+                DispatchClaim::Missing => missing.push(held),
+                DispatchClaim::Cancelled | DispatchClaim::Done => self.finish(held).await,
+                DispatchClaim::Expired => {
+                    if let Ok(id) = held.msg.task_id.parse::<TaskId>() {
+                        self.recorder
+                            .record_later(StatusWrite::Closed {
+                                id,
+                                state: crate::domain::TaskState::Expired,
+                                at: Utc::now(),
+                            })
+                            .await;
+                    }
+                    self.finish(held).await;
+                }
+            }
+        }
+        if !missing.is_empty() {
+            self.recover_missing(bucket, missing, now_ms).await;
+        }
+        self.publish(to_release).await;
+    }
+
+    /// Handles due tasks whose Redis claim is gone: SQL says whether each may
+    /// still run; those that may are claimed again with `force`.
+    async fn recover_missing(&mut self, bucket: i64, missing: Vec<Held>, now_ms: i64) {
+        let mut pending = Vec::new();
+        for held in missing {
+            let Ok(id) = held.msg.task_id.parse::<TaskId>() else {
+                self.finish(held).await;
+                continue;
+            };
+            match self.store.get_task(id).await {
+                // Never accepted (its publish was undone), or already over.
+                Ok(None) => self.finish(held).await,
+                Ok(Some(task)) if task.state.is_final() => self.finish(held).await,
+                Ok(Some(_)) => pending.push(held),
+                Err(err) => {
+                    warn!(%id, error = %err, "cannot check a task without claim; holding it");
+                    self.retry_later(held);
+                }
+            }
+        }
+        if !pending.is_empty() {
+            info!(bucket, tasks = pending.len(), "re-creating lost claims from sql");
+            Box::pin(self.release_bucket(bucket, pending, now_ms, true)).await;
+        }
+    }
+
+    /// Publishes claimed tasks to their queues, then acknowledges the bucket
+    /// messages whose publish JetStream acknowledged.
+    async fn publish(&mut self, batch: Vec<Held>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut acks = Vec::with_capacity(batch.len());
+        for held in &batch {
+            acks.push(self.bus.release(&held.msg).await);
+        }
+        let mut waits = Vec::with_capacity(acks.len());
+        for ack in acks {
+            waits.push(async move {
+                match ack {
+                    Ok(future) => future.await.map(drop).map_err(|e| e.to_string()),
+                    Err(err) => Err(err.to_string()),
+                }
+            });
+        }
+        let results = futures::future::join_all(waits).await;
+        let now = Utc::now();
+        for (held, result) in batch.into_iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    if let Ok(id) = held.msg.task_id.parse::<TaskId>() {
+                        self.recorder
+                            .record_later(StatusWrite::Dispatched { id, at: now })
+                            .await;
+                    }
+                    self.finish(held).await;
+                }
+                Err(err) => {
+                    warn!(task_id = %held.msg.task_id, error = %err, "release not acknowledged; retrying");
+                    self.retry_later(held);
+                }
+            }
+        }
+    }
+
+    /// Acknowledges a bucket message: the task has left the bucket for good.
+    async fn finish(&mut self, held: Held) {
+        self.unhold(held.bucket, held.generation);
+        if let Err(err) = held.msg.acker.ack().await {
+            // The message comes back after ack_wait; the claim makes that copy harmless.
+            debug!(task_id = %held.msg.task_id, error = %err, "bucket ack failed");
+        }
+    }
+
+    /// Takes leases of buckets that are open or have late tasks, renews held
+    /// ones, drops lost ones and closes drained past ones.
+    async fn manage_leases(&mut self, scan: bool) {
+        let now_ms = Utc::now().timestamp_millis();
+        if scan {
+            match self.bus.buckets_with_messages().await {
+                Ok(found) => self.known.extend(found),
+                Err(err) => warn!(error = %err, "cannot list buckets"),
+            }
+        }
+        let horizon = now_ms + self.settings.lookahead.as_millis() as i64;
+        let mut wanted: BTreeSet<i64> = self.known.range(..=horizon).copied().collect();
+        let mut bucket = bucket_of(now_ms, self.width_ms);
+        while bucket <= horizon {
+            wanted.insert(bucket);
+            bucket += self.width_ms;
+        }
+
+        for bucket in wanted {
+            if !self.owned.contains_key(&bucket) {
+                match self
+                    .claims
+                    .lease(bucket, &self.settings.replica_id, self.settings.lease_ttl)
+                    .await
+                {
+                    Ok(true) => self.open(bucket),
+                    Ok(false) => {}
+                    Err(err) => {
+                        debug!(bucket, error = %err, "cannot take bucket lease");
+                        break;
+                    }
+                }
+            }
+        }
+
+        let renew_every = self.settings.lease_ttl / 3;
+        let grace_ms = self.settings.grace.as_millis() as i64;
+        let buckets: Vec<i64> = self.owned.keys().copied().collect();
+        for bucket in buckets {
+            let owned = &self.owned[&bucket];
+            if owned.puller.is_finished() {
+                info!(bucket, "bucket puller stopped; reopening");
+                self.close(bucket);
+                continue;
+            }
+            if owned.last_renew.elapsed() >= renew_every {
+                match self
+                    .claims
+                    .lease(bucket, &self.settings.replica_id, self.settings.lease_ttl)
+                    .await
+                {
+                    Ok(true) => {
+                        if let Some(o) = self.owned.get_mut(&bucket) {
+                            o.last_renew = Instant::now();
+                        }
+                    }
+                    Ok(false) => {
+                        warn!(bucket, "bucket lease lost to another replica");
+                        self.close(bucket);
+                        continue;
+                    }
+                    Err(err) => debug!(bucket, error = %err, "cannot renew bucket lease"),
+                }
+            }
+            let owned = &self.owned[&bucket];
+            if owned.held == 0 && bucket + self.width_ms + grace_ms < now_ms {
+                match self.bus.bucket_drained(bucket).await {
+                    Ok(true) => {
+                        self.close(bucket);
+                        self.known.remove(&bucket);
+                        if let Err(err) = self.bus.delete_bucket_consumer(bucket).await {
+                            debug!(bucket, error = %err, "cannot delete drained bucket consumer");
+                        }
+                        let _ = self
+                            .claims
+                            .release_lease(bucket, &self.settings.replica_id)
+                            .await;
+                        debug!(bucket, "bucket drained and closed");
+                    }
+                    Ok(false) => {}
+                    Err(err) => debug!(bucket, error = %err, "cannot check bucket"),
+                }
+            }
+        }
+    }
+
+    fn open(&mut self, bucket: i64) {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let ack_wait = self.settings.width + self.settings.lookahead + Duration::from_secs(300);
+        let puller = tokio::spawn(pull(
+            self.bus.clone(),
+            bucket,
+            generation,
+            ack_wait,
+            self.tx.clone(),
+        ));
+        debug!(bucket, generation, "bucket opened");
+        self.owned.insert(
+            bucket,
+            Owned {
+                generation,
+                puller,
+                held: 0,
+                last_renew: Instant::now(),
+            },
+        );
+    }
+
+    fn close(&mut self, bucket: i64) {
+        if let Some(owned) = self.owned.remove(&bucket) {
+            owned.puller.abort();
+        }
+    }
+
+    async fn stop(&mut self) {
+        let buckets: Vec<i64> = self.owned.keys().copied().collect();
+        for bucket in buckets {
+            self.close(bucket);
+            let _ = self
+                .claims
+                .release_lease(bucket, &self.settings.replica_id)
+                .await;
+        }
+        self.timer.clear();
+    }
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        // A replica killed mid-way must not leave pullers feeding nobody.
+        for owned in self.owned.values() {
+            owned.puller.abort();
+        }
+    }
+}
+
+/// Pulls every message of one bucket into the dispatcher.
+async fn pull(
+    bus: Bus,
+    bucket: i64,
+    generation: u64,
+    ack_wait: Duration,
+    tx: mpsc::Sender<(i64, u64, BucketMessage)>,
+) {
+    let consumer = match bus.reset_bucket_consumer(bucket, ack_wait).await {
+        Ok(consumer) => consumer,
+        Err(err) => {
+            warn!(bucket, error = %err, "cannot create bucket consumer");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return;
+        }
+    };
+    let mut messages = match consumer
+        .stream()
+        .max_messages_per_batch(1000)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+    {
+        Ok(messages) => messages,
+        Err(err) => {
+            warn!(bucket, error = %err, "cannot pull bucket");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return;
+        }
+    };
+    while let Some(next) = messages.next().await {
+        match next {
+            Ok(msg) => match decode_bucket_message(msg) {
+                Ok(msg) => {
+                    if tx.send((bucket, generation, msg)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(reason) => warn!(bucket, reason, "malformed task message left in bucket"),
+            },
+            Err(err) => debug!(bucket, error = %err, "bucket pull interrupted"),
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Background loops of a replica.
+
+pub mod dispatcher;

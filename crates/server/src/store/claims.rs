@@ -1,0 +1,405 @@
+//! The per-task race between cancel, dispatch and start, decided atomically in
+//! Redis (one hash per bucket, Lua scripts), and the bucket leases that say
+//! which replica dispatches a bucket.
+//!
+//! Claim values: `S` scheduled, `D` dispatched, `R<n>` running attempt n,
+//! `Y<n>` retrying after attempt n, `OK` succeeded, `X` dead, `C` cancelled,
+//! `E` expired.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+
+use crate::domain::TaskId;
+
+/// Errors of the claim store.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// Redis could not be reached or failed the command.
+    #[error("redis unavailable")]
+    Unavailable(#[from] redis::RedisError),
+    /// A script answered something this code does not know.
+    #[error("unexpected claim answer `{0}`")]
+    Unexpected(String),
+}
+
+/// Result of a claim operation.
+pub type ClaimResult<T> = Result<T, ClaimError>;
+
+/// What the dispatcher may do with a due task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DispatchClaim {
+    /// Release it (claimed `dispatched`, possibly again after a crash).
+    Go,
+    /// Its start deadline passed before release: now EXPIRED, drop it.
+    Expired,
+    /// It was cancelled: drop it.
+    Cancelled,
+    /// It already started or ended: drop this copy.
+    Done,
+    /// Redis has no claim (data loss): check SQL before releasing.
+    Missing,
+}
+
+/// What Cancel found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelClaim {
+    /// Cancelled: it will never run.
+    Cancelled,
+    /// Too late: the claim value says what it is doing.
+    TooLate(String),
+}
+
+/// What a worker asking to start an attempt may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartClaim {
+    /// Run it.
+    Run,
+    /// Cancelled before it started: skip.
+    Cancelled,
+    /// Its start deadline passed: now EXPIRED, skip.
+    Expired,
+    /// This attempt (or a later one) already started, or the task ended: skip.
+    Duplicate(String),
+    /// Redis has no claim (data loss): check SQL first.
+    Missing,
+}
+
+/// How an attempt ended, as far as the claim is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishClaim {
+    /// Succeeded.
+    Succeeded,
+    /// Will be retried.
+    Retrying,
+    /// Dead.
+    Dead,
+}
+
+const DISPATCH: &str = r"
+local out = {}
+local now = tonumber(ARGV[3])
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  local exp = tonumber(ARGV[i + 1])
+  local s = redis.call('HGET', KEYS[1], id)
+  if (not s) and ARGV[1] == '1' then s = 'S' end
+  if not s then
+    out[#out + 1] = 'missing'
+  elseif s == 'S' or s == 'D' then
+    if exp > 0 and now > exp then
+      redis.call('HSET', KEYS[1], id, 'E')
+      out[#out + 1] = 'expired'
+    else
+      if s == 'S' then redis.call('HSET', KEYS[1], id, 'D') end
+      out[#out + 1] = 'go'
+    end
+  elseif s == 'C' then
+    out[#out + 1] = 'cancelled'
+  else
+    out[#out + 1] = 'done'
+  end
+end
+if ARGV[1] == '1' then redis.call('PEXPIREAT', KEYS[1], ARGV[2]) end
+return out
+";
+
+const CANCEL: &str = r"
+local s = redis.call('HGET', KEYS[1], ARGV[1])
+if (not s) or s == 'S' or s == 'D' or string.sub(s, 1, 1) == 'Y' then
+  redis.call('HSET', KEYS[1], ARGV[1], 'C')
+  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+  return 'ok'
+end
+return s
+";
+
+const START: &str = r"
+local s = redis.call('HGET', KEYS[1], ARGV[1])
+local n = tonumber(ARGV[2])
+if not s then
+  if ARGV[5] ~= '1' then return 'missing' end
+  s = 'D'
+end
+if s == 'C' then return 'cancelled' end
+if s == 'OK' or s == 'X' or s == 'E' then return 'final:' .. s end
+local c = string.sub(s, 1, 1)
+if c == 'R' or c == 'Y' then
+  if tonumber(string.sub(s, 2)) >= n then return 'duplicate:' .. s end
+else
+  local exp = tonumber(ARGV[4])
+  if exp > 0 and tonumber(ARGV[3]) > exp then
+    redis.call('HSET', KEYS[1], ARGV[1], 'E')
+    return 'expired'
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], 'R' .. n)
+redis.call('PEXPIREAT', KEYS[1], ARGV[6])
+return 'run'
+";
+
+const FINISH: &str = r"
+local s = redis.call('HGET', KEYS[1], ARGV[1])
+if s == 'C' or s == 'OK' or s == 'X' or s == 'E' then return 'final' end
+if s then
+  local c = string.sub(s, 1, 1)
+  if (c == 'R' or c == 'Y') and tonumber(string.sub(s, 2)) > tonumber(ARGV[2]) then
+    return 'stale'
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('PEXPIREAT', KEYS[1], ARGV[4])
+return 'set'
+";
+
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Redis-backed claims and leases. Cheap to clone: one multiplexed connection.
+#[derive(Clone)]
+pub struct Claims {
+    conn: ConnectionManager,
+    /// How long a bucket's claims outlive the bucket, so late retries still find them.
+    retention: Duration,
+    dispatch: Script,
+    cancel: Script,
+    start: Script,
+    finish: Script,
+    renew: Script,
+    release: Script,
+}
+
+impl std::fmt::Debug for Claims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claims")
+            .field("retention", &self.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Returns the Redis key of a bucket's claim hash.
+fn claims_key(bucket_ms: i64) -> String {
+    format!("kairos:claims:{{{bucket_ms}}}")
+}
+
+/// Returns the Redis key of a bucket's dispatch lease.
+fn lease_key(bucket_ms: i64) -> String {
+    format!("kairos:lease:{{{bucket_ms}}}")
+}
+
+impl Claims {
+    /// Creates the claim store; the connection is made lazily and remade after
+    /// an outage, so the server starts and answers UNAVAILABLE while Redis is down.
+    pub fn connect(url: &str, retention: Duration) -> ClaimResult<Self> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = client.get_connection_manager_lazy(config)?;
+        Ok(Self {
+            conn,
+            retention,
+            dispatch: Script::new(DISPATCH),
+            cancel: Script::new(CANCEL),
+            start: Script::new(START),
+            finish: Script::new(FINISH),
+            renew: Script::new(RENEW),
+            release: Script::new(RELEASE),
+        })
+    }
+
+    fn expire_at(&self, bucket_ms: i64, width_ms: i64) -> i64 {
+        bucket_ms + width_ms + self.retention.as_millis() as i64
+    }
+
+    /// Checks that Redis answers.
+    pub async fn ping(&self) -> ClaimResult<()> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Records new tasks as scheduled, grouped by bucket (one round trip).
+    pub async fn seed(&self, tasks: &[(i64, TaskId)], width_ms: i64) -> ClaimResult<()> {
+        let mut pipe = redis::pipe();
+        for (bucket, id) in tasks {
+            pipe.hset_nx(claims_key(*bucket), id.to_string(), "S")
+                .ignore()
+                .pexpire_at(claims_key(*bucket), self.expire_at(*bucket, width_ms))
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        let () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Claims due tasks of one bucket for release, given as (id, start
+    /// deadline ms or 0); `force` re-creates lost claims (after SQL said the
+    /// tasks are still pending).
+    pub async fn dispatch(
+        &self,
+        bucket_ms: i64,
+        width_ms: i64,
+        now_ms: i64,
+        tasks: &[(&str, i64)],
+        force: bool,
+    ) -> ClaimResult<Vec<DispatchClaim>> {
+        let mut invocation = self.dispatch.key(claims_key(bucket_ms));
+        invocation
+            .arg(if force { "1" } else { "0" })
+            .arg(self.expire_at(bucket_ms, width_ms))
+            .arg(now_ms);
+        for (id, expire_at_ms) in tasks {
+            invocation.arg(*id).arg(*expire_at_ms);
+        }
+        let mut conn = self.conn.clone();
+        let answers: Vec<String> = invocation.invoke_async(&mut conn).await?;
+        answers
+            .into_iter()
+            .map(|a| match a.as_str() {
+                "go" => Ok(DispatchClaim::Go),
+                "expired" => Ok(DispatchClaim::Expired),
+                "cancelled" => Ok(DispatchClaim::Cancelled),
+                "done" => Ok(DispatchClaim::Done),
+                "missing" => Ok(DispatchClaim::Missing),
+                _ => Err(ClaimError::Unexpected(a)),
+            })
+            .collect()
+    }
+
+    /// Cancels a task unless a worker has started it.
+    pub async fn cancel(&self, bucket_ms: i64, width_ms: i64, id: TaskId) -> ClaimResult<CancelClaim> {
+        let mut conn = self.conn.clone();
+        let answer: String = self
+            .cancel
+            .key(claims_key(bucket_ms))
+            .arg(id.to_string())
+            .arg(self.expire_at(bucket_ms, width_ms))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(if answer == "ok" {
+            CancelClaim::Cancelled
+        } else {
+            CancelClaim::TooLate(answer)
+        })
+    }
+
+    /// Moves a task to running for `attempt`, unless it was cancelled, expired,
+    /// ended, or this attempt already started.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        &self,
+        bucket_ms: i64,
+        width_ms: i64,
+        id: &str,
+        attempt: u32,
+        now_ms: i64,
+        expire_at_ms: i64,
+        force: bool,
+    ) -> ClaimResult<StartClaim> {
+        let mut conn = self.conn.clone();
+        let answer: String = self
+            .start
+            .key(claims_key(bucket_ms))
+            .arg(id)
+            .arg(attempt)
+            .arg(now_ms)
+            .arg(expire_at_ms)
+            .arg(if force { "1" } else { "0" })
+            .arg(self.expire_at(bucket_ms, width_ms))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match answer.as_str() {
+            "run" => StartClaim::Run,
+            "cancelled" => StartClaim::Cancelled,
+            "expired" => StartClaim::Expired,
+            "missing" => StartClaim::Missing,
+            _ => StartClaim::Duplicate(answer),
+        })
+    }
+
+    /// Records how an attempt ended; an older attempt's report never overwrites a newer one.
+    pub async fn finish(
+        &self,
+        bucket_ms: i64,
+        width_ms: i64,
+        id: &str,
+        attempt: u32,
+        outcome: FinishClaim,
+    ) -> ClaimResult<()> {
+        let value = match outcome {
+            FinishClaim::Succeeded => "OK".to_owned(),
+            FinishClaim::Dead => "X".to_owned(),
+            FinishClaim::Retrying => format!("Y{attempt}"),
+        };
+        let mut conn = self.conn.clone();
+        let _: String = self
+            .finish
+            .key(claims_key(bucket_ms))
+            .arg(id)
+            .arg(attempt)
+            .arg(value)
+            .arg(self.expire_at(bucket_ms, width_ms))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes or renews the dispatch lease of a bucket; true when `owner` holds it.
+    pub async fn lease(&self, bucket_ms: i64, owner: &str, ttl: Duration) -> ClaimResult<bool> {
+        let mut conn = self.conn.clone();
+        let ttl_ms = ttl.as_millis() as u64;
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(lease_key(bucket_ms))
+            .arg(owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async(&mut conn)
+            .await?;
+        if taken.is_some() {
+            return Ok(true);
+        }
+        let renewed: i64 = self
+            .renew
+            .key(lease_key(bucket_ms))
+            .arg(owner)
+            .arg(ttl_ms)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    /// Gives a bucket's lease back, if `owner` still holds it.
+    pub async fn release_lease(&self, bucket_ms: i64, owner: &str) -> ClaimResult<()> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .release
+            .key(lease_key(bucket_ms))
+            .arg(owner)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Returns the raw claim value of a task, for tests and diagnostics.
+    pub async fn raw(&self, bucket_ms: i64, id: &str) -> ClaimResult<Option<String>> {
+        let mut conn = self.conn.clone();
+        Ok(conn.hget(claims_key(bucket_ms), id).await?)
+    }
+}

@@ -1,0 +1,116 @@
+//! SQL storage of the task index and the run log, behind one trait with a
+//! SQLite and a Postgres implementation (see [`sql`]).
+
+pub mod claims;
+mod sql;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::{AttemptRecord, NewTask, StatusWrite, TaskId, TaskRecord, TaskState};
+
+pub use sql::{PG_MIGRATOR, PgStore, SQLITE_MIGRATOR, SqliteStore, connect};
+
+/// Errors of the SQL store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or failed the statement.
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    /// Migrations could not be applied.
+    #[error("migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored row could not be read back into domain types.
+    #[error("corrupt row in `{table}`: {reason}")]
+    Corrupt {
+        /// Table of the row.
+        table: &'static str,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+impl StoreError {
+    /// Tells whether the error is a backend outage a caller may retry.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Database(
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+                    | sqlx::Error::Tls(_)
+            )
+        ) || matches!(self, Self::Database(sqlx::Error::Database(db)) if db.message().contains("locked"))
+    }
+}
+
+/// Result of a store operation.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// What inserting one new task did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InsertOutcome {
+    /// The task was stored.
+    Inserted,
+    /// Its idempotency key was already used with the same content: this is that task.
+    Existing(TaskRecord),
+    /// Its idempotency key was already used with other content.
+    Conflict {
+        /// The key.
+        key: String,
+    },
+}
+
+/// Filter and page of ListTasks.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this state.
+    pub state: Option<TaskState>,
+    /// Only ids below this one (the page token: newest first).
+    pub before: Option<TaskId>,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// The SQL task index and run log.
+#[tonic::async_trait]
+pub trait TaskStore: std::fmt::Debug + Send + Sync + 'static {
+    /// Stores new tasks in state SCHEDULED, each in its own right: one
+    /// transaction for all, one outcome per task in order.
+    async fn insert_tasks(
+        &self,
+        tasks: &[NewTask],
+        bucket_ms: &[i64],
+    ) -> StoreResult<Vec<InsertOutcome>>;
+
+    /// Removes tasks whose publish failed, so nothing half-written remains.
+    async fn delete_tasks(&self, ids: &[TaskId]) -> StoreResult<()>;
+
+    /// Returns one task.
+    async fn get_task(&self, id: TaskId) -> StoreResult<Option<TaskRecord>>;
+
+    /// Returns the run log of one task, oldest attempt first.
+    async fn get_attempts(&self, id: TaskId) -> StoreResult<Vec<AttemptRecord>>;
+
+    /// Returns one page of tasks, newest first.
+    async fn list_tasks(&self, filter: &TaskFilter) -> StoreResult<Vec<TaskRecord>>;
+
+    /// Applies status changes in one transaction; a change older than the
+    /// stored state is ignored.
+    async fn apply(&self, writes: &[StatusWrite]) -> StoreResult<()>;
+}
+
+/// Shared handle to the configured store.
+pub type DynStore = Arc<dyn TaskStore>;
+
+pub(crate) fn ms_to_time(table: &'static str, ms: i64) -> StoreResult<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms).ok_or_else(|| StoreError::Corrupt {
+        table,
+        reason: format!("time {ms} out of range"),
+    })
+}

@@ -1,0 +1,72 @@
+//! The JetStream contract between Kairos servers and workers: names that both
+//! sides must agree on. A worker in another language uses the same names.
+
+/// Stream that keeps waiting tasks, one subject per time bucket.
+pub const TASKS_STREAM: &str = "KAIROS_TASKS";
+/// Subject prefix of waiting tasks: `kairos.tasks.<bucket_epoch_ms>`.
+pub const TASKS_SUBJECT_PREFIX: &str = "kairos.tasks";
+/// Work-queue stream of released tasks, one subject per queue.
+pub const READY_STREAM: &str = "KAIROS_READY";
+/// Subject prefix of released tasks: `kairos.ready.<queue>`.
+pub const READY_SUBJECT_PREFIX: &str = "kairos.ready";
+/// Header with the task's due instant in ms since the epoch, read by the dispatcher
+/// so it never has to decode the body.
+pub const DUE_HEADER: &str = "Kairos-Due-Ms";
+/// Header with the task id on every task message.
+pub const TASK_ID_HEADER: &str = "Kairos-Task-Id";
+/// Header with the task's queue on waiting task messages.
+pub const QUEUE_HEADER: &str = "Kairos-Queue";
+/// Header with the task's start deadline in ms since the epoch, when it has one.
+pub const EXPIRE_HEADER: &str = "Kairos-Expire-Ms";
+/// Longest queue name; queue names become NATS subject tokens and consumer names.
+pub const MAX_QUEUE_LEN: usize = 64;
+
+/// Returns the subject that holds the tasks of one bucket.
+pub fn bucket_subject(bucket_ms: i64) -> String {
+    format!("{TASKS_SUBJECT_PREFIX}.{bucket_ms}")
+}
+
+/// Returns the subject that a queue's released tasks are published to.
+pub fn ready_subject(queue: &str) -> String {
+    format!("{READY_SUBJECT_PREFIX}.{queue}")
+}
+
+/// Returns the durable consumer name shared by every worker of a queue.
+pub fn queue_consumer(queue: &str) -> String {
+    format!("queue_{queue}")
+}
+
+/// Returns the durable consumer name of one bucket's dispatcher.
+pub fn bucket_consumer(bucket_ms: i64) -> String {
+    format!("bucket_{bucket_ms}")
+}
+
+/// Returns the message id of a task's release to its queue. Dispatching the
+/// same task twice yields the same id, so JetStream drops the copy.
+pub fn release_msg_id(task_id: &str) -> String {
+    format!("{task_id}:release")
+}
+
+/// Tells whether `name` is a valid queue name: 1 to 64 of `[A-Za-z0-9_-]`.
+pub fn is_valid_queue(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_QUEUE_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_names_are_subject_tokens() {
+        assert!(is_valid_queue("billing-renewals_2"));
+        assert!(!is_valid_queue(""));
+        assert!(!is_valid_queue("a.b"));
+        assert!(!is_valid_queue("a*"));
+        assert!(!is_valid_queue("a b"));
+        assert!(!is_valid_queue(&"q".repeat(65)));
+    }
+}

@@ -1,0 +1,490 @@
+//! The worker run loop: pull from the queue's durable consumer, ask the server
+//! to start each attempt, run the handler, report, then acknowledge.
+//!
+//! | handler outcome | JetStream message |
+//! |---|---|
+//! | `Ok` | double-acknowledged |
+//! | retryable, attempts left | `Nak` with exponential backoff (the delivery count is the attempt) |
+//! | terminal, or the last attempt | `Term` |
+//! | still running | `Progress` every third of `ack_wait` |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use kairos_proto::v1 as pb;
+use kairos_proto::wire;
+use prost::Message as _;
+use rand::Rng as _;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Endpoint;
+use tracing::{debug, info, warn};
+
+use crate::handler::{Erased, ErasedHandler, Handler, HandlerError, TaskContext};
+use crate::reporter::Reporter;
+
+/// Errors that stop a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The builder was missing something or had a bad value.
+    #[error("invalid worker configuration: {0}")]
+    Config(String),
+    /// NATS could not be reached or refused a JetStream request.
+    #[error("nats: {0}")]
+    Nats(String),
+}
+
+/// Builds a [`Worker`].
+#[must_use]
+pub struct WorkerBuilder {
+    server: String,
+    nats: String,
+    queue: Option<(String, Arc<dyn ErasedHandler>)>,
+    concurrency: usize,
+    worker_id: Option<String>,
+    ack_wait: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    shutdown_timeout: Duration,
+}
+
+impl std::fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("server", &self.server)
+            .field("nats", &self.nats)
+            .field("queue", &self.queue.as_ref().map(|(q, _)| q))
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for WorkerBuilder {
+    fn default() -> Self {
+        Self {
+            server: "http://127.0.0.1:50051".into(),
+            nats: "nats://127.0.0.1:4222".into(),
+            queue: None,
+            concurrency: 8,
+            worker_id: None,
+            ack_wait: Duration::from_secs(30),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl WorkerBuilder {
+    /// Sets the kairos-server address (`http://host:port`).
+    pub fn server(mut self, url: impl Into<String>) -> Self {
+        self.server = url.into();
+        self
+    }
+
+    /// Sets the NATS address.
+    pub fn nats(mut self, url: impl Into<String>) -> Self {
+        self.nats = url.into();
+        self
+    }
+
+    /// Sets the queue to serve and its handler.
+    pub fn queue<H: Handler>(mut self, queue: impl Into<String>, handler: H) -> Self {
+        self.queue = Some((queue.into(), Arc::new(Erased(Arc::new(handler)))));
+        self
+    }
+
+    /// Sets how many tasks this process runs at once.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// Sets the worker identity recorded in the run log (default: pid and a random suffix).
+    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
+        self.worker_id = Some(id.into());
+        self
+    }
+
+    /// Sets the run timeout used when this worker creates the queue's consumer:
+    /// a task not acknowledged (nor kept alive) for this long is redelivered.
+    pub fn ack_wait(mut self, d: Duration) -> Self {
+        self.ack_wait = d;
+        self
+    }
+
+    /// Sets the retry backoff: `initial * 2^(attempt-1)`, at most `max`, ±20 % jitter.
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff_initial = initial;
+        self.backoff_max = max;
+        self
+    }
+
+    /// Sets how long shutdown waits for running tasks.
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.shutdown_timeout = d;
+        self
+    }
+
+    /// Checks the settings and returns the worker.
+    pub fn build(self) -> Result<Worker, WorkerError> {
+        let (queue, handler) = self
+            .queue
+            .ok_or_else(|| WorkerError::Config("no queue set".into()))?;
+        if !wire::is_valid_queue(&queue) {
+            return Err(WorkerError::Config(format!(
+                "queue `{queue}` must be 1 to 64 of A-Z, a-z, 0-9, '_' and '-'"
+            )));
+        }
+        if self.concurrency == 0 {
+            return Err(WorkerError::Config("concurrency must be at least 1".into()));
+        }
+        let endpoint = Endpoint::from_shared(self.server.clone())
+            .map_err(|e| WorkerError::Config(format!("bad server url: {e}")))?
+            .connect_timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let worker_id = self.worker_id.unwrap_or_else(|| {
+            format!(
+                "worker-{}-{}",
+                std::process::id(),
+                &uuid::Uuid::now_v7().simple().to_string()[24..]
+            )
+        });
+        Ok(Worker {
+            inner: Arc::new(Inner {
+                endpoint,
+                nats: self.nats,
+                queue,
+                handler,
+                worker_id,
+                concurrency: self.concurrency,
+                ack_wait: self.ack_wait,
+                backoff_initial: self.backoff_initial,
+                backoff_max: self.backoff_max,
+                shutdown_timeout: self.shutdown_timeout,
+            }),
+        })
+    }
+}
+
+/// A worker serving one queue.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("queue", &self.inner.queue)
+            .field("worker_id", &self.inner.worker_id)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    nats: String,
+    queue: String,
+    handler: Arc<dyn ErasedHandler>,
+    worker_id: String,
+    concurrency: usize,
+    ack_wait: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    shutdown_timeout: Duration,
+}
+
+impl Worker {
+    /// Returns a builder with defaults for a local stack.
+    pub fn builder() -> WorkerBuilder {
+        WorkerBuilder::default()
+    }
+
+    /// Returns this worker's identity.
+    pub fn id(&self) -> &str {
+        &self.inner.worker_id
+    }
+
+    /// Runs until `shutdown`: then stops pulling, lets running tasks finish
+    /// (up to the shutdown timeout) and reports their results.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let inner = &self.inner;
+        let client = async_nats::ConnectOptions::new()
+            .name(&inner.worker_id)
+            .retry_on_initial_connect()
+            .connect(&inner.nats)
+            .await
+            .map_err(|e| WorkerError::Nats(e.to_string()))?;
+        let js = jetstream::new(client.clone());
+        let Some(consumer) = queue_consumer(&js, inner, &shutdown).await? else {
+            return Ok(());
+        };
+        let abort = CancellationToken::new();
+        let (reporter, reporter_task) =
+            Reporter::spawn(inner.endpoint.clone(), inner.worker_id.clone(), abort.clone());
+        let tracker = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(inner.concurrency));
+        info!(queue = inner.queue, worker_id = inner.worker_id, "worker started");
+
+        'pull: loop {
+            let first = tokio::select! {
+                () = shutdown.cancelled() => break,
+                permit = slots.clone().acquire_owned() => permit.expect("semaphore open"),
+            };
+            let mut permits = vec![first];
+            while let Ok(p) = slots.clone().try_acquire_owned() {
+                permits.push(p);
+            }
+            let batch = consumer
+                .batch()
+                .max_messages(permits.len())
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(batch) => batch,
+                Err(err) => {
+                    debug!(error = %err, "pull failed; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            while let Some(next) = batch.next().await {
+                let msg = match next {
+                    Ok(msg) => msg,
+                    Err(err) => {
+                        debug!(error = %err, "pull interrupted");
+                        continue;
+                    }
+                };
+                if shutdown.is_cancelled() {
+                    // Hand it straight back so another worker takes it now.
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    continue;
+                }
+                let Some(permit) = permits.pop() else {
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    continue;
+                };
+                let (inner, reporter, cancelled) =
+                    (self.inner.clone(), reporter.clone(), shutdown.clone());
+                tracker.spawn(async move {
+                    process(&inner, &reporter, cancelled, msg).await;
+                    drop(permit);
+                });
+            }
+            if shutdown.is_cancelled() {
+                break 'pull;
+            }
+        }
+
+        info!(running = tracker.len(), "worker stopping; finishing running tasks");
+        tracker.close();
+        if tokio::time::timeout(inner.shutdown_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("shutdown timeout: unfinished tasks will be redelivered");
+            abort.cancel();
+        }
+        drop(reporter);
+        if tokio::time::timeout(inner.shutdown_timeout, reporter_task)
+            .await
+            .is_err()
+        {
+            abort.cancel();
+        }
+        let _ = client.flush().await;
+        Ok(())
+    }
+}
+
+/// Waits for the ready stream (the server creates it) and returns the queue's
+/// durable consumer, creating it on first use. `None` when shut down meanwhile.
+async fn queue_consumer(
+    js: &jetstream::Context,
+    inner: &Inner,
+    shutdown: &CancellationToken,
+) -> Result<Option<consumer::PullConsumer>, WorkerError> {
+    let stream = loop {
+        match js.get_stream(wire::READY_STREAM).await {
+            Ok(stream) => break stream,
+            Err(err) => {
+                debug!(error = %err, "ready stream not there yet; waiting for kairos-server");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(None),
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    };
+    let name = wire::queue_consumer(&inner.queue);
+    let consumer = stream
+        .get_or_create_consumer(
+            &name,
+            consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: wire::ready_subject(&inner.queue),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: inner.ack_wait,
+                max_deliver: -1,
+                max_ack_pending: 100_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| WorkerError::Nats(e.to_string()))?;
+    Ok(Some(consumer))
+}
+
+/// Returns the delay before attempt `attempt + 1`.
+fn backoff(inner: &Inner, attempt: u32) -> Duration {
+    let exp = inner
+        .backoff_initial
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let base = exp.min(inner.backoff_max);
+    let jitter = rand::rng().random_range(0.8..1.2);
+    base.mul_f64(jitter).min(inner.backoff_max)
+}
+
+fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+async fn process(
+    inner: &Inner,
+    reporter: &Reporter,
+    shutdown: CancellationToken,
+    msg: jetstream::Message,
+) {
+    let attempt = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+    let envelope = match pb::TaskEnvelope::decode(msg.payload.clone()) {
+        Ok(envelope) => envelope,
+        Err(err) => {
+            warn!(error = %err, "undecodable task message dropped");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    // Keeps the message alive while we wait for the server or run the handler.
+    let msg = Arc::new(msg);
+    let keepalive = {
+        let msg = Arc::clone(&msg);
+        let every = inner.ack_wait / 3;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let _ = msg.ack_with(AckKind::Progress).await;
+            }
+        })
+    };
+    let _stop_keepalive = AbortOnDrop(keepalive);
+    let id = envelope.id.clone();
+
+    let finish = |result: pb::AttemptResult, error: String, retry_at: Option<DateTime<Utc>>| {
+        pb::report_request::Event::Finished(pb::AttemptFinished {
+            task_id: envelope.id.clone(),
+            attempt,
+            bucket_ms: envelope.bucket_ms,
+            result: result.into(),
+            error,
+            retry_at: retry_at.map(timestamp),
+            at: Some(timestamp(Utc::now())),
+        })
+    };
+
+    if attempt > envelope.max_attempts.max(1) {
+        // Earlier deliveries were lost with their worker; the attempts are used up.
+        let error = format!("attempts used up after {} deliveries", attempt - 1);
+        if reporter.send(finish(pb::AttemptResult::Dead, error, None)).await.is_ok() {
+            let _ = msg.ack_with(AckKind::Term).await;
+        }
+        return;
+    }
+
+    let started = pb::report_request::Event::Started(pb::AttemptStarted {
+        task_id: id.clone(),
+        attempt,
+        bucket_ms: envelope.bucket_ms,
+        at: Some(timestamp(Utc::now())),
+        expire_at_ms: envelope.expire_at_ms,
+    });
+    let Ok(decision) = reporter.send(started).await else {
+        return;
+    };
+    if decision.decision != i32::from(pb::StartDecision::Run) {
+        debug!(task_id = id, attempt, reason = decision.reason, "attempt skipped");
+        let _ = msg.double_ack().await;
+        return;
+    }
+
+    let ctx = TaskContext {
+        id: id.clone(),
+        queue: envelope.queue.clone(),
+        attempt,
+        max_attempts: envelope.max_attempts,
+        payload: envelope.payload.clone().into(),
+        content_type: envelope.content_type.clone(),
+        headers: envelope.headers.clone(),
+        due_at: DateTime::from_timestamp_millis(envelope.due_at_ms).unwrap_or_default(),
+        worker_id: inner.worker_id.clone(),
+        cancelled: shutdown,
+    };
+    let outcome = match tokio::spawn(inner.handler.call(ctx)).await {
+        Ok(outcome) => outcome,
+        Err(join) if join.is_panic() => Err(HandlerError::retryable("handler panicked")),
+        Err(_) => Err(HandlerError::retryable("handler was cancelled")),
+    };
+
+    let (event, ack) = match outcome {
+        Ok(()) => (finish(pb::AttemptResult::Succeeded, String::new(), None), None),
+        Err(err) if err.is_retryable() && attempt < envelope.max_attempts => {
+            let delay = match &err {
+                HandlerError::Retryable {
+                    retry_after: Some(d),
+                    ..
+                } => *d,
+                _ => backoff(inner, attempt),
+            };
+            let retry_at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+            (
+                finish(pb::AttemptResult::Retrying, err.message(), Some(retry_at)),
+                Some(AckKind::Nak(Some(delay))),
+            )
+        }
+        Err(err) => (
+            finish(pb::AttemptResult::Dead, err.message(), None),
+            Some(AckKind::Term),
+        ),
+    };
+    if reporter.send(event).await.is_err() {
+        // Hard shutdown before the server recorded it: the redelivery settles it.
+        return;
+    }
+    let acked = match ack {
+        None => msg.double_ack().await,
+        Some(kind) => msg.ack_with(kind).await,
+    };
+    if let Err(err) = acked {
+        warn!(task_id = id, error = %err, "acknowledgement failed; the task may be delivered again");
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

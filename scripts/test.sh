@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs every check and test: fmt, clippy, buf lint, unit tests, and the
+# integration tests against real NATS, Redis, SQLite and a private Postgres.
+# The tests start their own nats-server and redis-server per test on free
+# ports; this script installs them and starts the shared Postgres (port 25432).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$KAIROS_ROOT"
+
+ensure_deps
+log "cargo fmt --check"
+cargo fmt --all --check
+log "cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+log "buf lint"
+buf lint
+
+PG_PORT=25432
+start_postgres test-postgres "$PG_PORT"
+trap 'stop_postgres test-postgres' EXIT
+export KAIROS_TEST_DATABASE_URL="postgres://kairos@127.0.0.1:$PG_PORT/postgres"
+
+log "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi

@@ -1,0 +1,332 @@
+//! A whole Kairos stack for one test.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use clap::Parser as _;
+use kairos_client::{Client, Task, TaskState};
+use kairos_server::ServerConfig;
+use kairos_worker::{Handler, Worker};
+use sqlx::Connection as _;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::procs::{NatsServer, RedisServer};
+
+/// Which SQL backend a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A fresh SQLite file.
+    Sqlite,
+    /// A fresh database in the Postgres that scripts/test.sh started.
+    Postgres,
+}
+
+/// A running in-process kairos-server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    /// gRPC address, `http://127.0.0.1:port`.
+    pub url: String,
+    token: CancellationToken,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl ServerHandle {
+    /// Kills the replica abruptly: no lease release, no flush, held tasks unacknowledged.
+    pub async fn kill(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+            let _ = handle.await;
+        }
+    }
+
+    /// Shuts the replica down gracefully and returns its result.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        self.token.cancel();
+        match self.handle.take() {
+            Some(handle) => handle.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+    }
+}
+
+/// A running in-process worker.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    token: CancellationToken,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// Shuts the worker down gracefully.
+    pub async fn stop(&mut self) {
+        self.token.cancel();
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.await;
+        }
+    }
+
+    /// Kills the worker abruptly.
+    pub async fn kill(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+            let _ = handle.await;
+        }
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+    }
+}
+
+/// One run of a handler, as the test handler saw it.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// Task id.
+    pub task_id: String,
+    /// Attempt number.
+    pub attempt: u32,
+    /// When the handler started.
+    pub at: DateTime<Utc>,
+    /// When the task was due.
+    pub due_at: DateTime<Utc>,
+    /// Worker.
+    pub worker_id: String,
+}
+
+/// Every handler run of a test, shared by its workers.
+#[derive(Debug, Clone, Default)]
+pub struct RunLog(Arc<Mutex<Vec<Run>>>);
+
+impl RunLog {
+    /// Records a run of `task`.
+    pub fn record(&self, task: &kairos_worker::TaskContext) {
+        self.0.lock().expect("run log").push(Run {
+            task_id: task.id().to_owned(),
+            attempt: task.attempt(),
+            at: Utc::now(),
+            due_at: task.due_at(),
+            worker_id: task.worker_id().to_owned(),
+        });
+    }
+
+    /// Returns every run so far.
+    pub fn runs(&self) -> Vec<Run> {
+        self.0.lock().expect("run log").clone()
+    }
+
+    /// Returns how many times each task ran.
+    pub fn counts(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for run in self.runs() {
+            *counts.entry(run.task_id).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Returns the number of runs.
+    pub fn len(&self) -> usize {
+        self.0.lock().expect("run log").len()
+    }
+
+    /// Tells whether nothing ran.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits until at least `n` runs happened, or panics after `timeout`.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.len() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {n} runs after {timeout:?}",
+                self.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Real NATS, Redis and SQL for one test, plus the servers and workers it starts.
+#[derive(Debug)]
+pub struct Stack {
+    /// The NATS server.
+    pub nats: NatsServer,
+    /// The Redis server.
+    pub redis: RedisServer,
+    /// Database URL shared by every replica.
+    pub database_url: String,
+    /// Which backend.
+    pub backend: Backend,
+    _dir: TempDir,
+}
+
+impl Stack {
+    /// Starts NATS and Redis and creates an empty database.
+    pub async fn start(backend: Backend) -> Self {
+        crate::init_tracing();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let database_url = match backend {
+            Backend::Sqlite => format!("sqlite://{}", dir.path().join("kairos.db").display()),
+            Backend::Postgres => fresh_postgres_database().await,
+        };
+        Self {
+            nats: NatsServer::start(),
+            redis: RedisServer::start(),
+            database_url,
+            backend,
+            _dir: dir,
+        }
+    }
+
+    /// Returns a server config for this stack, with test-friendly timings.
+    pub fn config(&self) -> ServerConfig {
+        let mut config = ServerConfig::parse_from(["kairos-server"]);
+        config.nats_url = self.nats.url();
+        config.redis_url = self.redis.url();
+        config.database_url = self.database_url.clone();
+        config.lease_ttl = Duration::from_secs(2);
+        config.shutdown_timeout = Duration::from_secs(5);
+        config
+    }
+
+    /// Starts a replica with the default test config.
+    pub async fn server(&self) -> ServerHandle {
+        self.server_with(self.config()).await
+    }
+
+    /// Starts a replica with `config` and waits until it serves.
+    pub async fn server_with(&self, config: ServerConfig) -> ServerHandle {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(kairos_server::run(config, listener, token.clone()));
+        wait_serving(&url).await;
+        ServerHandle {
+            url,
+            token,
+            handle: Some(handle),
+        }
+    }
+
+    /// Starts a worker for `queue` against `server`.
+    pub fn worker<H: Handler>(
+        &self,
+        server: &ServerHandle,
+        queue: &str,
+        concurrency: usize,
+        handler: H,
+    ) -> WorkerHandle {
+        let worker = Worker::builder()
+            .server(server.url.clone())
+            .nats(self.nats.url())
+            .queue(queue, handler)
+            .concurrency(concurrency)
+            .backoff(Duration::from_millis(200), Duration::from_secs(2))
+            .shutdown_timeout(Duration::from_secs(5))
+            .build()
+            .expect("worker config");
+        self.spawn_worker(worker)
+    }
+
+    /// Runs a worker built by the test.
+    pub fn spawn_worker(&self, worker: Worker) -> WorkerHandle {
+        let token = CancellationToken::new();
+        let run = worker.run(token.clone());
+        let handle = tokio::spawn(async move {
+            run.await.expect("worker failed");
+        });
+        WorkerHandle {
+            token,
+            handle: Some(handle),
+        }
+    }
+
+    /// Returns the JetStream state of a stream: (messages, last sequence).
+    pub async fn stream_state(&self, name: &str) -> (u64, u64) {
+        let client = async_nats::connect(self.nats.url()).await.expect("nats");
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream(name).await.expect("stream");
+        let info = stream.info().await.expect("stream info");
+        (info.state.messages, info.state.last_sequence)
+    }
+}
+
+/// Connects a client to a server.
+pub async fn client(server: &ServerHandle) -> Client {
+    Client::connect(server.url.clone()).await.expect("client")
+}
+
+/// Polls GetTask until the task reaches `state`, or panics after `timeout`.
+pub async fn wait_for_state(client: &mut Client, id: &str, state: TaskState, timeout: Duration) -> Task {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let (task, _) = client.get_task(id).await.expect("get task");
+        if task.state == state {
+            return task;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "task {id} is {:?}, not {state:?}, after {timeout:?}",
+            task.state
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_serving(url: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(channel) = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .expect("url")
+            .connect()
+            .await
+        {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let request = tonic_health::pb::HealthCheckRequest {
+                service: "kairos.v1.SchedulerService".into(),
+            };
+            if let Ok(response) = health.check(request).await
+                && response.into_inner().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            {
+                return;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "server at {url} never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Creates an empty database in the test Postgres and returns its URL.
+pub async fn fresh_postgres_database() -> String {
+    let base = std::env::var("KAIROS_TEST_DATABASE_URL").expect(
+        "KAIROS_TEST_DATABASE_URL is not set: run the tests through ./scripts/test.sh, \
+         which starts a private Postgres",
+    );
+    let name = format!("kairos_test_{}", uuid::Uuid::now_v7().simple());
+    let mut conn = sqlx::PgConnection::connect(&base).await.expect("connect to test postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create database");
+    let (prefix, _) = base.rsplit_once('/').expect("database url has a path");
+    format!("{prefix}/{name}")
+}

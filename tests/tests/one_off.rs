@@ -1,7 +1,7 @@
 //! One-off tasks end to end: scheduled over gRPC, kept in JetStream, claimed
 //! in Redis, run by a worker, looked up in SQL.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -49,4 +49,443 @@ async fn task_runs_once_not_before_due(backend: Backend) {
     assert_eq!(attempts[0].outcome, "succeeded");
 }
 
-backend_tests!(task_runs_once_not_before_due);
+/// 2,000 tasks with random due times over the next 5 s, booked with
+/// ScheduleBatch: each runs exactly once, none early, each SUCCEEDED with one attempt.
+async fn batch_of_2000_runs_each_once_on_time(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let server = stack.server().await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "push", 32, recording(&log));
+    let mut client = client(&server).await;
+
+    let now = Utc::now();
+    let mut ids = HashSet::new();
+    let mut due = HashMap::new();
+    for chunk in 0..2 {
+        let tasks = (0..1000)
+            .map(|i| {
+                let offset = rand::random_range(500..5000);
+                NewTask::new("push")
+                    .payload(format!("user-{chunk}-{i}"))
+                    .at(now + chrono::Duration::milliseconds(offset))
+            })
+            .collect();
+        for result in client.schedule_batch(tasks).await.expect("batch") {
+            let task = result.expect("item stored");
+            due.insert(task.id.clone(), task.due_at);
+            ids.insert(task.id);
+        }
+    }
+    assert_eq!(ids.len(), 2000);
+
+    log.wait_for(2000, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let counts = log.counts();
+    assert_eq!(counts.len(), 2000, "every task ran");
+    assert!(counts.values().all(|&n| n == 1), "each task ran exactly once");
+    for run in log.runs() {
+        assert!(run.at >= due[&run.task_id], "task {} ran early", run.task_id);
+    }
+    let mut succeeded = 0;
+    let mut token: Option<String> = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = client
+            .list_tasks(Some("push"), Some(TaskState::Succeeded), 1000, token.as_deref())
+            .await
+            .expect("list");
+        for task in &page.tasks {
+            assert_eq!(task.attempts, 1, "task {} attempts", task.id);
+        }
+        succeeded += page.tasks.len();
+        match page.next_page_token {
+            Some(next) => token = Some(next),
+            None if succeeded < 2000 && std::time::Instant::now() < deadline => {
+                // The last results may still be in the recorder's batch.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                succeeded = 0;
+                token = None;
+            }
+            None => break,
+        }
+    }
+    assert_eq!(succeeded, 2000, "ListTasks shows every task SUCCEEDED");
+}
+
+/// Cancel before the due time: CANCELLED, and the task never runs; cancel
+/// of a finished task: FAILED_PRECONDITION naming its state.
+async fn cancel_before_due_never_runs_and_after_finish_fails(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let server = stack.server().await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "default", 4, recording(&log));
+    let mut client = client(&server).await;
+
+    let doomed = client
+        .schedule(NewTask::new("default").delay(Duration::from_secs(2)))
+        .await
+        .expect("schedule");
+    let kept = client
+        .schedule(NewTask::new("default").delay(Duration::from_secs(2)))
+        .await
+        .expect("schedule");
+    let cancelled = client.cancel(&doomed.id).await.expect("cancel");
+    assert_eq!(cancelled.state, TaskState::Cancelled);
+
+    wait_for_state(&mut client, &kept.id, TaskState::Succeeded, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(log.counts().get(&doomed.id), None, "a cancelled task never runs");
+    let (after, _) = client.get_task(&doomed.id).await.expect("get");
+    assert_eq!(after.state, TaskState::Cancelled);
+
+    let err = client.cancel(&kept.id).await.expect_err("finished task");
+    assert_eq!(err.code, tonic::Code::FailedPrecondition);
+    assert!(err.message.contains("succeeded"), "names the state: {}", err.message);
+
+    let err = client
+        .cancel(&uuid::Uuid::now_v7().to_string())
+        .await
+        .expect_err("unknown id");
+    assert_eq!(err.code, tonic::Code::NotFound);
+}
+
+/// Cancels racing dispatch: 300 tasks due at once, each cancelled at that
+/// moment; every task either ran or was cancelled, never both, and Cancel's
+/// answer matches what happened.
+async fn cancel_racing_dispatch_is_exclusive(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let server = stack.server().await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "race", 16, recording(&log));
+    let mut client = client(&server).await;
+
+    let due = Utc::now() + chrono::Duration::milliseconds(1500);
+    let tasks: Vec<_> = (0..300).map(|_| NewTask::new("race").at(due)).collect();
+    let ids: Vec<String> = client
+        .schedule_batch(tasks)
+        .await
+        .expect("batch")
+        .into_iter()
+        .map(|r| r.expect("stored").id)
+        .collect();
+
+    let wait = (due - Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(wait).await;
+    let mut handles = Vec::new();
+    for id in ids.clone() {
+        let mut client = client.clone();
+        handles.push(tokio::spawn(async move {
+            let result = client.cancel(&id).await;
+            (id, result)
+        }));
+    }
+    let mut cancelled = HashSet::new();
+    let mut refused = HashSet::new();
+    for handle in handles {
+        let (id, result) = handle.await.expect("join");
+        match result {
+            Ok(task) => {
+                assert_eq!(task.state, TaskState::Cancelled);
+                cancelled.insert(id);
+            }
+            Err(err) => {
+                assert_eq!(err.code, tonic::Code::FailedPrecondition, "{err}");
+                refused.insert(id);
+            }
+        }
+    }
+    log.wait_for(refused.len(), Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let counts = log.counts();
+    for id in &ids {
+        let ran = counts.get(id).copied().unwrap_or(0);
+        if cancelled.contains(id) {
+            assert_eq!(ran, 0, "cancelled task {id} ran");
+        } else {
+            assert_eq!(ran, 1, "task {id} whose cancel was refused ran {ran} times");
+        }
+    }
+    assert_eq!(cancelled.len() + refused.len(), ids.len());
+}
+
+/// A past-due task runs at once; a task whose start deadline passed before
+/// it could start is EXPIRED and never runs (at dispatch, and at a late worker).
+async fn past_due_runs_at_once_and_expired_never_runs(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let server = stack.server().await;
+    let mut client = client(&server).await;
+
+    // Dispatched while no worker runs: it expires at the worker's start claim.
+    let late_start = client
+        .schedule(NewTask::new("default").expire_after(Duration::from_secs(1)))
+        .await
+        .expect("schedule");
+    wait_for_state(&mut client, &late_start.id, TaskState::Dispatched, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "default", 4, recording(&log));
+    let past = client
+        .schedule(NewTask::new("default").at(Utc::now() - chrono::Duration::hours(1)))
+        .await
+        .expect("schedule past-due");
+    let expired = client
+        .schedule(
+            NewTask::new("default")
+                .at(Utc::now() - chrono::Duration::seconds(10))
+                .expire_after(Duration::from_secs(1)),
+        )
+        .await
+        .expect("schedule expired");
+    let started = std::time::Instant::now();
+    log.wait_for(1, Duration::from_secs(10)).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "past-due task ran at once");
+    wait_for_state(&mut client, &past.id, TaskState::Succeeded, Duration::from_secs(10)).await;
+    wait_for_state(&mut client, &expired.id, TaskState::Expired, Duration::from_secs(10)).await;
+    wait_for_state(&mut client, &late_start.id, TaskState::Expired, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let counts = log.counts();
+    assert_eq!(counts.get(&past.id), Some(&1));
+    assert_eq!(counts.get(&expired.id), None, "expired task never runs");
+    assert_eq!(counts.get(&late_start.id), None, "expired task never runs");
+}
+
+/// A failing handler is retried with backoff up to max_attempts, then the
+/// task is DEAD with every attempt and its error; a non-retryable error makes
+/// it DEAD at once.
+async fn failures_retry_with_backoff_then_dead(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let server = stack.server().await;
+    let log = RunLog::default();
+    let handler = {
+        let log = log.clone();
+        handler_fn(move |task| {
+            let log = log.clone();
+            async move {
+                log.record(&task);
+                if task.payload().as_ref() == b"terminal" {
+                    Err(HandlerError::terminal("card declined"))
+                } else {
+                    Err(HandlerError::retryable(format!("gateway timeout #{}", task.attempt())))
+                }
+            }
+        })
+    };
+    let _worker = stack.worker(&server, "billing", 4, handler);
+    let mut client = client(&server).await;
+
+    let flaky = client
+        .schedule(NewTask::new("billing").payload("retry").max_attempts(3))
+        .await
+        .expect("schedule");
+    let fatal = client
+        .schedule(NewTask::new("billing").payload("terminal").max_attempts(3))
+        .await
+        .expect("schedule");
+
+    let dead = wait_for_state(&mut client, &flaky.id, TaskState::Dead, Duration::from_secs(30)).await;
+    assert_eq!(dead.attempts, 3);
+    let (_, attempts) = client.get_task(&flaky.id).await.expect("get");
+    assert_eq!(attempts.len(), 3);
+    for (i, a) in attempts.iter().enumerate() {
+        assert_eq!(a.attempt, i as u32 + 1);
+        let expected = format!("gateway timeout #{}", i + 1);
+        assert_eq!(a.error.as_deref(), Some(expected.as_str()));
+        assert!(a.finished_at.is_some());
+    }
+    assert_eq!(attempts[0].outcome, "failed");
+    assert_eq!(attempts[2].outcome, "terminal");
+    let runs: Vec<_> = log.runs().into_iter().filter(|r| r.task_id == flaky.id).collect();
+    assert_eq!(runs.len(), 3);
+    // Backoff is 200 ms then 400 ms, each with ±20 % jitter.
+    assert!(runs[1].at - runs[0].at >= chrono::Duration::milliseconds(160));
+    assert!(runs[2].at - runs[1].at >= chrono::Duration::milliseconds(320));
+
+    let dead = wait_for_state(&mut client, &fatal.id, TaskState::Dead, Duration::from_secs(10)).await;
+    assert_eq!(dead.attempts, 1, "a terminal error is not retried");
+    assert_eq!(dead.last_error.as_deref(), Some("card declined"));
+}
+
+/// Idempotency: the same key and content return the same task; the same key
+/// with other content is ALREADY_EXISTS; neither stores a second task.
+async fn idempotency_key_dedupes_and_detects_conflicts(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let server = stack.server().await;
+    let mut client = client(&server).await;
+    let at = Utc::now() + chrono::Duration::hours(1);
+    let request = || {
+        NewTask::new("mail")
+            .payload("welcome")
+            .at(at)
+            .idempotency_key("signup-42")
+    };
+
+    let first = client.schedule(request()).await.expect("first");
+    let again = client.schedule(request()).await.expect("repeat");
+    assert_eq!(first.id, again.id);
+    let err = client
+        .schedule(request().payload("other content"))
+        .await
+        .expect_err("conflict");
+    assert_eq!(err.code, tonic::Code::AlreadyExists);
+    let results = client
+        .schedule_batch(vec![request(), request().payload("changed")])
+        .await
+        .expect("batch");
+    assert_eq!(results[0].as_ref().expect("same task").id, first.id);
+    assert_eq!(
+        results[1].as_ref().expect_err("conflict").code,
+        tonic::Code::AlreadyExists
+    );
+
+    let page = client.list_tasks(Some("mail"), None, 100, None).await.expect("list");
+    assert_eq!(page.tasks.len(), 1);
+    assert_eq!(stack.stream_state("KAIROS_TASKS").await.0, 1);
+}
+
+/// Every kind of invalid input gets the right code and names the field, and
+/// nothing is stored: ListTasks and the stream stay empty.
+async fn invalid_input_is_rejected_and_nothing_stored(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let mut config = stack.config();
+    config.max_payload_bytes = 1024;
+    config.max_horizon = Duration::from_secs(3600);
+    let server = stack.server_with(config).await;
+    let mut client = client(&server).await;
+    let ok = || NewTask::new("q").delay(Duration::from_secs(60));
+    let mut neither = ok();
+    neither.due = None;
+    let raw = |run_at: bool, delay_s: i64| kairos_proto::v1::ScheduleRequest {
+        queue: "q".into(),
+        run_at: run_at.then(|| prost_types::Timestamp {
+            seconds: Utc::now().timestamp(),
+            nanos: 0,
+        }),
+        delay: Some(prost_types::Duration {
+            seconds: delay_s,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+
+    let invalid = tonic::Code::InvalidArgument;
+    let cases: Vec<(&str, NewTask, tonic::Code, &str)> = vec![
+        ("empty queue", NewTask { queue: String::new(), ..ok() }, invalid, "queue"),
+        ("queue with a dot", NewTask { queue: "a.b".into(), ..ok() }, invalid, "queue"),
+        ("queue with a wildcard", NewTask { queue: "a*".into(), ..ok() }, invalid, "queue"),
+        ("queue too long", NewTask { queue: "q".repeat(65), ..ok() }, invalid, "queue"),
+        ("neither run_at nor delay", neither, invalid, "run_at"),
+        ("delay beyond the horizon", ok().delay(Duration::from_secs(7200)), invalid, "delay"),
+        (
+            "run_at beyond the horizon",
+            ok().at(Utc::now() + chrono::Duration::days(2)),
+            invalid,
+            "run_at",
+        ),
+        (
+            "payload too large",
+            ok().payload(vec![7u8; 1025]),
+            tonic::Code::ResourceExhausted,
+            "payload",
+        ),
+        ("bad header name", ok().header("bad name", "v"), invalid, "headers[bad name]"),
+        ("header value with a newline", ok().header("x", "a\nb"), invalid, "headers[x]"),
+        ("zero attempts", ok().max_attempts(0), invalid, "max_attempts"),
+        ("absurd attempts", ok().max_attempts(1_000_000), invalid, "max_attempts"),
+        ("empty idempotency key", ok().idempotency_key(""), invalid, "idempotency_key"),
+        ("zero expire_after", ok().expire_after(Duration::ZERO), invalid, "expire_after"),
+    ];
+    for (what, task, code, field) in cases {
+        let err = client.schedule(task).await.expect_err(what);
+        assert_eq!(err.code, code, "{what}: {err}");
+        assert_eq!(err.field.as_deref(), Some(field), "{what}: {err}");
+    }
+    for (what, request) in [("both run_at and delay", raw(true, 5)), ("negative delay", raw(false, -5))] {
+        let status = client.raw().schedule(request).await.expect_err(what);
+        assert_eq!(status.code(), invalid, "{what}");
+        assert!(status.message().starts_with("delay"), "{what}: {}", status.message());
+    }
+    for id in ["", "not-a-uuid"] {
+        let err = client.cancel(id).await.expect_err("bad id");
+        assert_eq!((err.code, err.field.as_deref()), (invalid, Some("id")));
+        let err = client.get_task(id).await.expect_err("bad id");
+        assert_eq!((err.code, err.field.as_deref()), (invalid, Some("id")));
+    }
+    let err = client
+        .get_task(&uuid::Uuid::now_v7().to_string())
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code, tonic::Code::NotFound);
+    let err = client.schedule_batch(vec![]).await.expect_err("empty batch");
+    assert_eq!(err.field.as_deref(), Some("tasks"));
+    let err = client
+        .schedule_batch(vec![ok(); 1001])
+        .await
+        .expect_err("oversized batch");
+    assert_eq!(err.field.as_deref(), Some("tasks"));
+    let results = client
+        .schedule_batch(vec![
+            NewTask { queue: "bad queue".into(), ..ok() },
+            ok().max_attempts(0),
+        ])
+        .await
+        .expect("batch of bad items");
+    assert_eq!(results[0].as_ref().unwrap_err().field.as_deref(), Some("queue"));
+    assert_eq!(
+        results[1].as_ref().unwrap_err().field.as_deref(),
+        Some("max_attempts")
+    );
+
+    let page = client.list_tasks(None, None, 100, None).await.expect("list");
+    assert!(page.tasks.is_empty(), "nothing stored in SQL");
+    assert_eq!(stack.stream_state("KAIROS_TASKS").await, (0, 0), "nothing published");
+}
+
+/// No cycling: 10,000 tasks due in an hour, held in memory by an open bucket;
+/// over 20 s of waiting the stream's message count and sequence do not move.
+async fn waiting_tasks_are_not_cycled(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let mut config = stack.config();
+    config.lookahead = Duration::from_secs(2 * 3600);
+    let server = stack.server_with(config).await;
+    let mut client = client(&server).await;
+    let due = Utc::now() + chrono::Duration::hours(1);
+    for _ in 0..10 {
+        let batch = (0..1000)
+            .map(|i| NewTask::new("later").payload(format!("{i}")).at(due))
+            .collect();
+        for result in client.schedule_batch(batch).await.expect("batch") {
+            result.expect("stored");
+        }
+    }
+    let before = stack.stream_state("KAIROS_TASKS").await;
+    assert_eq!(before.0, 10_000);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(
+        stack.stream_state("KAIROS_TASKS").await,
+        before,
+        "no re-publish while waiting"
+    );
+    assert_eq!(
+        stack.stream_state("KAIROS_READY").await,
+        (0, 0),
+        "nothing released early"
+    );
+    let page = client
+        .list_tasks(Some("later"), Some(TaskState::Scheduled), 1, None)
+        .await
+        .expect("list");
+    assert!(page.next_page_token.is_some(), "all still scheduled");
+}
+
+backend_tests!(
+    task_runs_once_not_before_due,
+    batch_of_2000_runs_each_once_on_time,
+    cancel_before_due_never_runs_and_after_finish_fails,
+    cancel_racing_dispatch_is_exclusive,
+    past_due_runs_at_once_and_expired_never_runs,
+    failures_retry_with_backoff_then_dead,
+    idempotency_key_dedupes_and_detects_conflicts,
+    invalid_input_is_rejected_and_nothing_stored,
+    waiting_tasks_are_not_cycled,
+);

@@ -269,6 +269,35 @@ impl Stack {
     }
 }
 
+impl Stack {
+    /// Returns how many task messages dispatchers hold unacknowledged in open buckets.
+    pub async fn held_in_buckets(&self) -> u64 {
+        use futures::TryStreamExt as _;
+        let client = async_nats::connect(self.nats.url()).await.expect("nats");
+        let js = async_nats::jetstream::new(client);
+        let stream = js.get_stream("KAIROS_TASKS").await.expect("stream");
+        let consumers: Vec<_> = stream
+            .consumers()
+            .try_collect()
+            .await
+            .expect("consumer list");
+        consumers.iter().map(|c| c.num_ack_pending as u64).sum()
+    }
+
+    /// Waits until dispatchers hold `n` task messages in memory.
+    pub async fn wait_held(&self, n: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let held = self.held_in_buckets().await;
+            if held >= n {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "only {held} of {n} held");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// Connects a client to a server.
 pub async fn client(server: &ServerHandle) -> Client {
     Client::connect(server.url.clone()).await.expect("client")

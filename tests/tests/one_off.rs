@@ -169,12 +169,15 @@ async fn cancel_racing_dispatch_is_exclusive(backend: Backend) {
         .map(|r| r.expect("stored").id)
         .collect();
 
-    let wait = (due - Utc::now()).to_std().unwrap_or_default();
-    tokio::time::sleep(wait).await;
+    // Cancels land from 100 ms before to 400 ms after the due instant, so
+    // some beat the release, some meet it, and some come after the start.
     let mut handles = Vec::new();
     for id in ids.clone() {
         let mut client = client.clone();
+        let at = due + chrono::Duration::milliseconds(rand::random_range(-100..400));
         handles.push(tokio::spawn(async move {
+            let wait = (at - Utc::now()).to_std().unwrap_or_default();
+            tokio::time::sleep(wait).await;
             let result = client.cancel(&id).await;
             (id, result)
         }));
@@ -206,6 +209,7 @@ async fn cancel_racing_dispatch_is_exclusive(backend: Backend) {
         }
     }
     assert_eq!(cancelled.len() + refused.len(), ids.len());
+    eprintln!("cancelled {}, refused {}", cancelled.len(), refused.len());
 }
 
 /// A past-due task runs at once; a task whose start deadline passed before

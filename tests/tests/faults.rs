@@ -1,0 +1,185 @@
+//! Replicas, crashes and backend outages: nothing acknowledged is lost and
+//! nothing runs twice.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use kairos_client::{NewTask, TaskState};
+use kairos_tests::stack::{client, wait_for_state};
+use kairos_tests::{Backend, RunLog, Stack, backend_tests};
+use kairos_worker::{HandlerError, handler_fn};
+
+fn recording(log: &RunLog) -> impl kairos_worker::Handler {
+    let log = log.clone();
+    handler_fn(move |task| {
+        let log = log.clone();
+        async move {
+            log.record(&task);
+            Ok::<(), HandlerError>(())
+        }
+    })
+}
+
+async fn book(client: &mut kairos_client::Client, queue: &str, n: usize, due_in_ms: i64) -> Vec<String> {
+    let due = Utc::now() + chrono::Duration::milliseconds(due_in_ms);
+    let mut ids = Vec::with_capacity(n);
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(1000);
+        let batch = (0..chunk).map(|_| NewTask::new(queue).at(due)).collect();
+        for result in client.schedule_batch(batch).await.expect("batch") {
+            ids.push(result.expect("stored").id);
+        }
+        left -= chunk;
+    }
+    ids
+}
+
+fn assert_each_ran_once(log: &RunLog, ids: &[String]) {
+    let counts = log.counts();
+    for id in ids {
+        assert_eq!(counts.get(id).copied().unwrap_or(0), 1, "task {id} runs");
+    }
+    assert_eq!(log.len(), ids.len(), "no run beyond the booked tasks");
+}
+
+/// A replica is killed while it holds tasks in its timer; another replica
+/// takes its buckets over and releases each task exactly once.
+async fn killed_replica_tasks_move_to_another(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let mut first = stack.server().await;
+    let mut client_a = client(&first).await;
+    let ids = book(&mut client_a, "default", 500, 4000).await;
+    stack.wait_held(500).await;
+
+    let second = stack.server().await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&second, "default", 16, recording(&log));
+    first.kill().await;
+
+    log.wait_for(500, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_each_ran_once(&log, &ids);
+    let mut client_b = client(&second).await;
+    wait_for_state(&mut client_b, &ids[0], TaskState::Succeeded, Duration::from_secs(10)).await;
+}
+
+/// The only replica is killed while holding tasks; once it is restarted it
+/// releases each of them exactly once.
+async fn restarted_replica_releases_its_tasks(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let mut first = stack.server().await;
+    let mut client_a = client(&first).await;
+    let ids = book(&mut client_a, "default", 300, 2000).await;
+    stack.wait_held(300).await;
+    first.kill().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let again = stack.server().await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&again, "default", 16, recording(&log));
+    log.wait_for(300, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_each_ran_once(&log, &ids);
+}
+
+/// Two replicas and three workers on one queue: 5,000 tasks, each run exactly once.
+async fn two_replicas_three_workers_run_each_task_once(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let r1 = stack.server().await;
+    let r2 = stack.server().await;
+    let log = RunLog::default();
+    let _w1 = stack.worker(&r1, "fanout", 16, recording(&log));
+    let _w2 = stack.worker(&r2, "fanout", 16, recording(&log));
+    let _w3 = stack.worker(&r1, "fanout", 16, recording(&log));
+    let (mut c1, mut c2) = (client(&r1).await, client(&r2).await);
+    let mut ids = Vec::new();
+    for round in 0..5 {
+        let client = if round % 2 == 0 { &mut c1 } else { &mut c2 };
+        ids.extend(book(client, "fanout", 1000, 2000 + round * 500).await);
+    }
+    log.wait_for(5000, Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_each_ran_once(&log, &ids);
+    let workers: std::collections::HashSet<_> = log.runs().into_iter().map(|r| r.worker_id).collect();
+    assert_eq!(workers.len(), 3, "all three workers took tasks");
+}
+
+/// Redis down: Schedule and Cancel answer UNAVAILABLE and store nothing; once
+/// Redis is back, everything scheduled before fires.
+async fn redis_outage_is_unavailable_then_everything_fires(backend: Backend) {
+    let mut stack = Stack::start(backend).await;
+    let server = stack.server().await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "default", 4, recording(&log));
+    let mut client = client(&server).await;
+    let before = book(&mut client, "default", 20, 2500).await;
+
+    stack.redis.stop();
+    let err = client
+        .schedule(NewTask::new("default").delay(Duration::from_secs(1)))
+        .await
+        .expect_err("redis is down");
+    assert_eq!(err.code, tonic::Code::Unavailable, "{err}");
+    let err = client.cancel(&before[0]).await.expect_err("redis is down");
+    assert_eq!(err.code, tonic::Code::Unavailable, "{err}");
+    let err = client
+        .schedule_batch(vec![NewTask::new("default"); 3])
+        .await
+        .expect_err("redis is down");
+    assert_eq!(err.code, tonic::Code::Unavailable, "{err}");
+
+    // The tasks fall due during the outage; late beats wrong, so they wait.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(log.is_empty(), "nothing runs without its claim");
+    stack.redis.restart();
+
+    log.wait_for(20, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_each_ran_once(&log, &before);
+    let page = client.list_tasks(None, None, 100, None).await.expect("list");
+    assert_eq!(page.tasks.len(), 20, "the refused requests stored nothing");
+    let after = client
+        .schedule(NewTask::new("default"))
+        .await
+        .expect("schedule works again");
+    wait_for_state(&mut client, &after.id, TaskState::Succeeded, Duration::from_secs(10)).await;
+}
+
+/// NATS killed and restarted: the server and workers reconnect and no
+/// acknowledged task is lost or run twice.
+async fn nats_restart_loses_no_acknowledged_task(backend: Backend) {
+    let mut stack = Stack::start(backend).await;
+    let server = stack.server().await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "default", 8, recording(&log));
+    let mut client = client(&server).await;
+    let mut ids = book(&mut client, "default", 200, 4000).await;
+    stack.wait_held(200).await;
+
+    stack.nats.restart();
+
+    log.wait_for(200, Duration::from_secs(60)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let later = loop {
+        match client.schedule(NewTask::new("default")).await {
+            Ok(task) => break task,
+            Err(err) if err.is_retryable() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(err) => panic!("scheduling after the restart failed: {err}"),
+        }
+    };
+    ids.push(later.id.clone());
+    wait_for_state(&mut client, &later.id, TaskState::Succeeded, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_each_ran_once(&log, &ids);
+}
+
+backend_tests!(
+    killed_replica_tasks_move_to_another,
+    restarted_replica_releases_its_tasks,
+    two_replicas_three_workers_run_each_task_once,
+    redis_outage_is_unavailable_then_everything_fires,
+    nats_restart_loses_no_acknowledged_task,
+);

@@ -16,14 +16,14 @@ done
 NATS_PORT=14222 REDIS_PORT=16379 PG_PORT=15432 GRPC_PORT=50051
 ensure_deps
 log "building (debug)"
-cargo build --quiet --bins
+cargo build --quiet --workspace --bins
 
 pids=()
 cleanup() {
   trap - INT TERM EXIT
   log "stopping"
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  wait "${pids[@]}" 2>/dev/null || true
   stop_pidfile "$KAIROS_DIR/dev-nats/nats.pid"
   stop_pidfile "$KAIROS_DIR/dev-redis/redis.pid"
   [ -n "$use_pg" ] && stop_postgres dev-postgres

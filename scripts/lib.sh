@@ -56,11 +56,11 @@ ensure_deps() {
   export PATH="$KAIROS_TOOLS/venv/bin:$KAIROS_TOOLS/npm/node_modules/.bin:$(pg_bindir):$PATH"
 }
 
-wait_port() { # host port seconds
+wait_port() { # host port seconds: tries at least once, then every 0.1 s
   local i
-  for ((i = 0; i < $3 * 10; i++)); do
+  for ((i = 0; i <= $3 * 10; i++)); do
     (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
-    sleep 0.1
+    [ "$3" = 0 ] || sleep 0.1
   done
   return 1
 }
@@ -101,9 +101,22 @@ start_redis() {
 # start_postgres NAME PORT: a private cluster; user kairos, trust auth on loopback.
 start_postgres() {
   local dir="$KAIROS_DIR/$1" run=()
-  [ "$(id -u)" = 0 ] && run=(runuser -u postgres --)
-  mkdir -p "$dir"
-  [ "$(id -u)" = 0 ] && chown postgres "$dir"
+  if [ "$(id -u)" = 0 ]; then
+    # Postgres refuses to run as root: its files belong to the postgres user.
+    run=(runuser -u postgres --)
+    mkdir -p "$dir"
+    chown postgres "$dir"
+    if ! runuser -u postgres -- test -w "$dir"; then
+      # A checkout under a private folder (e.g. /root) is closed to postgres:
+      # keep the data in /tmp and link it from .kairos/.
+      local real
+      real="/tmp/kairos-$(printf '%s' "$dir" | md5sum | cut -c1-12)"
+      mkdir -p "$real" && chown postgres "$real"
+      rm -rf "$dir" && ln -s "$real" "$dir"
+    fi
+  else
+    mkdir -p "$dir"
+  fi
   if [ ! -f "$dir/data/PG_VERSION" ]; then
     "${run[@]}" initdb -D "$dir/data" -U kairos -A trust >"$dir/initdb.log" 2>&1 ||
       die "initdb failed (see $dir/initdb.log)"

@@ -7,7 +7,12 @@
 //! - [`wire`]: names of streams, subjects, consumers and headers.
 
 /// Code generated from `proto/kairos/v1`.
-#[allow(missing_docs, unreachable_pub, clippy::all, missing_debug_implementations)]
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    missing_debug_implementations
+)]
 pub mod v1 {
     tonic::include_proto!("kairos.v1");
 }

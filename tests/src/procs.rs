@@ -70,7 +70,11 @@ impl NatsServer {
             ),
         )
         .expect("write nats.conf");
-        self.child = Some(spawn("nats-server", &["-c".into(), conf.display().to_string()], HINT));
+        self.child = Some(spawn(
+            "nats-server",
+            &["-c".into(), conf.display().to_string()],
+            HINT,
+        ));
         wait_for_port(self.port, "nats-server");
     }
 
@@ -124,9 +128,18 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         let args: Vec<String> = [
-            "--bind", "127.0.0.1", "--port", &self.port.to_string(), "--dir",
-            &self.dir.path().display().to_string(), "--appendonly", "yes",
-            "--maxmemory-policy", "noeviction", "--save", "",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &self.port.to_string(),
+            "--dir",
+            &self.dir.path().display().to_string(),
+            "--appendonly",
+            "yes",
+            "--maxmemory-policy",
+            "noeviction",
+            "--save",
+            "",
         ]
         .iter()
         .map(|s| s.to_string())

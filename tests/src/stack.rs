@@ -292,7 +292,10 @@ impl Stack {
             if held >= n {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "only {held} of {n} held");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {held} of {n} held"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -304,7 +307,12 @@ pub async fn client(server: &ServerHandle) -> Client {
 }
 
 /// Polls GetTask until the task reaches `state`, or panics after `timeout`.
-pub async fn wait_for_state(client: &mut Client, id: &str, state: TaskState, timeout: Duration) -> Task {
+pub async fn wait_for_state(
+    client: &mut Client,
+    id: &str,
+    state: TaskState,
+    timeout: Duration,
+) -> Task {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let (task, _) = client.get_task(id).await.expect("get task");
@@ -339,7 +347,10 @@ async fn wait_serving(url: &str) {
                 return;
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "server at {url} never served");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server at {url} never served"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -351,7 +362,9 @@ pub async fn fresh_postgres_database() -> String {
          which starts a private Postgres",
     );
     let name = format!("kairos_test_{}", uuid::Uuid::now_v7().simple());
-    let mut conn = sqlx::PgConnection::connect(&base).await.expect("connect to test postgres");
+    let mut conn = sqlx::PgConnection::connect(&base)
+        .await
+        .expect("connect to test postgres");
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut conn)
         .await

@@ -20,7 +20,12 @@ fn recording(log: &RunLog) -> impl kairos_worker::Handler {
     })
 }
 
-async fn book(client: &mut kairos_client::Client, queue: &str, n: usize, due_in_ms: i64) -> Vec<String> {
+async fn book(
+    client: &mut kairos_client::Client,
+    queue: &str,
+    n: usize,
+    due_in_ms: i64,
+) -> Vec<String> {
     let due = Utc::now() + chrono::Duration::milliseconds(due_in_ms);
     let mut ids = Vec::with_capacity(n);
     let mut left = n;
@@ -61,7 +66,13 @@ async fn killed_replica_tasks_move_to_another(backend: Backend) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_each_ran_once(&log, &ids);
     let mut client_b = client(&second).await;
-    wait_for_state(&mut client_b, &ids[0], TaskState::Succeeded, Duration::from_secs(10)).await;
+    wait_for_state(
+        &mut client_b,
+        &ids[0],
+        TaskState::Succeeded,
+        Duration::from_secs(10),
+    )
+    .await;
 }
 
 /// The only replica is killed while holding tasks; once it is restarted it
@@ -101,7 +112,8 @@ async fn two_replicas_three_workers_run_each_task_once(backend: Backend) {
     log.wait_for(5000, Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_each_ran_once(&log, &ids);
-    let workers: std::collections::HashSet<_> = log.runs().into_iter().map(|r| r.worker_id).collect();
+    let workers: std::collections::HashSet<_> =
+        log.runs().into_iter().map(|r| r.worker_id).collect();
     assert_eq!(workers.len(), 3, "all three workers took tasks");
 }
 
@@ -137,13 +149,22 @@ async fn redis_outage_is_unavailable_then_everything_fires(backend: Backend) {
     log.wait_for(20, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_each_ran_once(&log, &before);
-    let page = client.list_tasks(None, None, 100, None).await.expect("list");
+    let page = client
+        .list_tasks(None, None, 100, None)
+        .await
+        .expect("list");
     assert_eq!(page.tasks.len(), 20, "the refused requests stored nothing");
     let after = client
         .schedule(NewTask::new("default"))
         .await
         .expect("schedule works again");
-    wait_for_state(&mut client, &after.id, TaskState::Succeeded, Duration::from_secs(10)).await;
+    wait_for_state(
+        &mut client,
+        &after.id,
+        TaskState::Succeeded,
+        Duration::from_secs(10),
+    )
+    .await;
 }
 
 /// NATS killed and restarted: the server and workers reconnect and no
@@ -171,7 +192,13 @@ async fn nats_restart_loses_no_acknowledged_task(backend: Backend) {
         }
     };
     ids.push(later.id.clone());
-    wait_for_state(&mut client, &later.id, TaskState::Succeeded, Duration::from_secs(20)).await;
+    wait_for_state(
+        &mut client,
+        &later.id,
+        TaskState::Succeeded,
+        Duration::from_secs(20),
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_each_ran_once(&log, &ids);
 }

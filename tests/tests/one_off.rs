@@ -30,7 +30,11 @@ async fn task_runs_once_not_before_due(backend: Backend) {
     let mut client = client(&server).await;
 
     let task = client
-        .schedule(NewTask::new("default").payload("hello").delay(Duration::from_secs(2)))
+        .schedule(
+            NewTask::new("default")
+                .payload("hello")
+                .delay(Duration::from_secs(2)),
+        )
         .await
         .expect("schedule");
     assert_eq!(task.state, TaskState::Scheduled);
@@ -38,11 +42,22 @@ async fn task_runs_once_not_before_due(backend: Backend) {
     assert_eq!(seen.id, task.id);
 
     log.wait_for(1, Duration::from_secs(15)).await;
-    let done = wait_for_state(&mut client, &task.id, TaskState::Succeeded, Duration::from_secs(10)).await;
+    let done = wait_for_state(
+        &mut client,
+        &task.id,
+        TaskState::Succeeded,
+        Duration::from_secs(10),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let runs = log.runs();
     assert_eq!(runs.len(), 1, "ran exactly once");
-    assert!(runs[0].at >= task.due_at, "ran {} before due {}", runs[0].at, task.due_at);
+    assert!(
+        runs[0].at >= task.due_at,
+        "ran {} before due {}",
+        runs[0].at,
+        task.due_at
+    );
     assert_eq!(done.attempts, 1);
     let (_, attempts) = client.get_task(&task.id).await.expect("get");
     assert_eq!(attempts.len(), 1);
@@ -82,16 +97,28 @@ async fn batch_of_2000_runs_each_once_on_time(backend: Backend) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let counts = log.counts();
     assert_eq!(counts.len(), 2000, "every task ran");
-    assert!(counts.values().all(|&n| n == 1), "each task ran exactly once");
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "each task ran exactly once"
+    );
     for run in log.runs() {
-        assert!(run.at >= due[&run.task_id], "task {} ran early", run.task_id);
+        assert!(
+            run.at >= due[&run.task_id],
+            "task {} ran early",
+            run.task_id
+        );
     }
     let mut succeeded = 0;
     let mut token: Option<String> = None;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let page = client
-            .list_tasks(Some("push"), Some(TaskState::Succeeded), 1000, token.as_deref())
+            .list_tasks(
+                Some("push"),
+                Some(TaskState::Succeeded),
+                1000,
+                token.as_deref(),
+            )
             .await
             .expect("list");
         for task in &page.tasks {
@@ -132,15 +159,29 @@ async fn cancel_before_due_never_runs_and_after_finish_fails(backend: Backend) {
     let cancelled = client.cancel(&doomed.id).await.expect("cancel");
     assert_eq!(cancelled.state, TaskState::Cancelled);
 
-    wait_for_state(&mut client, &kept.id, TaskState::Succeeded, Duration::from_secs(15)).await;
+    wait_for_state(
+        &mut client,
+        &kept.id,
+        TaskState::Succeeded,
+        Duration::from_secs(15),
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(log.counts().get(&doomed.id), None, "a cancelled task never runs");
+    assert_eq!(
+        log.counts().get(&doomed.id),
+        None,
+        "a cancelled task never runs"
+    );
     let (after, _) = client.get_task(&doomed.id).await.expect("get");
     assert_eq!(after.state, TaskState::Cancelled);
 
     let err = client.cancel(&kept.id).await.expect_err("finished task");
     assert_eq!(err.code, tonic::Code::FailedPrecondition);
-    assert!(err.message.contains("succeeded"), "names the state: {}", err.message);
+    assert!(
+        err.message.contains("succeeded"),
+        "names the state: {}",
+        err.message
+    );
 
     let err = client
         .cancel(&uuid::Uuid::now_v7().to_string())
@@ -224,7 +265,13 @@ async fn past_due_runs_at_once_and_expired_never_runs(backend: Backend) {
         .schedule(NewTask::new("default").expire_after(Duration::from_secs(1)))
         .await
         .expect("schedule");
-    wait_for_state(&mut client, &late_start.id, TaskState::Dispatched, Duration::from_secs(10)).await;
+    wait_for_state(
+        &mut client,
+        &late_start.id,
+        TaskState::Dispatched,
+        Duration::from_secs(10),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let log = RunLog::default();
@@ -243,10 +290,31 @@ async fn past_due_runs_at_once_and_expired_never_runs(backend: Backend) {
         .expect("schedule expired");
     let started = std::time::Instant::now();
     log.wait_for(1, Duration::from_secs(10)).await;
-    assert!(started.elapsed() < Duration::from_secs(5), "past-due task ran at once");
-    wait_for_state(&mut client, &past.id, TaskState::Succeeded, Duration::from_secs(10)).await;
-    wait_for_state(&mut client, &expired.id, TaskState::Expired, Duration::from_secs(10)).await;
-    wait_for_state(&mut client, &late_start.id, TaskState::Expired, Duration::from_secs(10)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "past-due task ran at once"
+    );
+    wait_for_state(
+        &mut client,
+        &past.id,
+        TaskState::Succeeded,
+        Duration::from_secs(10),
+    )
+    .await;
+    wait_for_state(
+        &mut client,
+        &expired.id,
+        TaskState::Expired,
+        Duration::from_secs(10),
+    )
+    .await;
+    wait_for_state(
+        &mut client,
+        &late_start.id,
+        TaskState::Expired,
+        Duration::from_secs(10),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let counts = log.counts();
     assert_eq!(counts.get(&past.id), Some(&1));
@@ -270,7 +338,10 @@ async fn failures_retry_with_backoff_then_dead(backend: Backend) {
                 if task.payload().as_ref() == b"terminal" {
                     Err(HandlerError::terminal("card declined"))
                 } else {
-                    Err(HandlerError::retryable(format!("gateway timeout #{}", task.attempt())))
+                    Err(HandlerError::retryable(format!(
+                        "gateway timeout #{}",
+                        task.attempt()
+                    )))
                 }
             }
         })
@@ -287,7 +358,13 @@ async fn failures_retry_with_backoff_then_dead(backend: Backend) {
         .await
         .expect("schedule");
 
-    let dead = wait_for_state(&mut client, &flaky.id, TaskState::Dead, Duration::from_secs(30)).await;
+    let dead = wait_for_state(
+        &mut client,
+        &flaky.id,
+        TaskState::Dead,
+        Duration::from_secs(30),
+    )
+    .await;
     assert_eq!(dead.attempts, 3);
     let (_, attempts) = client.get_task(&flaky.id).await.expect("get");
     assert_eq!(attempts.len(), 3);
@@ -299,13 +376,23 @@ async fn failures_retry_with_backoff_then_dead(backend: Backend) {
     }
     assert_eq!(attempts[0].outcome, "failed");
     assert_eq!(attempts[2].outcome, "terminal");
-    let runs: Vec<_> = log.runs().into_iter().filter(|r| r.task_id == flaky.id).collect();
+    let runs: Vec<_> = log
+        .runs()
+        .into_iter()
+        .filter(|r| r.task_id == flaky.id)
+        .collect();
     assert_eq!(runs.len(), 3);
     // Backoff is 200 ms then 400 ms, each with ±20 % jitter.
     assert!(runs[1].at - runs[0].at >= chrono::Duration::milliseconds(160));
     assert!(runs[2].at - runs[1].at >= chrono::Duration::milliseconds(320));
 
-    let dead = wait_for_state(&mut client, &fatal.id, TaskState::Dead, Duration::from_secs(10)).await;
+    let dead = wait_for_state(
+        &mut client,
+        &fatal.id,
+        TaskState::Dead,
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(dead.attempts, 1, "a terminal error is not retried");
     assert_eq!(dead.last_error.as_deref(), Some("card declined"));
 }
@@ -342,7 +429,10 @@ async fn idempotency_key_dedupes_and_detects_conflicts(backend: Backend) {
         tonic::Code::AlreadyExists
     );
 
-    let page = client.list_tasks(Some("mail"), None, 100, None).await.expect("list");
+    let page = client
+        .list_tasks(Some("mail"), None, 100, None)
+        .await
+        .expect("list");
     assert_eq!(page.tasks.len(), 1);
     assert_eq!(stack.stream_state("KAIROS_TASKS").await.0, 1);
 }
@@ -374,12 +464,49 @@ async fn invalid_input_is_rejected_and_nothing_stored(backend: Backend) {
 
     let invalid = tonic::Code::InvalidArgument;
     let cases: Vec<(&str, NewTask, tonic::Code, &str)> = vec![
-        ("empty queue", NewTask { queue: String::new(), ..ok() }, invalid, "queue"),
-        ("queue with a dot", NewTask { queue: "a.b".into(), ..ok() }, invalid, "queue"),
-        ("queue with a wildcard", NewTask { queue: "a*".into(), ..ok() }, invalid, "queue"),
-        ("queue too long", NewTask { queue: "q".repeat(65), ..ok() }, invalid, "queue"),
+        (
+            "empty queue",
+            NewTask {
+                queue: String::new(),
+                ..ok()
+            },
+            invalid,
+            "queue",
+        ),
+        (
+            "queue with a dot",
+            NewTask {
+                queue: "a.b".into(),
+                ..ok()
+            },
+            invalid,
+            "queue",
+        ),
+        (
+            "queue with a wildcard",
+            NewTask {
+                queue: "a*".into(),
+                ..ok()
+            },
+            invalid,
+            "queue",
+        ),
+        (
+            "queue too long",
+            NewTask {
+                queue: "q".repeat(65),
+                ..ok()
+            },
+            invalid,
+            "queue",
+        ),
         ("neither run_at nor delay", neither, invalid, "run_at"),
-        ("delay beyond the horizon", ok().delay(Duration::from_secs(7200)), invalid, "delay"),
+        (
+            "delay beyond the horizon",
+            ok().delay(Duration::from_secs(7200)),
+            invalid,
+            "delay",
+        ),
         (
             "run_at beyond the horizon",
             ok().at(Utc::now() + chrono::Duration::days(2)),
@@ -392,22 +519,59 @@ async fn invalid_input_is_rejected_and_nothing_stored(backend: Backend) {
             tonic::Code::ResourceExhausted,
             "payload",
         ),
-        ("bad header name", ok().header("bad name", "v"), invalid, "headers[bad name]"),
-        ("header value with a newline", ok().header("x", "a\nb"), invalid, "headers[x]"),
-        ("zero attempts", ok().max_attempts(0), invalid, "max_attempts"),
-        ("absurd attempts", ok().max_attempts(1_000_000), invalid, "max_attempts"),
-        ("empty idempotency key", ok().idempotency_key(""), invalid, "idempotency_key"),
-        ("zero expire_after", ok().expire_after(Duration::ZERO), invalid, "expire_after"),
+        (
+            "bad header name",
+            ok().header("bad name", "v"),
+            invalid,
+            "headers[bad name]",
+        ),
+        (
+            "header value with a newline",
+            ok().header("x", "a\nb"),
+            invalid,
+            "headers[x]",
+        ),
+        (
+            "zero attempts",
+            ok().max_attempts(0),
+            invalid,
+            "max_attempts",
+        ),
+        (
+            "absurd attempts",
+            ok().max_attempts(1_000_000),
+            invalid,
+            "max_attempts",
+        ),
+        (
+            "empty idempotency key",
+            ok().idempotency_key(""),
+            invalid,
+            "idempotency_key",
+        ),
+        (
+            "zero expire_after",
+            ok().expire_after(Duration::ZERO),
+            invalid,
+            "expire_after",
+        ),
     ];
     for (what, task, code, field) in cases {
         let err = client.schedule(task).await.expect_err(what);
         assert_eq!(err.code, code, "{what}: {err}");
         assert_eq!(err.field.as_deref(), Some(field), "{what}: {err}");
     }
-    for (what, request) in [("both run_at and delay", raw(true, 5)), ("negative delay", raw(false, -5))] {
+    for (what, request) in [
+        ("both run_at and delay", raw(true, 5)),
+        ("negative delay", raw(false, -5)),
+    ] {
         let status = client.raw().schedule(request).await.expect_err(what);
         assert_eq!(status.code(), invalid, "{what}");
-        assert!(status.message().starts_with("delay"), "{what}: {}", status.message());
+        assert!(
+            status.message().starts_with("delay"),
+            "{what}: {}",
+            status.message()
+        );
     }
     for id in ["", "not-a-uuid"] {
         let err = client.cancel(id).await.expect_err("bad id");
@@ -420,7 +584,10 @@ async fn invalid_input_is_rejected_and_nothing_stored(backend: Backend) {
         .await
         .expect_err("unknown");
     assert_eq!(err.code, tonic::Code::NotFound);
-    let err = client.schedule_batch(vec![]).await.expect_err("empty batch");
+    let err = client
+        .schedule_batch(vec![])
+        .await
+        .expect_err("empty batch");
     assert_eq!(err.field.as_deref(), Some("tasks"));
     let err = client
         .schedule_batch(vec![ok(); 1001])
@@ -429,20 +596,33 @@ async fn invalid_input_is_rejected_and_nothing_stored(backend: Backend) {
     assert_eq!(err.field.as_deref(), Some("tasks"));
     let results = client
         .schedule_batch(vec![
-            NewTask { queue: "bad queue".into(), ..ok() },
+            NewTask {
+                queue: "bad queue".into(),
+                ..ok()
+            },
             ok().max_attempts(0),
         ])
         .await
         .expect("batch of bad items");
-    assert_eq!(results[0].as_ref().unwrap_err().field.as_deref(), Some("queue"));
+    assert_eq!(
+        results[0].as_ref().unwrap_err().field.as_deref(),
+        Some("queue")
+    );
     assert_eq!(
         results[1].as_ref().unwrap_err().field.as_deref(),
         Some("max_attempts")
     );
 
-    let page = client.list_tasks(None, None, 100, None).await.expect("list");
+    let page = client
+        .list_tasks(None, None, 100, None)
+        .await
+        .expect("list");
     assert!(page.tasks.is_empty(), "nothing stored in SQL");
-    assert_eq!(stack.stream_state("KAIROS_TASKS").await, (0, 0), "nothing published");
+    assert_eq!(
+        stack.stream_state("KAIROS_TASKS").await,
+        (0, 0),
+        "nothing published"
+    );
 }
 
 /// No cycling: 10,000 tasks due in an hour, held in memory by an open bucket;

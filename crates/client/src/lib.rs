@@ -36,7 +36,7 @@ pub use kairos_proto::v1 as pb_types;
 
 /// An error from the server or the connection.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{code:?}: {message}")]
+#[error("{}: {message}", code_name(*code))]
 pub struct ClientError {
     /// gRPC status code.
     pub code: tonic::Code,
@@ -44,6 +44,30 @@ pub struct ClientError {
     pub message: String,
     /// The request field the server rejected, if it named one.
     pub field: Option<String>,
+}
+
+/// Returns the canonical upper-case name of a gRPC code, as grpcurl prints it.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 impl ClientError {
@@ -486,7 +510,9 @@ impl Client {
     ) -> Result<TaskPage, ClientError> {
         let request = pb::ListTasksRequest {
             queue: queue.unwrap_or_default().to_owned(),
-            state: state.map_or(pb::TaskState::Unspecified, TaskState::to_pb).into(),
+            state: state
+                .map_or(pb::TaskState::Unspecified, TaskState::to_pb)
+                .into(),
             page_size,
             page_token: page_token.unwrap_or_default().to_owned(),
         };

@@ -14,7 +14,12 @@ use serde_json::json;
 #[command(name = "kairos", version)]
 struct Cli {
     /// kairos-server address.
-    #[arg(long, global = true, env = "KAIROS_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "KAIROS_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     server: String,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
@@ -123,15 +128,27 @@ fn task_line(t: &Task) -> String {
         t.id,
         t.state.as_str(),
         t.queue,
-        t.due_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        t.due_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         t.attempts,
         t.max_attempts
     )
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // One line for people and scripts; no backtrace for an expected error.
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut client = Client::connect(&cli.server)
         .await
         .with_context(|| format!("cannot connect to {}", cli.server))?;
@@ -203,8 +220,12 @@ async fn main() -> anyhow::Result<()> {
                         a.attempt,
                         a.outcome,
                         a.worker_id,
-                        a.started_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                        a.error.as_deref().map(|e| format!("  error: {e}")).unwrap_or_default()
+                        a.started_at
+                            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                        a.error
+                            .as_deref()
+                            .map(|e| format!("  error: {e}"))
+                            .unwrap_or_default()
                     );
                 }
             }

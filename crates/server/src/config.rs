@@ -21,11 +21,19 @@ pub struct ServerConfig {
     pub nats_url: String,
 
     /// Redis URL, for the atomic task claims and bucket leases.
-    #[arg(long, env = "KAIROS_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "KAIROS_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub redis_url: String,
 
     /// Database URL: `sqlite://PATH` (default) or `postgres://…` for several replicas.
-    #[arg(long, env = "KAIROS_DATABASE_URL", default_value = "sqlite://.kairos/kairos.db")]
+    #[arg(
+        long,
+        env = "KAIROS_DATABASE_URL",
+        default_value = "sqlite://.kairos/kairos.db"
+    )]
     pub database_url: String,
 
     /// Width of a time bucket (one JetStream subject per bucket).

@@ -21,8 +21,6 @@ pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 
-use std::time::Duration;
-
 use anyhow::Context as _;
 use kairos_proto::v1::scheduler_service_server::SchedulerServiceServer;
 use kairos_proto::v1::status_service_server::StatusServiceServer;
@@ -145,10 +143,12 @@ pub async fn run(
         let _ = recorder_handle.await;
         let _ = bus.client().flush().await;
     };
-    if tokio::time::timeout(config.shutdown_timeout, drain).await.is_err() {
+    if tokio::time::timeout(config.shutdown_timeout, drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown timed out");
     }
-    let _ = Duration::ZERO;
     result
 }
 

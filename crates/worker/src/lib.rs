@@ -38,5 +38,7 @@ pub mod handler;
 mod reporter;
 pub mod runtime;
 
-pub use handler::{BoxError, FnHandler, Handler, HandlerError, TaskContext, TerminalExt, handler_fn};
+pub use handler::{
+    BoxError, FnHandler, Handler, HandlerError, TaskContext, TerminalExt, handler_fn,
+};
 pub use runtime::{Worker, WorkerBuilder, WorkerError};

@@ -45,7 +45,10 @@ impl Reporter {
         event: pb::report_request::Event,
     ) -> Result<pb::ReportResponse, ReporterGone> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send((event, reply)).await.map_err(|_| ReporterGone)?;
+        self.tx
+            .send((event, reply))
+            .await
+            .map_err(|_| ReporterGone)?;
         answer.await.map_err(|_| ReporterGone)
     }
 }
@@ -68,23 +71,32 @@ async fn run(
     // Messages the server could not record (a backend down) come back here after a pause.
     let (retry_tx, mut retry_rx) = mpsc::channel::<u64>(1024);
     loop {
-        if !accepting && inflight.is_empty() {
-            return;
-        }
-        let channel = tokio::select! {
-            () = abort.cancelled() => return,
-            connected = endpoint.connect() => connected,
-        };
-        let channel = match channel {
-            Ok(channel) => channel,
-            Err(err) => {
-                debug!(error = %err, "cannot reach kairos-server; retrying");
-                tokio::select! {
-                    () = abort.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
+        // While disconnected, keep taking new messages (they go out on the
+        // next stream) and notice when the worker is done with us.
+        let channel = loop {
+            if !accepting && inflight.is_empty() {
+                return;
+            }
+            tokio::select! {
+                () = abort.cancelled() => return,
+                next = rx.recv(), if accepting => match next {
+                    Some((event, reply)) => {
+                        inflight.insert(next_seq, InFlight { event, reply });
+                        next_seq += 1;
+                    }
+                    None => accepting = false,
+                },
+                connected = endpoint.connect() => match connected {
+                    Ok(channel) => break channel,
+                    Err(err) => {
+                        debug!(error = %err, "cannot reach kairos-server; retrying");
+                        tokio::select! {
+                            () = abort.cancelled() => return,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                },
             }
         };
         let (out_tx, out_rx) = mpsc::channel::<pb::ReportRequest>(4096);

@@ -226,11 +226,18 @@ impl Worker {
             return Ok(());
         };
         let abort = CancellationToken::new();
-        let (reporter, reporter_task) =
-            Reporter::spawn(inner.endpoint.clone(), inner.worker_id.clone(), abort.clone());
+        let (reporter, reporter_task) = Reporter::spawn(
+            inner.endpoint.clone(),
+            inner.worker_id.clone(),
+            abort.clone(),
+        );
         let tracker = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(inner.concurrency));
-        info!(queue = inner.queue, worker_id = inner.worker_id, "worker started");
+        info!(
+            queue = inner.queue,
+            worker_id = inner.worker_id,
+            "worker started"
+        );
 
         'pull: loop {
             let first = tokio::select! {
@@ -286,7 +293,10 @@ impl Worker {
             }
         }
 
-        info!(running = tracker.len(), "worker stopping; finishing running tasks");
+        info!(
+            running = tracker.len(),
+            "worker stopping; finishing running tasks"
+        );
         tracker.close();
         if tokio::time::timeout(inner.shutdown_timeout, tracker.wait())
             .await
@@ -407,7 +417,11 @@ async fn process(
     if attempt > envelope.max_attempts.max(1) {
         // Earlier deliveries were lost with their worker; the attempts are used up.
         let error = format!("attempts used up after {} deliveries", attempt - 1);
-        if reporter.send(finish(pb::AttemptResult::Dead, error, None)).await.is_ok() {
+        if reporter
+            .send(finish(pb::AttemptResult::Dead, error, None))
+            .await
+            .is_ok()
+        {
             let _ = msg.ack_with(AckKind::Term).await;
         }
         return;
@@ -424,7 +438,12 @@ async fn process(
         return;
     };
     if decision.decision != i32::from(pb::StartDecision::Run) {
-        debug!(task_id = id, attempt, reason = decision.reason, "attempt skipped");
+        debug!(
+            task_id = id,
+            attempt,
+            reason = decision.reason,
+            "attempt skipped"
+        );
         let _ = msg.double_ack().await;
         return;
     }
@@ -448,7 +467,10 @@ async fn process(
     };
 
     let (event, ack) = match outcome {
-        Ok(()) => (finish(pb::AttemptResult::Succeeded, String::new(), None), None),
+        Ok(()) => (
+            finish(pb::AttemptResult::Succeeded, String::new(), None),
+            None,
+        ),
         Err(err) if err.is_retryable() && attempt < envelope.max_attempts => {
             let delay = match &err {
                 HandlerError::Retryable {

@@ -21,7 +21,10 @@ pub(crate) fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
-fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<DateTime<Utc>, ValidationError> {
+fn from_timestamp(
+    field: &str,
+    t: &prost_types::Timestamp,
+) -> Result<DateTime<Utc>, ValidationError> {
     if !(0..1_000_000_000).contains(&t.nanos) {
         return Err(ValidationError::invalid(field, "nanos must be in 0..1e9"));
     }
@@ -30,7 +33,10 @@ fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<DateTime<Ut
 }
 
 fn duration_ms(field: &str, d: &prost_types::Duration) -> Result<i64, ValidationError> {
-    if d.nanos.abs() >= 1_000_000_000 || (d.seconds > 0 && d.nanos < 0) || (d.seconds < 0 && d.nanos > 0) {
+    if d.nanos.abs() >= 1_000_000_000
+        || (d.seconds > 0 && d.nanos < 0)
+        || (d.seconds < 0 && d.nanos > 0)
+    {
         return Err(ValidationError::invalid(field, "malformed duration"));
     }
     d.seconds
@@ -48,8 +54,16 @@ impl TryFrom<pb::ScheduleRequest> for ScheduleSpec {
             payload: req.payload.into(),
             content_type: req.content_type,
             headers: req.headers.into_iter().collect(),
-            run_at: req.run_at.as_ref().map(|t| from_timestamp("run_at", t)).transpose()?,
-            delay_ms: req.delay.as_ref().map(|d| duration_ms("delay", d)).transpose()?,
+            run_at: req
+                .run_at
+                .as_ref()
+                .map(|t| from_timestamp("run_at", t))
+                .transpose()?,
+            delay_ms: req
+                .delay
+                .as_ref()
+                .map(|d| duration_ms("delay", d))
+                .transpose()?,
             idempotency_key: req.idempotency_key,
             expire_after_ms: req
                 .expire_after
@@ -161,11 +175,9 @@ pub(crate) fn task_filter(req: pb::ListTasksRequest) -> Result<TaskFilter, AppEr
         return Err(ValidationError::invalid("queue", "is not a valid queue name").into());
     }
     if req.page_size > MAX_PAGE {
-        return Err(ValidationError::invalid(
-            "page_size",
-            format!("must be at most {MAX_PAGE}"),
-        )
-        .into());
+        return Err(
+            ValidationError::invalid("page_size", format!("must be at most {MAX_PAGE}")).into(),
+        );
     }
     let before = if req.page_token.is_empty() {
         None
@@ -176,7 +188,11 @@ pub(crate) fn task_filter(req: pb::ListTasksRequest) -> Result<TaskFilter, AppEr
         queue: (!req.queue.is_empty()).then_some(req.queue),
         state: state_from_pb(req.state)?,
         before,
-        limit: if req.page_size == 0 { DEFAULT_PAGE } else { req.page_size },
+        limit: if req.page_size == 0 {
+            DEFAULT_PAGE
+        } else {
+            req.page_size
+        },
     })
 }
 
@@ -192,7 +208,10 @@ pub(crate) fn attempt_start(worker_id: String, s: pb::AttemptStarted) -> Attempt
 }
 
 /// Converts a worker's result message.
-pub(crate) fn attempt_end(worker_id: String, f: pb::AttemptFinished) -> Result<AttemptEnd, ValidationError> {
+pub(crate) fn attempt_end(
+    worker_id: String,
+    f: pb::AttemptFinished,
+) -> Result<AttemptEnd, ValidationError> {
     let state = match pb::AttemptResult::try_from(f.result) {
         Ok(pb::AttemptResult::Succeeded) => TaskState::Succeeded,
         Ok(pb::AttemptResult::Retrying) => TaskState::Retrying,

@@ -19,7 +19,8 @@ impl From<AppError> for Status {
                     ValidationKind::Invalid => Code::InvalidArgument,
                     ValidationKind::TooLarge => Code::ResourceExhausted,
                 };
-                let details = ErrorDetails::with_bad_request_violation(field.clone(), reason.clone());
+                let details =
+                    ErrorDetails::with_bad_request_violation(field.clone(), reason.clone());
                 Status::with_error_details(code, format!("{field}: {reason}"), details)
             }
             AppError::NotFound { .. } => Status::not_found(err.to_string()),

@@ -16,7 +16,8 @@ use super::convert;
 use crate::app::{ReportService, StartOutcome};
 
 /// Stream of answers to one worker.
-pub(crate) type ReportStream = Pin<Box<dyn Stream<Item = Result<pb::ReportResponse, Status>> + Send>>;
+pub(crate) type ReportStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ReportResponse, Status>> + Send>>;
 
 /// The StatusService implementation.
 #[derive(Debug, Clone)]

@@ -66,7 +66,7 @@ impl From<StoreError> for AppError {
             StoreError::Corrupt { .. } => Self::Internal(err.to_string()),
             other => Self::Unavailable {
                 backend: "database",
-                cause: format!("{other}: {:?}", other),
+                cause: format!("{other}: {other:?}"),
             },
         }
     }

@@ -23,7 +23,10 @@ pub struct Recorder {
 impl Recorder {
     /// Starts the recorder; it flushes what is queued and stops once `shutdown`
     /// fires and every handle is gone.
-    pub fn spawn(store: DynStore, shutdown: CancellationToken) -> (Self, tokio::task::JoinHandle<()>) {
+    pub fn spawn(
+        store: DynStore,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(16 * MAX_BATCH);
         let handle = tokio::spawn(run(store, rx, shutdown));
         (Self { tx }, handle)
@@ -36,7 +39,10 @@ impl Recorder {
             backend: "recorder",
             cause: "shutting down".into(),
         };
-        self.tx.send((write, Some(done))).await.map_err(|_| closed())?;
+        self.tx
+            .send((write, Some(done)))
+            .await
+            .map_err(|_| closed())?;
         match wait.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(cause)) => Err(AppError::Unavailable {

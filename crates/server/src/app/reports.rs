@@ -141,7 +141,13 @@ impl ReportService {
             _ => FinishClaim::Dead,
         };
         self.claims
-            .finish(end.bucket_ms, self.width_ms, &end.task_id, end.attempt, outcome)
+            .finish(
+                end.bucket_ms,
+                self.width_ms,
+                &end.task_id,
+                end.attempt,
+                outcome,
+            )
             .await?;
         self.recorder
             .record(StatusWrite::Finished {

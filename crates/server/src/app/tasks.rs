@@ -75,7 +75,9 @@ impl TaskService {
     #[instrument(skip_all, fields(queue = %spec.queue))]
     pub async fn schedule(&self, spec: ScheduleSpec) -> AppResult<TaskRecord> {
         let mut results = self.schedule_batch(vec![Ok(spec)]).await?;
-        results.pop().unwrap_or_else(|| Err(AppError::Internal("empty batch result".into())))
+        results
+            .pop()
+            .unwrap_or_else(|| Err(AppError::Internal("empty batch result".into())))
     }
 
     /// Books many tasks, each stored or rejected on its own; one result per
@@ -186,7 +188,11 @@ impl TaskService {
                 });
             }
         }
-        match inner.claims.cancel(task.bucket_ms, inner.width_ms, id).await? {
+        match inner
+            .claims
+            .cancel(task.bucket_ms, inner.width_ms, id)
+            .await?
+        {
             CancelClaim::Cancelled => {}
             CancelClaim::TooLate(claim) if claim == "C" => {}
             CancelClaim::TooLate(claim) => {

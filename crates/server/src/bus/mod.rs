@@ -98,8 +98,14 @@ impl Bus {
     /// Creates both streams if they do not exist (file storage, work-queue retention).
     pub async fn ensure_streams(&self, settings: &StreamSettings) -> BusResult<()> {
         for (name, subject) in [
-            (wire::TASKS_STREAM, format!("{}.>", wire::TASKS_SUBJECT_PREFIX)),
-            (wire::READY_STREAM, format!("{}.>", wire::READY_SUBJECT_PREFIX)),
+            (
+                wire::TASKS_STREAM,
+                format!("{}.>", wire::TASKS_SUBJECT_PREFIX),
+            ),
+            (
+                wire::READY_STREAM,
+                format!("{}.>", wire::READY_SUBJECT_PREFIX),
+            ),
         ] {
             self.js
                 .get_or_create_stream(stream::Config {
@@ -176,7 +182,8 @@ impl Bus {
             .info_with_subjects(format!("{}.>", wire::TASKS_SUBJECT_PREFIX))
             .await
             .map_err(BusError::from_any)?;
-        let found: Vec<(String, usize)> = subjects.try_collect().await.map_err(BusError::from_any)?;
+        let found: Vec<(String, usize)> =
+            subjects.try_collect().await.map_err(BusError::from_any)?;
         let prefix = format!("{}.", wire::TASKS_SUBJECT_PREFIX);
         Ok(found
             .into_iter()
@@ -268,16 +275,23 @@ fn encode_task(bucket_ms: i64, task: &NewTask) -> (HeaderMap, Bytes) {
 }
 
 /// Reads a bucket message's headers into what the dispatcher holds in memory.
-pub fn decode_bucket_message(msg: jetstream::Message) -> Result<BucketMessage, String> {
+/// A message without them was not written by Kairos: its acker comes back so
+/// the caller can terminate it rather than let it block the bucket forever.
+pub fn decode_bucket_message(
+    msg: jetstream::Message,
+) -> Result<BucketMessage, Box<(&'static str, jetstream::message::Acker)>> {
     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
     let (msg, acker) = msg.split();
-    let headers = msg.headers.as_ref().ok_or("message without headers")?;
+    let Some(headers) = msg.headers.as_ref() else {
+        return Err(Box::new(("message without headers", acker)));
+    };
     let get = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
-    let task_id = get(wire::TASK_ID_HEADER).ok_or("missing task id header")?;
-    let queue = get(wire::QUEUE_HEADER).ok_or("missing queue header")?;
-    let due_ms = get(wire::DUE_HEADER)
-        .and_then(|v| v.parse().ok())
-        .ok_or("missing or bad due header")?;
+    let due_ms = get(wire::DUE_HEADER).and_then(|v| v.parse().ok());
+    let (Some(task_id), Some(queue), Some(due_ms)) =
+        (get(wire::TASK_ID_HEADER), get(wire::QUEUE_HEADER), due_ms)
+    else {
+        return Err(Box::new(("missing task id, queue or due header", acker)));
+    };
     let expire_at_ms = get(wire::EXPIRE_HEADER)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);

@@ -5,7 +5,7 @@ mod task;
 mod validate;
 
 pub use task::{
-    AttemptOutcome, AttemptRecord, NewTask, StatusWrite, TaskId, TaskRecord, TaskState,
-    bucket_of, content_hash, version_of,
+    AttemptOutcome, AttemptRecord, NewTask, StatusWrite, TaskId, TaskRecord, TaskState, bucket_of,
+    content_hash, version_of,
 };
 pub use validate::{Limits, ScheduleSpec, ValidationError, ValidationKind, validate};

@@ -149,7 +149,11 @@ pub fn validate(
     };
     let horizon = chrono::Duration::from_std(limits.max_horizon).unwrap_or(chrono::Duration::MAX);
     if due_at > now + horizon {
-        let field = if spec.run_at.is_some() { "run_at" } else { "delay" };
+        let field = if spec.run_at.is_some() {
+            "run_at"
+        } else {
+            "delay"
+        };
         return Err(ValidationError::invalid(
             field,
             format!(
@@ -245,7 +249,9 @@ fn validate_headers(headers: &BTreeMap<String, String>) -> Result<(), Validation
         if value.len() > MAX_HEADER_VALUE || value.chars().any(char::is_control) {
             return Err(ValidationError::invalid(
                 format!("headers[{name}]"),
-                format!("header values must be at most {MAX_HEADER_VALUE} bytes with no control characters"),
+                format!(
+                    "header values must be at most {MAX_HEADER_VALUE} bytes with no control characters"
+                ),
             ));
         }
     }
@@ -287,29 +293,77 @@ mod tests {
 
     #[test]
     fn rejects_each_bad_field_by_name() {
-        assert_eq!(field_of(ScheduleSpec { queue: "".into(), ..spec() }), "queue");
-        assert_eq!(field_of(ScheduleSpec { queue: "a.b".into(), ..spec() }), "queue");
-        assert_eq!(field_of(ScheduleSpec { delay_ms: None, ..spec() }), "run_at");
         assert_eq!(
-            field_of(ScheduleSpec { run_at: Some(Utc::now()), ..spec() }),
+            field_of(ScheduleSpec {
+                queue: "".into(),
+                ..spec()
+            }),
+            "queue"
+        );
+        assert_eq!(
+            field_of(ScheduleSpec {
+                queue: "a.b".into(),
+                ..spec()
+            }),
+            "queue"
+        );
+        assert_eq!(
+            field_of(ScheduleSpec {
+                delay_ms: None,
+                ..spec()
+            }),
+            "run_at"
+        );
+        assert_eq!(
+            field_of(ScheduleSpec {
+                run_at: Some(Utc::now()),
+                ..spec()
+            }),
             "delay"
         );
-        assert_eq!(field_of(ScheduleSpec { delay_ms: Some(-1), ..spec() }), "delay");
         assert_eq!(
-            field_of(ScheduleSpec { delay_ms: Some(3_600_001), ..spec() }),
+            field_of(ScheduleSpec {
+                delay_ms: Some(-1),
+                ..spec()
+            }),
             "delay"
         );
-        assert_eq!(field_of(ScheduleSpec { max_attempts: Some(0), ..spec() }), "max_attempts");
-        assert_eq!(field_of(ScheduleSpec { max_attempts: Some(101), ..spec() }), "max_attempts");
+        assert_eq!(
+            field_of(ScheduleSpec {
+                delay_ms: Some(3_600_001),
+                ..spec()
+            }),
+            "delay"
+        );
+        assert_eq!(
+            field_of(ScheduleSpec {
+                max_attempts: Some(0),
+                ..spec()
+            }),
+            "max_attempts"
+        );
+        assert_eq!(
+            field_of(ScheduleSpec {
+                max_attempts: Some(101),
+                ..spec()
+            }),
+            "max_attempts"
+        );
         let mut headers = BTreeMap::new();
         headers.insert("bad name".into(), "v".into());
-        assert_eq!(field_of(ScheduleSpec { headers, ..spec() }), "headers[bad name]");
+        assert_eq!(
+            field_of(ScheduleSpec { headers, ..spec() }),
+            "headers[bad name]"
+        );
     }
 
     #[test]
     fn oversized_payload_is_resource_exhausted() {
         let err = validate(
-            ScheduleSpec { payload: Bytes::from(vec![0; 17]), ..spec() },
+            ScheduleSpec {
+                payload: Bytes::from(vec![0; 17]),
+                ..spec()
+            },
             Utc::now(),
             &limits(),
         )

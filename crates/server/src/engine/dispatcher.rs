@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::app::Recorder;
-use crate::bus::{Bus, BucketMessage, decode_bucket_message};
+use crate::bus::{BucketMessage, Bus, decode_bucket_message};
 use crate::domain::{StatusWrite, TaskId, bucket_of};
 use crate::store::DynStore;
 use crate::store::claims::{Claims, DispatchClaim};
@@ -302,7 +302,11 @@ impl Dispatcher {
             }
         }
         if !pending.is_empty() {
-            info!(bucket, tasks = pending.len(), "re-creating lost claims from sql");
+            info!(
+                bucket,
+                tasks = pending.len(),
+                "re-creating lost claims from sql"
+            );
             Box::pin(self.release_bucket(bucket, pending, now_ms, true)).await;
         }
     }
@@ -531,7 +535,11 @@ async fn pull(
                         return;
                     }
                 }
-                Err(reason) => warn!(bucket, reason, "malformed task message left in bucket"),
+                Err(malformed) => {
+                    let (reason, acker) = *malformed;
+                    warn!(bucket, reason, "malformed task message terminated");
+                    let _ = acker.ack_with(async_nats::jetstream::AckKind::Term).await;
+                }
             },
             Err(err) => debug!(bucket, error = %err, "bucket pull interrupted"),
         }

@@ -283,7 +283,12 @@ impl Claims {
     }
 
     /// Cancels a task unless a worker has started it.
-    pub async fn cancel(&self, bucket_ms: i64, width_ms: i64, id: TaskId) -> ClaimResult<CancelClaim> {
+    pub async fn cancel(
+        &self,
+        bucket_ms: i64,
+        width_ms: i64,
+        id: TaskId,
+    ) -> ClaimResult<CancelClaim> {
         let mut conn = self.conn.clone();
         let answer: String = self
             .cancel

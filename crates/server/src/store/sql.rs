@@ -74,7 +74,10 @@ where
     for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
 {
-    let corrupt = |reason: String| StoreError::Corrupt { table: "tasks", reason };
+    let corrupt = |reason: String| StoreError::Corrupt {
+        table: "tasks",
+        reason,
+    };
     let id: String = row.try_get("id")?;
     let state: String = row.try_get("state")?;
     let expire_at_ms: Option<i64> = row.try_get("expire_at_ms")?;
@@ -108,7 +111,9 @@ where
         attempt: u32::try_from(row.try_get::<i64, _>("attempt")?).unwrap_or(u32::MAX),
         worker_id: row.try_get("worker_id")?,
         started_at: ms_to_time("task_runs", row.try_get("started_at_ms")?)?,
-        finished_at: finished_at_ms.map(|ms| ms_to_time("task_runs", ms)).transpose()?,
+        finished_at: finished_at_ms
+            .map(|ms| ms_to_time("task_runs", ms))
+            .transpose()?,
         outcome: outcome.as_deref().and_then(AttemptOutcome::parse),
         error: row.try_get("error")?,
     })

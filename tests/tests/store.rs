@@ -1,0 +1,211 @@
+//! One conformance suite for the SQL store, run against SQLite and Postgres.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use chrono::{DateTime, Duration, Utc};
+use kairos_server::domain::{
+    AttemptOutcome, NewTask, StatusWrite, TaskId, TaskState, content_hash,
+};
+use kairos_server::store::{self, DynStore, InsertOutcome, TaskFilter};
+use kairos_tests::stack::fresh_postgres_database;
+use kairos_tests::{Backend, backend_tests};
+
+async fn open(backend: Backend) -> (DynStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = match backend {
+        Backend::Sqlite => format!("sqlite://{}", dir.path().join("store.db").display()),
+        Backend::Postgres => fresh_postgres_database().await,
+    };
+    (store::connect(&url).await.expect("connect"), dir)
+}
+
+fn task(queue: &str, key: Option<&str>, payload: &str) -> NewTask {
+    let now = DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).expect("now");
+    let headers = BTreeMap::new();
+    NewTask {
+        id: TaskId::new(),
+        queue: queue.into(),
+        payload: Bytes::from(payload.to_owned()),
+        content_type: "text/plain".into(),
+        content_hash: content_hash(
+            queue,
+            payload.as_bytes(),
+            "text/plain",
+            &headers,
+            "x",
+            None,
+            None,
+        ),
+        headers,
+        due_at: now + Duration::seconds(30),
+        expire_at: None,
+        max_attempts: 3,
+        idempotency_key: key.map(str::to_owned),
+        created_at: now,
+    }
+}
+
+/// Inserted tasks read back exactly as stored, newest first, filtered and paged.
+async fn tasks_round_trip_and_list_newest_first(backend: Backend) {
+    let (store, _dir) = open(backend).await;
+    let tasks: Vec<NewTask> = (0..5)
+        .map(|i| task(if i % 2 == 0 { "even" } else { "odd" }, None, "p"))
+        .collect();
+    let buckets = vec![600_000; tasks.len()];
+    let outcomes = store.insert_tasks(&tasks, &buckets).await.expect("insert");
+    assert!(outcomes.iter().all(|o| *o == InsertOutcome::Inserted));
+
+    let got = store
+        .get_task(tasks[0].id)
+        .await
+        .expect("get")
+        .expect("found");
+    let mut expected = tasks[0].record();
+    expected.bucket_ms = 600_000;
+    assert_eq!(got, expected);
+    assert!(store.get_task(TaskId::new()).await.expect("get").is_none());
+
+    let all = store
+        .list_tasks(&TaskFilter {
+            limit: 10,
+            ..TaskFilter::default()
+        })
+        .await
+        .expect("list");
+    let ids: Vec<_> = all.iter().map(|t| t.id).collect();
+    let mut newest_first: Vec<_> = tasks.iter().map(|t| t.id).collect();
+    newest_first.reverse();
+    assert_eq!(ids, newest_first);
+
+    let even = store
+        .list_tasks(&TaskFilter {
+            queue: Some("even".into()),
+            limit: 10,
+            ..TaskFilter::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(even.len(), 3);
+    let page = store
+        .list_tasks(&TaskFilter {
+            before: Some(ids[1]),
+            limit: 2,
+            ..TaskFilter::default()
+        })
+        .await
+        .expect("page");
+    assert_eq!(
+        page.iter().map(|t| t.id).collect::<Vec<_>>(),
+        ids[2..4].to_vec()
+    );
+
+    store.delete_tasks(&[tasks[0].id]).await.expect("delete");
+    assert!(store.get_task(tasks[0].id).await.expect("get").is_none());
+}
+
+/// A repeated idempotency key returns the existing task for the same content
+/// and a conflict for other content; nothing new is stored.
+async fn idempotency_keys_are_unique(backend: Backend) {
+    let (store, _dir) = open(backend).await;
+    let first = task("q", Some("k1"), "same");
+    assert_eq!(
+        store
+            .insert_tasks(std::slice::from_ref(&first), &[0])
+            .await
+            .expect("insert"),
+        vec![InsertOutcome::Inserted]
+    );
+    let outcomes = store
+        .insert_tasks(
+            &[
+                task("q", Some("k1"), "same"),
+                task("q", Some("k1"), "other"),
+            ],
+            &[0, 0],
+        )
+        .await
+        .expect("insert");
+    match &outcomes[0] {
+        InsertOutcome::Existing(existing) => assert_eq!(existing.id, first.id),
+        other => panic!("expected the existing task, got {other:?}"),
+    }
+    assert_eq!(outcomes[1], InsertOutcome::Conflict { key: "k1".into() });
+    let all = store
+        .list_tasks(&TaskFilter {
+            limit: 10,
+            ..TaskFilter::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(all.len(), 1);
+}
+
+/// Status writes build the run log and never move a task backwards, whatever
+/// order they arrive in.
+async fn status_writes_are_ordered_and_build_the_run_log(backend: Backend) {
+    let (store, _dir) = open(backend).await;
+    let t = task("q", None, "p");
+    store
+        .insert_tasks(std::slice::from_ref(&t), &[0])
+        .await
+        .expect("insert");
+    let at = t.created_at;
+    let started = |attempt| StatusWrite::Started {
+        id: t.id,
+        attempt,
+        worker_id: "w".into(),
+        at,
+    };
+    let finished = |attempt, state, error: Option<&str>| StatusWrite::Finished {
+        id: t.id,
+        attempt,
+        worker_id: "w".into(),
+        state,
+        error: error.map(str::to_owned),
+        at: at + Duration::seconds(1),
+    };
+    store
+        .apply(&[
+            started(1),
+            finished(1, TaskState::Retrying, Some("boom")),
+            // Late and out of order: must not move the task back.
+            StatusWrite::Dispatched { id: t.id, at },
+            started(2),
+            finished(2, TaskState::Succeeded, None),
+            started(1),
+        ])
+        .await
+        .expect("apply");
+    let got = store.get_task(t.id).await.expect("get").expect("found");
+    assert_eq!(got.state, TaskState::Succeeded);
+    assert_eq!(got.attempts, 2);
+    assert_eq!(got.last_error.as_deref(), Some("boom"));
+    let runs = store.get_attempts(t.id).await.expect("runs");
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0].outcome, Some(AttemptOutcome::Failed));
+    assert_eq!(runs[0].error.as_deref(), Some("boom"));
+    assert_eq!(runs[1].outcome, Some(AttemptOutcome::Succeeded));
+    assert_eq!(runs[1].finished_at, Some(at + Duration::seconds(1)));
+
+    store
+        .apply(&[StatusWrite::Closed {
+            id: t.id,
+            state: TaskState::Cancelled,
+            at,
+        }])
+        .await
+        .expect("apply");
+    let got = store.get_task(t.id).await.expect("get").expect("found");
+    assert_eq!(
+        got.state,
+        TaskState::Succeeded,
+        "a final state is never replaced"
+    );
+}
+
+backend_tests!(
+    tasks_round_trip_and_list_newest_first,
+    idempotency_keys_are_unique,
+    status_writes_are_ordered_and_build_the_run_log,
+);

@@ -117,22 +117,24 @@ start_postgres() {
   else
     mkdir -p "$dir"
   fi
+  dir="$(readlink -f "$dir")"
   if [ ! -f "$dir/data/PG_VERSION" ]; then
-    "${run[@]}" initdb -D "$dir/data" -U kairos -A trust >"$dir/initdb.log" 2>&1 ||
+    (cd / && "${run[@]}" initdb -D "$dir/data" -U kairos -A trust) >"$dir/initdb.log" 2>&1 ||
       die "initdb failed (see $dir/initdb.log)"
   fi
   if ! wait_port 127.0.0.1 "$2" 0; then
-    "${run[@]}" pg_ctl -D "$dir/data" -l "$dir/postgres.log" -w -t 30 \
+    (cd / && "${run[@]}" pg_ctl -D "$dir/data" -l "$dir/postgres.log" -w -t 30 \
       -o "-p $2 -k $dir -c listen_addresses=127.0.0.1 -c synchronous_commit=on -c max_connections=300 -c fsync=on" \
-      start >/dev/null || die "postgres did not start (see $dir/postgres.log)"
+      start >/dev/null) || die "postgres did not start (see $dir/postgres.log)"
   fi
   log "postgres on 127.0.0.1:$2 ($dir)"
 }
 
 stop_postgres() {
-  local dir="$KAIROS_DIR/$1" run=()
+  local dir run=()
+  dir="$(readlink -f "$KAIROS_DIR/$1")"
   [ "$(id -u)" = 0 ] && run=(runuser -u postgres --)
-  [ -f "$dir/data/postmaster.pid" ] && "${run[@]}" pg_ctl -D "$dir/data" -m fast -w stop >/dev/null 2>&1
+  [ -f "$dir/data/postmaster.pid" ] && (cd / && "${run[@]}" pg_ctl -D "$dir/data" -m fast -w stop >/dev/null 2>&1)
   return 0
 }
 

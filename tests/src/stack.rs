@@ -215,6 +215,11 @@ impl Stack {
     /// Starts a replica with `config` and waits until it serves.
     pub async fn server_with(&self, config: ServerConfig) -> ServerHandle {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        self.server_on(config, listener).await
+    }
+
+    /// Starts a replica on `listener` (e.g. the port of a stopped one).
+    pub async fn server_on(&self, config: ServerConfig, listener: TcpListener) -> ServerHandle {
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let token = CancellationToken::new();
         let handle = tokio::spawn(kairos_server::run(config, listener, token.clone()));

@@ -203,10 +203,57 @@ async fn nats_restart_loses_no_acknowledged_task(backend: Backend) {
     assert_each_ran_once(&log, &ids);
 }
 
+/// The server a worker reports to restarts while the worker runs tasks: the
+/// worker reconnects, sends what was not answered, and no result is lost.
+async fn worker_reconnects_after_server_restart_without_losing_results(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut server = stack.server_on(stack.config(), listener).await;
+    let log = RunLog::default();
+    let handler = {
+        let log = log.clone();
+        handler_fn(move |task| {
+            let log = log.clone();
+            async move {
+                log.record(&task);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                Ok::<(), HandlerError>(())
+            }
+        })
+    };
+    let _worker = stack.worker(&server, "slow", 8, handler);
+    let mut client = client(&server).await;
+    let ids = book(&mut client, "slow", 16, 0).await;
+
+    log.wait_for(1, Duration::from_secs(10)).await;
+    server.stop().await.expect("graceful stop");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("same port again");
+    let server = stack.server_on(stack.config(), listener).await;
+
+    let mut client = kairos_tests::stack::client(&server).await;
+    for id in &ids {
+        wait_for_state(
+            &mut client,
+            id,
+            TaskState::Succeeded,
+            Duration::from_secs(60),
+        )
+        .await;
+    }
+    assert_each_ran_once(&log, &ids);
+}
+
 backend_tests!(
     killed_replica_tasks_move_to_another,
     restarted_replica_releases_its_tasks,
     two_replicas_three_workers_run_each_task_once,
     redis_outage_is_unavailable_then_everything_fires,
     nats_restart_loses_no_acknowledged_task,
+    worker_reconnects_after_server_restart_without_losing_results,
 );

@@ -334,6 +334,18 @@ pub enum StatusWrite {
     },
 }
 
+impl StatusWrite {
+    /// Returns the task the change is about.
+    pub fn task_id(&self) -> TaskId {
+        match self {
+            Self::Dispatched { id, .. }
+            | Self::Started { id, .. }
+            | Self::Finished { id, .. }
+            | Self::Closed { id, .. } => *id,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,10 +16,10 @@ pub use sql::{PG_MIGRATOR, PgStore, SQLITE_MIGRATOR, SqliteStore, connect};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be reached or failed the statement.
-    #[error("database error")]
+    #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     /// Migrations could not be applied.
-    #[error("migration failed")]
+    #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// A stored row could not be read back into domain types.
     #[error("corrupt row in `{table}`: {reason}")]

@@ -253,8 +253,13 @@ macro_rules! impl_task_store {
             }
 
             async fn apply(&self, writes: &[StatusWrite]) -> StoreResult<()> {
+                // Every batch locks rows in task-id order, so two replicas'
+                // batches never deadlock; the stable sort keeps one task's
+                // writes in the order they came.
+                let mut ordered: Vec<&StatusWrite> = writes.iter().collect();
+                ordered.sort_by_key(|w| w.task_id());
                 let mut tx = self.pool.begin().await?;
-                for write in writes {
+                for write in ordered {
                     match write {
                         StatusWrite::Dispatched { id, at } => {
                             Self::set_state(&mut tx, *id, TaskState::Dispatched, 0, None, *at).await?;

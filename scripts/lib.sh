@@ -65,16 +65,18 @@ wait_port() { # host port seconds: tries at least once, then every 0.1 s
   return 1
 }
 
-# start_nats NAME PORT: JetStream with file storage, fsync before every ack.
+# start_nats NAME PORT [SYNC]: JetStream with file storage; SYNC is `always`
+# (fsync before every ack, the default here) or `default` (NATS's own: every 2 min).
 start_nats() {
-  local dir="$KAIROS_DIR/$1"
+  local dir="$KAIROS_DIR/$1" sync="${3:-always}" sync_line=""
   mkdir -p "$dir/js"
+  [ "$sync" = always ] && sync_line="  sync_interval: always"
   cat >"$dir/nats.conf" <<CONF
 listen: 127.0.0.1:$2
 max_payload: 8MB
 jetstream {
   store_dir: "$dir/js"
-  sync_interval: always
+$sync_line
 }
 CONF
   if ! wait_port 127.0.0.1 "$2" 0; then
@@ -82,7 +84,7 @@ CONF
     echo $! >"$dir/nats.pid"
     wait_port 127.0.0.1 "$2" 10 || die "nats-server did not start (see $dir/nats.log)"
   fi
-  log "nats on 127.0.0.1:$2 ($dir)"
+  log "nats on 127.0.0.1:$2 (sync $sync, $dir)"
 }
 
 # start_redis NAME PORT: append-only, never evicts.

@@ -1,0 +1,453 @@
+//! kairos-bench: measures Kairos against raw JetStream on the same NATS
+//! server in the same run, and prints a table plus one JSON line per scenario.
+//!
+//! # Layout
+//! - `raw`: the raw JetStream baselines (publish, relay pipeline, naive cycling).
+//! - `server`: kairos-server as a child process, with its CPU and RSS from /proc.
+//! - `scenarios`: booking, workers, lateness samples.
+//! - `plot`: the lateness CDF.
+
+mod plot;
+mod raw;
+mod scenarios;
+mod server;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use chrono::Utc;
+use clap::{Parser, ValueEnum};
+use kairos_client::Client;
+use serde_json::{Value, json};
+
+use crate::scenarios::{Lateness, quantile};
+use crate::server::{ServerProcess, ServerSettings, proc_usage};
+
+/// Scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// Booking throughput: ScheduleBatch and single Schedule vs raw publish.
+    Ingest,
+    /// N tasks due at one instant: lateness and drain rate vs the raw relay pipeline.
+    Burst,
+    /// N tasks waiting an hour: messages published, CPU and RSS while idle, vs naive cycling.
+    Idle,
+    /// Half of N tasks cancelled just before due: cancels/s, and none of them runs.
+    Cancel,
+    /// ingest, burst, cancel and idle in turn.
+    All,
+}
+
+/// Benchmarks Kairos against raw JetStream on the same NATS server.
+#[derive(Debug, Parser)]
+#[command(name = "kairos-bench", version)]
+struct Args {
+    /// What to measure.
+    #[arg(value_enum, default_value = "all")]
+    scenario: Scenario,
+    /// Tasks per scenario (default: ingest 200,000; burst 100,000; idle 1,000,000; cancel 20,000).
+    #[arg(long)]
+    tasks: Option<usize>,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 256)]
+    payload_bytes: usize,
+    /// NATS server (JetStream enabled); the Kairos streams on it are deleted first.
+    #[arg(
+        long,
+        env = "KAIROS_NATS_URL",
+        default_value = "nats://127.0.0.1:24222"
+    )]
+    nats_url: String,
+    /// How the NATS server syncs to disk, for the report: `default` or `always`.
+    #[arg(long, default_value = "default")]
+    nats_sync: String,
+    /// Redis (flushed before each scenario).
+    #[arg(
+        long,
+        env = "KAIROS_REDIS_URL",
+        default_value = "redis://127.0.0.1:26379"
+    )]
+    redis_url: String,
+    /// kairos-server binary (release build).
+    #[arg(long, default_value = "target/release/kairos-server")]
+    server_bin: PathBuf,
+    /// Folder for the SQLite files of each run.
+    #[arg(long, default_value = ".kairos/bench")]
+    work_dir: PathBuf,
+    /// Worker processes' share: workers started in the bench process.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Local concurrency of each worker.
+    #[arg(long, default_value_t = 256)]
+    worker_concurrency: usize,
+    /// How long the idle scenario watches.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    window: Duration,
+    /// Draw the burst lateness CDF (Kairos beside the raw pipeline) to this PNG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+struct Bench {
+    args: Args,
+    js: async_nats::jetstream::Context,
+    payload: Bytes,
+    run: u32,
+}
+
+impl Bench {
+    /// Starts a fresh Kairos: streams deleted, Redis flushed, a new SQLite file.
+    async fn fresh_server(&mut self, env: &[(&str, &str)]) -> anyhow::Result<ServerProcess> {
+        for stream in [
+            kairos_proto::wire::TASKS_STREAM,
+            kairos_proto::wire::READY_STREAM,
+        ] {
+            let _ = self.js.delete_stream(stream).await;
+        }
+        let mut redis = redis::Client::open(self.args.redis_url.as_str())?
+            .get_multiplexed_async_connection()
+            .await
+            .context("redis")?;
+        let () = redis::cmd("FLUSHALL").query_async(&mut redis).await?;
+        self.run += 1;
+        std::fs::create_dir_all(&self.args.work_dir)?;
+        let db = self
+            .args
+            .work_dir
+            .join(format!("bench-{}-{}.db", std::process::id(), self.run));
+        let settings = ServerSettings {
+            binary: self.args.server_bin.clone(),
+            nats_url: self.args.nats_url.clone(),
+            redis_url: self.args.redis_url.clone(),
+            database_url: format!("sqlite://{}", db.display()),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        ServerProcess::start(&settings).await
+    }
+
+    fn base(&self, scenario: &str, tasks: usize) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("scenario".into(), json!(scenario));
+        m.insert("tasks".into(), json!(tasks));
+        m.insert("payload_bytes".into(), json!(self.args.payload_bytes));
+        m.insert("nats_sync".into(), json!(self.args.nats_sync));
+        m
+    }
+
+    async fn ingest(&mut self) -> anyhow::Result<Value> {
+        let n = self.args.tasks.unwrap_or(200_000);
+        eprintln!("ingest: raw publish of {n} messages");
+        let raw = raw::publish_rate(&self.js, n, self.payload.clone()).await?;
+        let server = self.fresh_server(&[]).await?;
+        let client = Client::connect(server.url.clone()).await?;
+        let due = Utc::now() + chrono::Duration::hours(1);
+        let (cpu0, _, _) = server.usage();
+        let (batch_rate, _) =
+            scenarios::ingest_batches(&client, "bench", n, self.payload.clone(), |_| due).await?;
+        let singles = n.min(50_000);
+        let single_rate =
+            scenarios::ingest_singles(&client, "bench", singles, self.payload.clone(), 256, due)
+                .await?;
+        let (cpu1, _, peak) = server.usage();
+        let mut m = self.base("ingest", n);
+        m.insert("raw_publish_per_s".into(), json!(raw.round()));
+        m.insert("batch_per_s".into(), json!(batch_rate.round()));
+        m.insert("single_per_s".into(), json!(single_rate.round()));
+        m.insert("single_tasks".into(), json!(singles));
+        m.insert("ingest_ratio".into(), json!(round3(batch_rate / raw)));
+        m.insert("single_ratio".into(), json!(round3(single_rate / raw)));
+        m.insert("cpu_s".into(), json!(round3(cpu1 - cpu0)));
+        m.insert("rss_mb".into(), json!(peak.round()));
+        m.insert(
+            "goal".into(),
+            json!(verdict(
+                batch_rate / raw >= 0.5,
+                "ScheduleBatch >= 0.5 x raw publish"
+            )),
+        );
+        Ok(Value::Object(m))
+    }
+
+    async fn burst(&mut self) -> anyhow::Result<Value> {
+        let n = self.args.tasks.unwrap_or(100_000);
+        eprintln!("burst: raw relay pipeline of {n} messages");
+        let (raw_rate, raw_arrivals) = raw::relay_rate(&self.js, n, self.payload.clone()).await?;
+        let server = self.fresh_server(&[]).await?;
+        let client = Client::connect(server.url.clone()).await?;
+        // Far enough ahead that booking and pulling into memory finish first.
+        let lead = Duration::from_secs(10) + Duration::from_secs_f64(n as f64 / 10_000.0);
+        let due = Utc::now() + chrono::Duration::from_std(lead)?;
+        let lateness = Lateness::default();
+        let workers = scenarios::start_workers(
+            &server,
+            &self.args.nats_url,
+            "burst",
+            self.args.workers,
+            self.args.worker_concurrency,
+            &lateness,
+        )?;
+        let (_, _) =
+            scenarios::ingest_batches(&client, "burst", n, self.payload.clone(), |_| due).await?;
+        if Utc::now() >= due {
+            anyhow::bail!("booking took longer than the lead; rerun with fewer tasks");
+        }
+        let (cpu0, _, _) = server.usage();
+        let wait = (due - Utc::now()).to_std().unwrap_or_default();
+        eprintln!(
+            "burst: {n} tasks booked, due in {:.1} s",
+            wait.as_secs_f64()
+        );
+        tokio::time::sleep(wait).await;
+        let done = scenarios::wait_runs(&lateness, n, Duration::from_secs(600)).await;
+        let (cpu1, _, peak) = server.usage();
+        workers.cancel();
+        anyhow::ensure!(done, "only {} of {n} tasks ran", lateness.count());
+        let sorted = lateness.sorted();
+        let drain_s = sorted.last().copied().unwrap_or(0.0) / 1000.0;
+        let drain_rate = n as f64 / drain_s.max(1e-9);
+        let p99_goal_ms = 1.25 * n as f64 / raw_rate * 1000.0;
+        let (first, p50, p99, max) = (
+            sorted[0],
+            quantile(&sorted, 0.5),
+            quantile(&sorted, 0.99),
+            *sorted.last().expect("samples"),
+        );
+        if let Some(path) = &self.args.plot {
+            plot::lateness_cdf(
+                &path.display().to_string(),
+                &format!(
+                    "burst: {n} tasks due at one instant ({} B payloads)",
+                    self.args.payload_bytes
+                ),
+                &[
+                    ("Kairos (due → handler start)", &sorted),
+                    ("raw relay pipeline (start → consumer)", &raw_arrivals),
+                ],
+            )?;
+            eprintln!("burst: plot written to {}", path.display());
+        }
+        let mut m = self.base("burst", n);
+        m.insert("raw_relay_per_s".into(), json!(raw_rate.round()));
+        m.insert("drain_per_s".into(), json!(drain_rate.round()));
+        m.insert("drain_ratio".into(), json!(round3(drain_rate / raw_rate)));
+        m.insert("first_ms".into(), json!(round3(first)));
+        m.insert("p50_ms".into(), json!(round3(p50)));
+        m.insert("p99_ms".into(), json!(round3(p99)));
+        m.insert("max_ms".into(), json!(round3(max)));
+        m.insert("drain_s".into(), json!(round3(drain_s)));
+        m.insert("cpu_s".into(), json!(round3(cpu1 - cpu0)));
+        m.insert("rss_mb".into(), json!(peak.round()));
+        m.insert(
+            "goal".into(),
+            json!([
+                verdict(first <= 10.0, "first task <= 10 ms late"),
+                verdict(drain_rate / raw_rate >= 0.8, "drain >= 0.8 x raw relay"),
+                verdict(p99 <= p99_goal_ms, &format!("p99 <= {p99_goal_ms:.0} ms")),
+            ]),
+        );
+        Ok(Value::Object(m))
+    }
+
+    async fn idle(&mut self) -> anyhow::Result<Value> {
+        let n = self.args.tasks.unwrap_or(1_000_000);
+        let window = self.args.window;
+        // The look-ahead covers the due time, so every task is held in memory.
+        let server = self.fresh_server(&[("KAIROS_LOOKAHEAD", "2h")]).await?;
+        let client = Client::connect(server.url.clone()).await?;
+        let due = Utc::now() + chrono::Duration::hours(1);
+        scenarios::ingest_batches(&client, "idle", n, self.payload.clone(), |_| due).await?;
+        let started = Instant::now();
+        while scenarios::held(&self.js).await? < n as u64 {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(300),
+                "tasks never all held"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        eprintln!("idle: {n} tasks held; watching for {window:?}");
+        let (_, seq0) = scenarios::stream_state(&self.js, kairos_proto::wire::TASKS_STREAM).await?;
+        let (_, ready0) =
+            scenarios::stream_state(&self.js, kairos_proto::wire::READY_STREAM).await?;
+        let (cpu0, _, _) = server.usage();
+        tokio::time::sleep(window).await;
+        let (cpu1, rss, peak) = server.usage();
+        let (_, seq1) = scenarios::stream_state(&self.js, kairos_proto::wire::TASKS_STREAM).await?;
+        let (_, ready1) =
+            scenarios::stream_state(&self.js, kairos_proto::wire::READY_STREAM).await?;
+        let published = (seq1 - seq0) + (ready1 - ready0);
+        let cpu_s = cpu1 - cpu0;
+        let core_pct = cpu_s / window.as_secs_f64() * 100.0;
+        drop(server);
+        for stream in [
+            kairos_proto::wire::TASKS_STREAM,
+            kairos_proto::wire::READY_STREAM,
+        ] {
+            let _ = self.js.delete_stream(stream).await;
+        }
+
+        eprintln!("idle: naive cycling comparison over {window:?}");
+        let me = std::process::id();
+        let (naive_cpu0, _, _) = proc_usage(me);
+        let naive_published = raw::naive_cycling(&self.js, n, self.payload.clone(), window).await?;
+        let (naive_cpu1, _, _) = proc_usage(me);
+
+        let mut m = self.base("idle", n);
+        m.insert("window_s".into(), json!(window.as_secs_f64()));
+        m.insert("published".into(), json!(published));
+        m.insert("cpu_s".into(), json!(round3(cpu_s)));
+        m.insert("core_pct".into(), json!(round3(core_pct)));
+        m.insert("rss_mb".into(), json!(rss.round()));
+        m.insert("peak_rss_mb".into(), json!(peak.round()));
+        m.insert("naive_published".into(), json!(naive_published));
+        m.insert("naive_cpu_s".into(), json!(round3(naive_cpu1 - naive_cpu0)));
+        m.insert(
+            "goal".into(),
+            json!([
+                verdict(published == 0, "0 messages while waiting"),
+                verdict(core_pct <= 1.0, "<= 1 % of one core"),
+                verdict(rss <= 300.0, "RSS <= 300 MB"),
+            ]),
+        );
+        Ok(Value::Object(m))
+    }
+
+    async fn cancel(&mut self) -> anyhow::Result<Value> {
+        use futures::StreamExt as _;
+        let n = self.args.tasks.unwrap_or(20_000);
+        let server = self.fresh_server(&[]).await?;
+        let client = Client::connect(server.url.clone()).await?;
+        let lead = Duration::from_secs(15) + Duration::from_secs_f64(n as f64 / 2_000.0);
+        let due = Utc::now() + chrono::Duration::from_std(lead)?;
+        let lateness = Lateness::default();
+        let workers =
+            scenarios::start_workers(&server, &self.args.nats_url, "cancel", 1, 256, &lateness)?;
+        let (_, ids) =
+            scenarios::ingest_batches(&client, "cancel", n, self.payload.clone(), |_| due).await?;
+        let doomed: Vec<String> = ids.iter().step_by(2).cloned().collect();
+        let started = Instant::now();
+        let mut calls = futures::stream::iter(doomed.iter().cloned().map(|id| {
+            let mut client = client.clone();
+            async move { (id.clone(), client.cancel(&id).await) }
+        }))
+        .buffer_unordered(64);
+        let mut cancelled = std::collections::HashSet::new();
+        let mut refused = 0usize;
+        while let Some((id, result)) = calls.next().await {
+            match result {
+                Ok(_) => {
+                    cancelled.insert(id);
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        let cancel_rate = doomed.len() as f64 / started.elapsed().as_secs_f64();
+        let before_due = Utc::now() < due;
+        let wait = (due - Utc::now()).to_std().unwrap_or_default();
+        tokio::time::sleep(wait).await;
+        let expected = n - cancelled.len();
+        let done = scenarios::wait_runs(&lateness, expected, Duration::from_secs(300)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        workers.cancel();
+        let ran = lateness.ran_ids();
+        let cancelled_ran = ran.iter().filter(|id| cancelled.contains(*id)).count();
+        let mut m = self.base("cancel", n);
+        m.insert("cancels".into(), json!(doomed.len()));
+        m.insert("cancel_per_s".into(), json!(cancel_rate.round()));
+        m.insert("cancelled".into(), json!(cancelled.len()));
+        m.insert("refused".into(), json!(refused));
+        m.insert("all_before_due".into(), json!(before_due));
+        m.insert("ran".into(), json!(ran.len()));
+        m.insert("cancelled_that_ran".into(), json!(cancelled_ran));
+        m.insert(
+            "goal".into(),
+            json!([
+                verdict(cancelled_ran == 0, "no cancelled task runs"),
+                verdict(done && ran.len() == expected, "every other task runs once"),
+            ]),
+        );
+        Ok(Value::Object(m))
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn verdict(met: bool, goal: &str) -> String {
+    format!("{} {goal}", if met { "MET" } else { "MISSED" })
+}
+
+fn print_table(result: &Value) {
+    let Some(map) = result.as_object() else {
+        return;
+    };
+    eprintln!();
+    eprintln!("── {} ──", map["scenario"].as_str().unwrap_or("?"));
+    for (key, value) in map {
+        if key == "scenario" || key == "goal" {
+            continue;
+        }
+        eprintln!("  {key:<22} {value}");
+    }
+    match &map.get("goal") {
+        Some(Value::Array(goals)) => goals
+            .iter()
+            .for_each(|g| eprintln!("  goal: {}", g.as_str().unwrap_or(""))),
+        Some(Value::String(goal)) => eprintln!("  goal: {goal}"),
+        _ => {}
+    }
+    eprintln!();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .try_init();
+    anyhow::ensure!(
+        args.server_bin.exists(),
+        "{} not found: build it with `cargo build --release -p kairos-server`",
+        args.server_bin.display()
+    );
+    let client = async_nats::connect(&args.nats_url)
+        .await
+        .with_context(|| format!("cannot connect to nats at {}", args.nats_url))?;
+    let js = async_nats::jetstream::new(client);
+    let payload = Bytes::from(vec![b'x'; args.payload_bytes]);
+    let scenario = args.scenario;
+    let mut bench = Bench {
+        args,
+        js,
+        payload,
+        run: 0,
+    };
+    let order: &[Scenario] = match scenario {
+        Scenario::All => &[
+            Scenario::Ingest,
+            Scenario::Burst,
+            Scenario::Cancel,
+            Scenario::Idle,
+        ],
+        _ => std::slice::from_ref(&scenario),
+    };
+    for s in order {
+        let result = match s {
+            Scenario::Ingest => bench.ingest().await?,
+            Scenario::Burst => bench.burst().await?,
+            Scenario::Idle => bench.idle().await?,
+            Scenario::Cancel => bench.cancel().await?,
+            Scenario::All => unreachable!("expanded above"),
+        };
+        print_table(&result);
+        println!("{result}");
+    }
+    let _ = std::fs::remove_dir_all(&bench.args.work_dir);
+    Ok(())
+}

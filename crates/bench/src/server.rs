@@ -1,0 +1,103 @@
+//! kairos-server as a child process, so its CPU and memory are its own.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running kairos-server.
+#[derive(Debug)]
+pub(crate) struct ServerProcess {
+    child: Child,
+    /// gRPC URL.
+    pub(crate) url: String,
+}
+
+/// Settings for one server run.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerSettings {
+    /// Path of the kairos-server binary.
+    pub(crate) binary: PathBuf,
+    /// NATS URL.
+    pub(crate) nats_url: String,
+    /// Redis URL.
+    pub(crate) redis_url: String,
+    /// Database URL.
+    pub(crate) database_url: String,
+    /// Extra environment (e.g. KAIROS_LOOKAHEAD).
+    pub(crate) env: Vec<(String, String)>,
+}
+
+impl ServerProcess {
+    /// Starts the server on a free port and waits until it accepts connections.
+    pub(crate) async fn start(settings: &ServerSettings) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut command = Command::new(&settings.binary);
+        command
+            .env("KAIROS_LISTEN", format!("127.0.0.1:{port}"))
+            .env("KAIROS_NATS_URL", &settings.nats_url)
+            .env("KAIROS_REDIS_URL", &settings.redis_url)
+            .env("KAIROS_DATABASE_URL", &settings.database_url)
+            .env("KAIROS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in &settings.env {
+            command.env(k, v);
+        }
+        let child = command.spawn()?;
+        let url = format!("http://127.0.0.1:{port}");
+        for _ in 0..300 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Ok(Self { child, url });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("kairos-server did not start")
+    }
+
+    /// Returns (CPU seconds used so far, current RSS in MB, peak RSS in MB).
+    pub(crate) fn usage(&self) -> (f64, f64, f64) {
+        proc_usage(self.child.id())
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads CPU seconds and RSS of a process from /proc.
+pub(crate) fn proc_usage(pid: u32) -> (f64, f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after ')'.
+    let cpu_s = (ticks(11) + ticks(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (cpu_s, kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
+}

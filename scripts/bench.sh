@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Benchmarks Kairos against raw JetStream on the same private NATS server, in
+# the same run: ./scripts/bench.sh [SCENARIO] [ARGS]
+#   SCENARIO: ingest | burst | idle | cancel | all (default)
+#   --durable   NATS with `sync_interval: always` (fsync before every ack)
+#   any other argument goes to kairos-bench (e.g. --tasks 1000000 --plot burst.png)
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$KAIROS_ROOT"
+
+sync=default args=()
+for arg in "$@"; do
+  case "$arg" in
+    --durable) sync=always ;;
+    *) args+=("$arg") ;;
+  esac
+done
+
+ensure_deps
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || apt_install fonts-dejavu-core
+log "building (release)"
+cargo build --release --quiet -p kairos-server -p kairos-bench
+
+# Fresh servers for every run, so the figures do not depend on earlier data.
+name="bench-nats-$sync"
+stop_pidfile "$KAIROS_DIR/$name/nats.pid"
+stop_pidfile "$KAIROS_DIR/bench-redis/redis.pid"
+rm -rf "$KAIROS_DIR/$name" "$KAIROS_DIR/bench-redis"
+NATS_PORT=24222 REDIS_PORT=26379
+start_nats "$name" "$NATS_PORT" "$sync"
+start_redis bench-redis "$REDIS_PORT"
+trap 'stop_pidfile "$KAIROS_DIR/$name/nats.pid"; stop_pidfile "$KAIROS_DIR/bench-redis/redis.pid"' EXIT
+
+./target/release/kairos-bench \
+  --nats-url "nats://127.0.0.1:$NATS_PORT" --nats-sync "$sync" \
+  --redis-url "redis://127.0.0.1:$REDIS_PORT" \
+  --server-bin target/release/kairos-server "${args[@]}"

@@ -119,36 +119,150 @@ where
     })
 }
 
-macro_rules! impl_task_store {
-    ($store:ty, $db:ty) => {
-        impl $store {
-            /// Moves a task to `state` unless it is already at or past that point.
-            async fn set_state(
-                tx: &mut sqlx::Transaction<'_, $db>,
-                id: TaskId,
-                state: TaskState,
-                attempt: u32,
-                error: Option<&str>,
-                at: chrono::DateTime<chrono::Utc>,
-            ) -> StoreResult<()> {
-                sqlx::query(
-                    "UPDATE tasks SET state = $1, version = $2, updated_at_ms = $3, \
-                     attempts = CASE WHEN attempts < $4 THEN $4 ELSE attempts END, \
-                     last_error = CASE WHEN $5 IS NULL THEN last_error ELSE $5 END \
-                     WHERE id = $6 AND version < $2",
-                )
-                .bind(state.as_str())
-                .bind(version_of(state, attempt))
-                .bind(at.timestamp_millis())
-                .bind(i64::from(attempt))
-                .bind(error.map(str::to_owned))
-                .bind(id.to_string())
-                .execute(&mut **tx)
-                .await?;
-                Ok(())
+/// Rows per multi-row statement: well under both backends' parameter limits.
+const CHUNK: usize = 500;
+
+/// Returns `n` rows of `cols` numbered placeholders, `($1, $2), ($3, $4)`;
+/// `template` maps a row's first parameter number to its row text.
+fn rows(n: usize, cols: usize, template: impl Fn(usize) -> String) -> String {
+    (0..n)
+        .map(|r| template(r * cols + 1))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The net effect of a batch on one task row.
+#[derive(Debug, Clone, PartialEq)]
+struct TaskUpdate {
+    id: TaskId,
+    state: TaskState,
+    version: i64,
+    at_ms: i64,
+    attempts: i64,
+    error: Option<String>,
+    /// Version of the write `error` came from.
+    error_version: i64,
+}
+
+/// The net effect of a batch on one run-log row.
+#[derive(Debug, Clone, PartialEq)]
+struct RunRow {
+    task_id: TaskId,
+    attempt: i64,
+    worker_id: String,
+    started_at_ms: i64,
+    /// Finish time, outcome and error, once the attempt ended.
+    finished: Option<(i64, AttemptOutcome, Option<String>)>,
+}
+
+/// Collapses a batch of status writes into one update per task and one row
+/// per attempt, so a whole batch costs a few statements, not one per write.
+/// Within a task the write with the highest version wins, as it would if the
+/// writes were applied one by one with the version guard.
+fn plan(writes: &[StatusWrite]) -> (Vec<TaskUpdate>, Vec<RunRow>) {
+    let mut tasks: Vec<TaskUpdate> = Vec::new();
+    let mut task_index: std::collections::HashMap<TaskId, usize> = std::collections::HashMap::new();
+    let mut runs: Vec<RunRow> = Vec::new();
+    let mut run_index: std::collections::HashMap<(TaskId, i64), usize> =
+        std::collections::HashMap::new();
+    for write in writes {
+        let (id, state, attempt, error, at) = match write {
+            StatusWrite::Dispatched { id, at } => (*id, TaskState::Dispatched, 0, None, *at),
+            StatusWrite::Started {
+                id, attempt, at, ..
+            } => (*id, TaskState::Running, *attempt, None, *at),
+            StatusWrite::Finished {
+                id,
+                attempt,
+                state,
+                error,
+                at,
+                ..
+            } => (*id, *state, *attempt, error.clone(), *at),
+            StatusWrite::Closed { id, state, at } => (*id, *state, 0, None, *at),
+        };
+        let version = version_of(state, attempt);
+        let update = TaskUpdate {
+            id,
+            state,
+            version,
+            at_ms: at.timestamp_millis(),
+            attempts: i64::from(attempt),
+            error_version: if error.is_some() { version } else { i64::MIN },
+            error,
+        };
+        match task_index.get(&id) {
+            None => {
+                task_index.insert(id, tasks.len());
+                tasks.push(update);
+            }
+            Some(&i) => {
+                let current = &mut tasks[i];
+                current.attempts = current.attempts.max(update.attempts);
+                if update.error.is_some() && update.error_version >= current.error_version {
+                    current.error = update.error.clone();
+                    current.error_version = update.error_version;
+                }
+                if update.version > current.version {
+                    current.state = update.state;
+                    current.version = update.version;
+                    current.at_ms = update.at_ms;
+                }
             }
         }
+        let (attempt, worker_id, finished) = match write {
+            StatusWrite::Started {
+                attempt, worker_id, ..
+            } => (*attempt, worker_id, None),
+            StatusWrite::Finished {
+                attempt,
+                worker_id,
+                state,
+                error,
+                at,
+                ..
+            } => {
+                let outcome = match state {
+                    TaskState::Succeeded => AttemptOutcome::Succeeded,
+                    TaskState::Retrying => AttemptOutcome::Failed,
+                    _ => AttemptOutcome::Terminal,
+                };
+                (
+                    *attempt,
+                    worker_id,
+                    Some((at.timestamp_millis(), outcome, error.clone())),
+                )
+            }
+            _ => continue,
+        };
+        let key = (id, i64::from(attempt));
+        match run_index.get(&key) {
+            None => {
+                run_index.insert(key, runs.len());
+                runs.push(RunRow {
+                    task_id: id,
+                    attempt: key.1,
+                    worker_id: worker_id.clone(),
+                    started_at_ms: at.timestamp_millis(),
+                    finished,
+                });
+            }
+            Some(&i) => {
+                if finished.is_some() {
+                    runs[i].finished = finished;
+                    runs[i].worker_id = worker_id.clone();
+                }
+            }
+        }
+    }
+    // Every batch locks rows in task-id order, so two replicas' batches never deadlock.
+    tasks.sort_by_key(|t| t.id);
+    runs.sort_by_key(|r| (r.task_id, r.attempt));
+    (tasks, runs)
+}
 
+macro_rules! impl_task_store {
+    ($store:ty, $db:ty) => {
         #[tonic::async_trait]
         impl TaskStore for $store {
             async fn insert_tasks(
@@ -157,29 +271,41 @@ macro_rules! impl_task_store {
                 bucket_ms: &[i64],
             ) -> StoreResult<Vec<InsertOutcome>> {
                 let mut tx = self.pool.begin().await?;
-                let mut outcomes = Vec::with_capacity(tasks.len());
-                for (task, bucket) in tasks.iter().zip(bucket_ms) {
-                    let inserted = sqlx::query(
+                let mut inserted = std::collections::HashSet::new();
+                let items: Vec<(&NewTask, &i64)> = tasks.iter().zip(bucket_ms).collect();
+                for chunk in items.chunks(CHUNK) {
+                    let sql = format!(
                         "INSERT INTO tasks (id, queue, state, version, due_at_ms, bucket_ms, \
                          expire_at_ms, max_attempts, attempts, idempotency_key, content_hash, \
-                         content_type, payload_size, last_error, created_at_ms, updated_at_ms) \
-                         VALUES ($1, $2, 'scheduled', 0, $3, $4, $5, $6, 0, $7, $8, $9, $10, NULL, $11, $11) \
-                         ON CONFLICT (idempotency_key) DO NOTHING",
-                    )
-                    .bind(task.id.to_string())
-                    .bind(task.queue.clone())
-                    .bind(task.due_at.timestamp_millis())
-                    .bind(*bucket)
-                    .bind(task.expire_at.map(|t| t.timestamp_millis()))
-                    .bind(i64::from(task.max_attempts))
-                    .bind(task.idempotency_key.clone())
-                    .bind(task.content_hash.clone())
-                    .bind(task.content_type.clone())
-                    .bind(task.payload.len() as i64)
-                    .bind(task.created_at.timestamp_millis())
-                    .execute(&mut *tx)
-                    .await?;
-                    if inserted.rows_affected() == 1 {
+                         content_type, payload_size, last_error, created_at_ms, updated_at_ms) VALUES {} \
+                         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+                        rows(chunk.len(), 11, |p| format!(
+                            "(${}, ${}, 'scheduled', 0, ${}, ${}, ${}, ${}, 0, ${}, ${}, ${}, ${}, NULL, ${}, ${})",
+                            p, p + 1, p + 2, p + 3, p + 4, p + 5, p + 6, p + 7, p + 8, p + 9, p + 10, p + 10
+                        ))
+                    );
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for (task, bucket) in chunk {
+                        query = query
+                            .bind(task.id.to_string())
+                            .bind(task.queue.clone())
+                            .bind(task.due_at.timestamp_millis())
+                            .bind(**bucket)
+                            .bind(task.expire_at.map(|t| t.timestamp_millis()))
+                            .bind(i64::from(task.max_attempts))
+                            .bind(task.idempotency_key.clone())
+                            .bind(task.content_hash.clone())
+                            .bind(task.content_type.clone())
+                            .bind(task.payload.len() as i64)
+                            .bind(task.created_at.timestamp_millis());
+                    }
+                    for row in query.fetch_all(&mut *tx).await? {
+                        inserted.insert(row.try_get::<String, _>("id")?);
+                    }
+                }
+                let mut outcomes = Vec::with_capacity(tasks.len());
+                for task in tasks {
+                    if inserted.contains(&task.id.to_string()) {
                         outcomes.push(InsertOutcome::Inserted);
                         continue;
                     }
@@ -253,57 +379,73 @@ macro_rules! impl_task_store {
             }
 
             async fn apply(&self, writes: &[StatusWrite]) -> StoreResult<()> {
-                // Every batch locks rows in task-id order, so two replicas'
-                // batches never deadlock; the stable sort keeps one task's
-                // writes in the order they came.
-                let mut ordered: Vec<&StatusWrite> = writes.iter().collect();
-                ordered.sort_by_key(|w| w.task_id());
+                let (tasks, runs) = plan(writes);
                 let mut tx = self.pool.begin().await?;
-                for write in ordered {
-                    match write {
-                        StatusWrite::Dispatched { id, at } => {
-                            Self::set_state(&mut tx, *id, TaskState::Dispatched, 0, None, *at).await?;
-                        }
-                        StatusWrite::Started { id, attempt, worker_id, at } => {
-                            Self::set_state(&mut tx, *id, TaskState::Running, *attempt, None, *at).await?;
-                            sqlx::query(
-                                "INSERT INTO task_runs (task_id, attempt, worker_id, started_at_ms) \
-                                 VALUES ($1, $2, $3, $4) ON CONFLICT (task_id, attempt) DO NOTHING",
-                            )
-                            .bind(id.to_string())
-                            .bind(i64::from(*attempt))
-                            .bind(worker_id.clone())
-                            .bind(at.timestamp_millis())
-                            .execute(&mut *tx)
-                            .await?;
-                        }
-                        StatusWrite::Finished { id, attempt, worker_id, state, error, at } => {
-                            Self::set_state(&mut tx, *id, *state, *attempt, error.as_deref(), *at).await?;
-                            let outcome = match state {
-                                TaskState::Succeeded => AttemptOutcome::Succeeded,
-                                TaskState::Retrying => AttemptOutcome::Failed,
-                                _ => AttemptOutcome::Terminal,
-                            };
-                            sqlx::query(
-                                "INSERT INTO task_runs (task_id, attempt, worker_id, started_at_ms, \
-                                 finished_at_ms, outcome, error) VALUES ($1, $2, $3, $4, $4, $5, $6) \
-                                 ON CONFLICT (task_id, attempt) DO UPDATE SET \
-                                 finished_at_ms = excluded.finished_at_ms, outcome = excluded.outcome, \
-                                 error = excluded.error",
-                            )
-                            .bind(id.to_string())
-                            .bind(i64::from(*attempt))
-                            .bind(worker_id.clone())
-                            .bind(at.timestamp_millis())
-                            .bind(outcome.as_str())
-                            .bind(error.clone())
-                            .execute(&mut *tx)
-                            .await?;
-                        }
-                        StatusWrite::Closed { id, state, at } => {
-                            Self::set_state(&mut tx, *id, *state, 0, None, *at).await?;
-                        }
+                for chunk in tasks.chunks(CHUNK) {
+                    let sql = format!(
+                        "WITH v (id, state, version, at_ms, attempts, error) AS (VALUES {}) \
+                         UPDATE tasks SET state = v.state, version = v.version, updated_at_ms = v.at_ms, \
+                         attempts = CASE WHEN tasks.attempts < v.attempts THEN v.attempts ELSE tasks.attempts END, \
+                         last_error = COALESCE(v.error, tasks.last_error) \
+                         FROM v WHERE tasks.id = v.id AND tasks.version < v.version",
+                        rows(chunk.len(), 6, |p| format!(
+                            "(${}, ${}, ${}, ${}, ${}, ${})", p, p + 1, p + 2, p + 3, p + 4, p + 5
+                        ))
+                    );
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for t in chunk {
+                        query = query
+                            .bind(t.id.to_string())
+                            .bind(t.state.as_str())
+                            .bind(t.version)
+                            .bind(t.at_ms)
+                            .bind(t.attempts)
+                            .bind(t.error.clone());
                     }
+                    query.execute(&mut *tx).await?;
+                }
+                let (finished, started): (Vec<&RunRow>, Vec<&RunRow>) =
+                    runs.iter().partition(|r| r.finished.is_some());
+                for chunk in started.chunks(CHUNK) {
+                    let sql = format!(
+                        "INSERT INTO task_runs (task_id, attempt, worker_id, started_at_ms) VALUES {} \
+                         ON CONFLICT (task_id, attempt) DO NOTHING",
+                        rows(chunk.len(), 4, |p| format!("(${}, ${}, ${}, ${})", p, p + 1, p + 2, p + 3))
+                    );
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for r in chunk {
+                        query = query
+                            .bind(r.task_id.to_string())
+                            .bind(r.attempt)
+                            .bind(r.worker_id.clone())
+                            .bind(r.started_at_ms);
+                    }
+                    query.execute(&mut *tx).await?;
+                }
+                for chunk in finished.chunks(CHUNK) {
+                    let sql = format!(
+                        "INSERT INTO task_runs (task_id, attempt, worker_id, started_at_ms, \
+                         finished_at_ms, outcome, error) VALUES {} \
+                         ON CONFLICT (task_id, attempt) DO UPDATE SET worker_id = excluded.worker_id, \
+                         finished_at_ms = excluded.finished_at_ms, outcome = excluded.outcome, \
+                         error = excluded.error",
+                        rows(chunk.len(), 7, |p| format!(
+                            "(${}, ${}, ${}, ${}, ${}, ${}, ${})", p, p + 1, p + 2, p + 3, p + 4, p + 5, p + 6
+                        ))
+                    );
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for r in chunk {
+                        let (finished_at_ms, outcome, error) = r.finished.clone().expect("partitioned");
+                        query = query
+                            .bind(r.task_id.to_string())
+                            .bind(r.attempt)
+                            .bind(r.worker_id.clone())
+                            .bind(r.started_at_ms)
+                            .bind(finished_at_ms)
+                            .bind(outcome.as_str())
+                            .bind(error);
+                    }
+                    query.execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok(())
@@ -314,3 +456,70 @@ macro_rules! impl_task_store {
 
 impl_task_store!(SqliteStore, Sqlite);
 impl_task_store!(PgStore, Postgres);
+
+#[cfg(test)]
+mod tests {
+    use chrono::{Duration, Utc};
+
+    use super::*;
+
+    #[test]
+    fn plan_collapses_a_batch_to_one_row_per_task_and_attempt() {
+        let id = TaskId::new();
+        let t0 = Utc::now();
+        let writes = vec![
+            StatusWrite::Started {
+                id,
+                attempt: 1,
+                worker_id: "w1".into(),
+                at: t0,
+            },
+            StatusWrite::Finished {
+                id,
+                attempt: 1,
+                worker_id: "w1".into(),
+                state: TaskState::Retrying,
+                error: Some("boom".into()),
+                at: t0 + Duration::seconds(1),
+            },
+            StatusWrite::Dispatched { id, at: t0 },
+            StatusWrite::Started {
+                id,
+                attempt: 2,
+                worker_id: "w2".into(),
+                at: t0 + Duration::seconds(2),
+            },
+        ];
+        let (tasks, runs) = plan(&writes);
+        assert_eq!(tasks.len(), 1);
+        assert_eq!(tasks[0].state, TaskState::Running);
+        assert_eq!(tasks[0].attempts, 2);
+        assert_eq!(tasks[0].error.as_deref(), Some("boom"));
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[0].started_at_ms, t0.timestamp_millis());
+        assert_eq!(
+            runs[0].finished.as_ref().map(|f| f.1),
+            Some(AttemptOutcome::Failed)
+        );
+        assert!(runs[1].finished.is_none());
+    }
+
+    #[test]
+    fn plan_orders_rows_by_task_id() {
+        let (a, b) = (TaskId::new(), TaskId::new());
+        let at = Utc::now();
+        let (tasks, _) = plan(&[
+            StatusWrite::Dispatched { id: b, at },
+            StatusWrite::Dispatched { id: a, at },
+        ]);
+        assert_eq!(tasks.iter().map(|t| t.id).collect::<Vec<_>>(), vec![a, b]);
+    }
+
+    #[test]
+    fn placeholders_number_every_row() {
+        assert_eq!(
+            rows(2, 2, |p| format!("(${}, ${})", p, p + 1)),
+            "($1, $2), ($3, $4)"
+        );
+    }
+}

@@ -23,10 +23,10 @@ cargo build --release --quiet -p kairos-server -p kairos-bench
 
 # Fresh servers for every run, so the figures do not depend on earlier data.
 name="bench-nats-$sync"
-stop_pidfile "$KAIROS_DIR/$name/nats.pid"
-stop_pidfile "$KAIROS_DIR/bench-redis/redis.pid"
-rm -rf "$KAIROS_DIR/$name" "$KAIROS_DIR/bench-redis"
 NATS_PORT=24222 REDIS_PORT=26379
+stop_pidfile "$KAIROS_DIR/$name/nats.pid" "$NATS_PORT"
+stop_pidfile "$KAIROS_DIR/bench-redis/redis.pid" "$REDIS_PORT"
+rm -rf "$KAIROS_DIR/$name" "$KAIROS_DIR/bench-redis"
 start_nats "$name" "$NATS_PORT" "$sync"
 start_redis bench-redis "$REDIS_PORT"
 trap 'stop_pidfile "$KAIROS_DIR/$name/nats.pid"; stop_pidfile "$KAIROS_DIR/bench-redis/redis.pid"' EXIT

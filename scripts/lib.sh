@@ -140,8 +140,16 @@ stop_postgres() {
   return 0
 }
 
+# stop_pidfile FILE [PORT]: stops the process and, given a port, waits until it is free.
 stop_pidfile() {
   [ -f "$1" ] && kill "$(cat "$1")" 2>/dev/null
   rm -f "$1"
+  if [ -n "${2:-}" ]; then
+    local i
+    for ((i = 0; i < 100; i++)); do
+      wait_port 127.0.0.1 "$2" 0 || return 0
+      sleep 0.1
+    done
+  fi
   return 0
 }

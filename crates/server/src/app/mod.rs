@@ -1,6 +1,7 @@
 //! Use cases: they orchestrate the SQL store, the Redis claims and the bus,
 //! and decide what each outcome means. No proto types here.
 
+mod inserter;
 mod recorder;
 mod reports;
 mod tasks;
@@ -10,6 +11,7 @@ use crate::domain::{TaskId, ValidationError};
 use crate::store::StoreError;
 use crate::store::claims::ClaimError;
 
+pub use inserter::Inserter;
 pub use recorder::Recorder;
 pub use reports::{AttemptEnd, AttemptStart, ReportService, StartOutcome};
 pub use tasks::{TaskDetail, TaskPage, TaskService};

@@ -17,7 +17,10 @@ type Waiter = oneshot::Sender<Result<(), String>>;
 /// Handle to the recorder task. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Recorder {
-    tx: mpsc::Sender<(StatusWrite, Option<Waiter>)>,
+    /// Writes someone waits for (a worker's start or result, a cancel).
+    urgent: mpsc::Sender<(StatusWrite, Option<Waiter>)>,
+    /// Informational writes (DISPATCHED); a burst of them must not delay the urgent ones.
+    background: mpsc::Sender<(StatusWrite, Option<Waiter>)>,
 }
 
 impl Recorder {
@@ -27,9 +30,10 @@ impl Recorder {
         store: DynStore,
         shutdown: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(16 * MAX_BATCH);
-        let handle = tokio::spawn(run(store, rx, shutdown));
-        (Self { tx }, handle)
+        let (urgent, urgent_rx) = mpsc::channel(16 * MAX_BATCH);
+        let (background, background_rx) = mpsc::channel(16 * MAX_BATCH);
+        let handle = tokio::spawn(run(store, urgent_rx, background_rx, shutdown));
+        (Self { urgent, background }, handle)
     }
 
     /// Records a change and waits until it is committed.
@@ -39,7 +43,7 @@ impl Recorder {
             backend: "recorder",
             cause: "shutting down".into(),
         };
-        self.tx
+        self.urgent
             .send((write, Some(done)))
             .await
             .map_err(|_| closed())?;
@@ -55,7 +59,7 @@ impl Recorder {
 
     /// Records a change without waiting (status that is informational only).
     pub async fn record_later(&self, write: StatusWrite) {
-        if self.tx.send((write, None)).await.is_err() {
+        if self.background.send((write, None)).await.is_err() {
             debug!("recorder closed, status change dropped");
         }
     }
@@ -63,30 +67,46 @@ impl Recorder {
 
 async fn run(
     store: DynStore,
-    mut rx: mpsc::Receiver<(StatusWrite, Option<Waiter>)>,
+    mut urgent: mpsc::Receiver<(StatusWrite, Option<Waiter>)>,
+    mut background: mpsc::Receiver<(StatusWrite, Option<Waiter>)>,
     shutdown: CancellationToken,
 ) {
     let mut writes = Vec::with_capacity(MAX_BATCH);
     let mut waiters = Vec::with_capacity(MAX_BATCH);
+    let mut closing = false;
     loop {
-        let first = tokio::select! {
-            item = rx.recv() => item,
-            () = shutdown.cancelled() => {
-                // Take what is already queued, then stop accepting more.
-                rx.close();
-                rx.recv().await
+        let first = if closing {
+            // Take what is already queued, then stop.
+            match urgent.try_recv() {
+                Ok(item) => Some(item),
+                Err(_) => background.try_recv().ok(),
+            }
+        } else {
+            tokio::select! {
+                biased;
+                Some(item) = urgent.recv() => Some(item),
+                Some(item) = background.recv() => Some(item),
+                () = shutdown.cancelled() => {
+                    urgent.close();
+                    background.close();
+                    closing = true;
+                    continue;
+                }
             }
         };
         let Some((write, waiter)) = first else { break };
         writes.push(write);
         waiters.extend(waiter);
-        while writes.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok((write, waiter)) => {
-                    writes.push(write);
-                    waiters.extend(waiter);
+        // Urgent writes first; background ones only fill what is left of the batch.
+        for rx in [&mut urgent, &mut background] {
+            while writes.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok((write, waiter)) => {
+                        writes.push(write);
+                        waiters.extend(waiter);
+                    }
+                    Err(_) => break,
                 }
-                Err(_) => break,
             }
         }
         let result = store.apply(&writes).await;
@@ -99,4 +119,5 @@ async fn run(
         }
         writes.clear();
     }
+    debug!("recorder stopped");
 }

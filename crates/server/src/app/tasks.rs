@@ -5,7 +5,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use tracing::{instrument, warn};
 
-use super::{AppError, AppResult, Recorder};
+use super::{AppError, AppResult, Inserter, Recorder};
 use crate::bus::Bus;
 use crate::domain::{
     AttemptRecord, Limits, NewTask, ScheduleSpec, StatusWrite, TaskId, TaskRecord, TaskState,
@@ -44,6 +44,8 @@ struct Inner {
     claims: Claims,
     bus: Bus,
     recorder: Recorder,
+    /// Shares insert transactions between concurrent requests.
+    inserter: Inserter,
     limits: Limits,
     /// Bucket width in ms: a task's bucket decides its subject and claim hash.
     width_ms: i64,
@@ -61,6 +63,7 @@ impl TaskService {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                inserter: Inserter::spawn(store.clone()),
                 store,
                 claims,
                 bus,
@@ -110,7 +113,7 @@ impl TaskService {
             .map(|(_, t)| bucket_of(t.due_at.timestamp_millis().max(now_ms), inner.width_ms))
             .collect();
         let tasks: Vec<NewTask> = valid.iter().map(|(_, t)| t.clone()).collect();
-        let outcomes = inner.store.insert_tasks(&tasks, &buckets).await?;
+        let outcomes = inner.inserter.insert(tasks, buckets.clone()).await?;
 
         let mut fresh: Vec<(usize, i64, &NewTask)> = Vec::new();
         for (((slot, task), bucket), outcome) in valid.iter().zip(&buckets).zip(outcomes) {

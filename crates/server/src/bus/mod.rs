@@ -11,7 +11,12 @@ use kairos_proto::v1 as pb;
 use kairos_proto::wire;
 use prost::Message as _;
 
-use crate::domain::NewTask;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_nats::Subject;
+
+use crate::domain::{NewTask, TaskId};
 
 /// Errors talking to NATS.
 #[derive(Debug, thiserror::Error)]
@@ -46,12 +51,16 @@ pub struct Bus {
     js: jetstream::Context,
 }
 
-/// A task message pulled from a bucket, kept in memory until due.
+/// A task message pulled from a bucket, kept in memory until due. Small on
+/// purpose (a million of these may wait in one replica): the id as 16 bytes,
+/// the queue name shared, the body copied to its exact size so the NATS read
+/// buffer it arrived in is freed, and only the reply subject to acknowledge it.
+#[derive(Debug)]
 pub struct BucketMessage {
     /// Task id.
-    pub task_id: String,
+    pub task_id: TaskId,
     /// Queue to release it to.
-    pub queue: String,
+    pub queue: Arc<str>,
     /// Due instant (ms since epoch).
     pub due_ms: i64,
     /// Start deadline (ms since epoch), 0 when none.
@@ -60,17 +69,8 @@ pub struct BucketMessage {
     pub seq: u64,
     /// The encoded envelope, released as-is.
     pub body: Bytes,
-    /// Acknowledges the bucket message once the release is durable.
-    pub acker: jetstream::message::Acker,
-}
-
-impl std::fmt::Debug for BucketMessage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BucketMessage")
-            .field("task_id", &self.task_id)
-            .field("due_ms", &self.due_ms)
-            .finish_non_exhaustive()
-    }
+    /// Where to acknowledge the bucket message once the release is durable.
+    pub reply: Subject,
 }
 
 impl Bus {
@@ -151,21 +151,38 @@ impl Bus {
         results
     }
 
+    /// Acknowledges a bucket message: the task has left the bucket for good.
+    pub async fn ack(&self, reply: &Subject) -> BusResult<()> {
+        self.client
+            .publish(reply.clone(), Bytes::new())
+            .await
+            .map_err(BusError::from_any)
+    }
+
+    /// Terminates a bucket message that is not a Kairos task.
+    pub async fn term(&self, reply: &Subject) -> BusResult<()> {
+        self.client
+            .publish(reply.clone(), Bytes::from_static(b"+TERM"))
+            .await
+            .map_err(BusError::from_any)
+    }
+
     /// Publishes a due task to its queue; the message id makes a second
     /// release of the same task a no-op inside the duplicate window.
     pub async fn release(
         &self,
         msg: &BucketMessage,
     ) -> BusResult<jetstream::context::PublishAckFuture> {
+        let task_id = msg.task_id.to_string();
         let mut headers = HeaderMap::new();
-        headers.insert(wire::TASK_ID_HEADER, msg.task_id.as_str());
+        headers.insert(wire::TASK_ID_HEADER, task_id.as_str());
         self.js
             .send_publish(
                 wire::ready_subject(&msg.queue),
                 jetstream::message::PublishMessage::build()
                     .payload(msg.body.clone())
                     .headers(headers)
-                    .message_id(wire::release_msg_id(&msg.task_id)),
+                    .message_id(wire::release_msg_id(&task_id)),
             )
             .await
             .map_err(BusError::from_any)
@@ -274,34 +291,54 @@ fn encode_task(bucket_ms: i64, task: &NewTask) -> (HeaderMap, Bytes) {
     (headers, Bytes::from(envelope.encode_to_vec()))
 }
 
+/// Interns queue names, so a million held tasks share a handful of strings.
+#[derive(Debug, Default)]
+pub struct QueueNames(HashMap<String, Arc<str>>);
+
+impl QueueNames {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.0.get(name) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = Arc::from(name);
+        self.0.insert(name.to_owned(), Arc::clone(&shared));
+        shared
+    }
+}
+
 /// Reads a bucket message's headers into what the dispatcher holds in memory.
-/// A message without them was not written by Kairos: its acker comes back so
-/// the caller can terminate it rather than let it block the bucket forever.
+/// A message that is not a Kairos task comes back as an error with its reply
+/// subject, so the caller can terminate it rather than let it block the bucket.
 pub fn decode_bucket_message(
     msg: jetstream::Message,
-) -> Result<BucketMessage, Box<(&'static str, jetstream::message::Acker)>> {
+    queues: &mut QueueNames,
+) -> Result<BucketMessage, (&'static str, Option<Subject>)> {
     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-    let (msg, acker) = msg.split();
-    let Some(headers) = msg.headers.as_ref() else {
-        return Err(Box::new(("message without headers", acker)));
+    let msg = msg.message;
+    let reply = msg.reply.as_ref().map(|r| Subject::from(r.as_str()));
+    let Some(reply) = reply else {
+        return Err(("message without reply subject", None));
     };
-    let get = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+    let Some(headers) = msg.headers.as_ref() else {
+        return Err(("message without headers", Some(reply)));
+    };
+    let get = |name: &str| headers.get(name).map(|v| v.as_str());
+    let task_id = get(wire::TASK_ID_HEADER).and_then(|v| v.parse::<TaskId>().ok());
     let due_ms = get(wire::DUE_HEADER).and_then(|v| v.parse().ok());
-    let (Some(task_id), Some(queue), Some(due_ms)) =
-        (get(wire::TASK_ID_HEADER), get(wire::QUEUE_HEADER), due_ms)
+    let (Some(task_id), Some(queue), Some(due_ms)) = (task_id, get(wire::QUEUE_HEADER), due_ms)
     else {
-        return Err(Box::new(("missing task id, queue or due header", acker)));
+        return Err(("missing or bad task id, queue or due header", Some(reply)));
     };
     let expire_at_ms = get(wire::EXPIRE_HEADER)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     Ok(BucketMessage {
         task_id,
-        queue,
+        queue: queues.get(queue),
         due_ms,
         expire_at_ms,
         seq,
-        body: msg.payload,
-        acker,
+        body: Bytes::copy_from_slice(&msg.payload),
+        reply,
     })
 }

@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::app::Recorder;
-use crate::bus::{BucketMessage, Bus, decode_bucket_message};
-use crate::domain::{StatusWrite, TaskId, bucket_of};
+use crate::bus::{BucketMessage, Bus, QueueNames, decode_bucket_message};
+use crate::domain::{StatusWrite, bucket_of};
 use crate::store::DynStore;
 use crate::store::claims::{Claims, DispatchClaim};
 
@@ -235,9 +235,11 @@ impl Dispatcher {
     }
 
     async fn release_bucket(&mut self, bucket: i64, batch: Vec<Held>, now_ms: i64, force: bool) {
-        let ids: Vec<(&str, i64)> = batch
+        let id_text: Vec<String> = batch.iter().map(|h| h.msg.task_id.to_string()).collect();
+        let ids: Vec<(&str, i64)> = id_text
             .iter()
-            .map(|h| (h.msg.task_id.as_str(), h.msg.expire_at_ms))
+            .zip(&batch)
+            .map(|(id, h)| (id.as_str(), h.msg.expire_at_ms))
             .collect();
         let claims = match self
             .claims
@@ -262,15 +264,13 @@ impl Dispatcher {
                 DispatchClaim::Missing => missing.push(held),
                 DispatchClaim::Cancelled | DispatchClaim::Done => self.finish(held).await,
                 DispatchClaim::Expired => {
-                    if let Ok(id) = held.msg.task_id.parse::<TaskId>() {
-                        self.recorder
-                            .record_later(StatusWrite::Closed {
-                                id,
-                                state: crate::domain::TaskState::Expired,
-                                at: Utc::now(),
-                            })
-                            .await;
-                    }
+                    self.recorder
+                        .record_later(StatusWrite::Closed {
+                            id: held.msg.task_id,
+                            state: crate::domain::TaskState::Expired,
+                            at: Utc::now(),
+                        })
+                        .await;
                     self.finish(held).await;
                 }
             }
@@ -286,10 +286,7 @@ impl Dispatcher {
     async fn recover_missing(&mut self, bucket: i64, missing: Vec<Held>, now_ms: i64) {
         let mut pending = Vec::new();
         for held in missing {
-            let Ok(id) = held.msg.task_id.parse::<TaskId>() else {
-                self.finish(held).await;
-                continue;
-            };
+            let id = held.msg.task_id;
             match self.store.get_task(id).await {
                 // Never accepted (its publish was undone), or already over.
                 Ok(None) => self.finish(held).await,
@@ -335,11 +332,12 @@ impl Dispatcher {
         for (held, result) in batch.into_iter().zip(results) {
             match result {
                 Ok(()) => {
-                    if let Ok(id) = held.msg.task_id.parse::<TaskId>() {
-                        self.recorder
-                            .record_later(StatusWrite::Dispatched { id, at: now })
-                            .await;
-                    }
+                    self.recorder
+                        .record_later(StatusWrite::Dispatched {
+                            id: held.msg.task_id,
+                            at: now,
+                        })
+                        .await;
                     self.finish(held).await;
                 }
                 Err(err) => {
@@ -353,7 +351,7 @@ impl Dispatcher {
     /// Acknowledges a bucket message: the task has left the bucket for good.
     async fn finish(&mut self, held: Held) {
         self.unhold(held.bucket, held.generation);
-        if let Err(err) = held.msg.acker.ack().await {
+        if let Err(err) = self.bus.ack(&held.msg.reply).await {
             // The message comes back after ack_wait; the claim makes that copy harmless.
             debug!(task_id = %held.msg.task_id, error = %err, "bucket ack failed");
         }
@@ -527,18 +525,20 @@ async fn pull(
             return;
         }
     };
+    let mut queues = QueueNames::default();
     while let Some(next) = messages.next().await {
         match next {
-            Ok(msg) => match decode_bucket_message(msg) {
+            Ok(msg) => match decode_bucket_message(msg, &mut queues) {
                 Ok(msg) => {
                     if tx.send((bucket, generation, msg)).await.is_err() {
                         return;
                     }
                 }
-                Err(malformed) => {
-                    let (reason, acker) = *malformed;
+                Err((reason, reply)) => {
                     warn!(bucket, reason, "malformed task message terminated");
-                    let _ = acker.ack_with(async_nats::jetstream::AckKind::Term).await;
+                    if let Some(reply) = reply {
+                        let _ = bus.term(&reply).await;
+                    }
                 }
             },
             Err(err) => debug!(bucket, error = %err, "bucket pull interrupted"),

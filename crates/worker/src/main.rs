@@ -7,6 +7,12 @@ use kairos_worker::{Handler, HandlerError, TaskContext, Worker};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+// glibc malloc showed up at ~10 % of CPU in a burst profile (malloc, free,
+// unlink_chunk, malloc_consolidate); mimalloc is faster for many small,
+// short-lived allocations and fragments less.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Built-in handlers.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum HandlerKind {

@@ -126,6 +126,18 @@ impl RunLog {
         });
     }
 
+    /// Returns a handler that records each run here and succeeds.
+    pub fn handler(&self) -> impl Handler {
+        let log = self.clone();
+        kairos_worker::handler_fn(move |task| {
+            let log = log.clone();
+            async move {
+                log.record(&task);
+                Ok::<(), kairos_worker::HandlerError>(())
+            }
+        })
+    }
+
     /// Returns every run so far.
     pub fn runs(&self) -> Vec<Run> {
         self.0.lock().expect("run log").clone()

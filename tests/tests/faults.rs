@@ -9,17 +9,6 @@ use kairos_tests::stack::{client, wait_for_state};
 use kairos_tests::{Backend, RunLog, Stack, backend_tests};
 use kairos_worker::{HandlerError, handler_fn};
 
-fn recording(log: &RunLog) -> impl kairos_worker::Handler {
-    let log = log.clone();
-    handler_fn(move |task| {
-        let log = log.clone();
-        async move {
-            log.record(&task);
-            Ok::<(), HandlerError>(())
-        }
-    })
-}
-
 async fn book(
     client: &mut kairos_client::Client,
     queue: &str,
@@ -59,7 +48,7 @@ async fn killed_replica_tasks_move_to_another(backend: Backend) {
 
     let second = stack.server().await;
     let log = RunLog::default();
-    let _worker = stack.worker(&second, "default", 16, recording(&log));
+    let _worker = stack.worker(&second, "default", 16, log.handler());
     first.kill().await;
 
     log.wait_for(500, Duration::from_secs(30)).await;
@@ -88,7 +77,7 @@ async fn restarted_replica_releases_its_tasks(backend: Backend) {
 
     let again = stack.server().await;
     let log = RunLog::default();
-    let _worker = stack.worker(&again, "default", 16, recording(&log));
+    let _worker = stack.worker(&again, "default", 16, log.handler());
     log.wait_for(300, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_each_ran_once(&log, &ids);
@@ -100,9 +89,9 @@ async fn two_replicas_three_workers_run_each_task_once(backend: Backend) {
     let r1 = stack.server().await;
     let r2 = stack.server().await;
     let log = RunLog::default();
-    let _w1 = stack.worker(&r1, "fanout", 16, recording(&log));
-    let _w2 = stack.worker(&r2, "fanout", 16, recording(&log));
-    let _w3 = stack.worker(&r1, "fanout", 16, recording(&log));
+    let _w1 = stack.worker(&r1, "fanout", 16, log.handler());
+    let _w2 = stack.worker(&r2, "fanout", 16, log.handler());
+    let _w3 = stack.worker(&r1, "fanout", 16, log.handler());
     let (mut c1, mut c2) = (client(&r1).await, client(&r2).await);
     let mut ids = Vec::new();
     for round in 0..5 {
@@ -123,7 +112,7 @@ async fn redis_outage_is_unavailable_then_everything_fires(backend: Backend) {
     let mut stack = Stack::start(backend).await;
     let server = stack.server().await;
     let log = RunLog::default();
-    let _worker = stack.worker(&server, "default", 4, recording(&log));
+    let _worker = stack.worker(&server, "default", 4, log.handler());
     let mut client = client(&server).await;
     let before = book(&mut client, "default", 20, 2500).await;
 
@@ -173,7 +162,7 @@ async fn nats_restart_loses_no_acknowledged_task(backend: Backend) {
     let mut stack = Stack::start(backend).await;
     let server = stack.server().await;
     let log = RunLog::default();
-    let _worker = stack.worker(&server, "default", 8, recording(&log));
+    let _worker = stack.worker(&server, "default", 8, log.handler());
     let mut client = client(&server).await;
     let mut ids = book(&mut client, "default", 200, 4000).await;
     stack.wait_held(200).await;

@@ -10,23 +10,12 @@ use kairos_tests::stack::{client, wait_for_state};
 use kairos_tests::{Backend, RunLog, Stack, backend_tests};
 use kairos_worker::{HandlerError, handler_fn};
 
-fn recording(log: &RunLog) -> impl kairos_worker::Handler {
-    let log = log.clone();
-    handler_fn(move |task| {
-        let log = log.clone();
-        async move {
-            log.record(&task);
-            Ok::<(), HandlerError>(())
-        }
-    })
-}
-
 /// A task scheduled 2 s ahead runs exactly once, and not before its due time.
 async fn task_runs_once_not_before_due(backend: Backend) {
     let stack = Stack::start(backend).await;
     let server = stack.server().await;
     let log = RunLog::default();
-    let _worker = stack.worker(&server, "default", 4, recording(&log));
+    let _worker = stack.worker(&server, "default", 4, log.handler());
     let mut client = client(&server).await;
 
     let task = client
@@ -70,7 +59,7 @@ async fn batch_of_2000_runs_each_once_on_time(backend: Backend) {
     let stack = Stack::start(backend).await;
     let server = stack.server().await;
     let log = RunLog::default();
-    let _worker = stack.worker(&server, "push", 32, recording(&log));
+    let _worker = stack.worker(&server, "push", 32, log.handler());
     let mut client = client(&server).await;
 
     let now = Utc::now();
@@ -145,7 +134,7 @@ async fn cancel_before_due_never_runs_and_after_finish_fails(backend: Backend) {
     let stack = Stack::start(backend).await;
     let server = stack.server().await;
     let log = RunLog::default();
-    let _worker = stack.worker(&server, "default", 4, recording(&log));
+    let _worker = stack.worker(&server, "default", 4, log.handler());
     let mut client = client(&server).await;
 
     let doomed = client
@@ -197,7 +186,7 @@ async fn cancel_racing_dispatch_is_exclusive(backend: Backend) {
     let stack = Stack::start(backend).await;
     let server = stack.server().await;
     let log = RunLog::default();
-    let _worker = stack.worker(&server, "race", 16, recording(&log));
+    let _worker = stack.worker(&server, "race", 16, log.handler());
     let mut client = client(&server).await;
 
     let due = Utc::now() + chrono::Duration::milliseconds(1500);
@@ -275,7 +264,7 @@ async fn past_due_runs_at_once_and_expired_never_runs(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let log = RunLog::default();
-    let _worker = stack.worker(&server, "default", 4, recording(&log));
+    let _worker = stack.worker(&server, "default", 4, log.handler());
     let past = client
         .schedule(NewTask::new("default").at(Utc::now() - chrono::Duration::hours(1)))
         .await

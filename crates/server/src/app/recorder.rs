@@ -57,6 +57,13 @@ impl Recorder {
         }
     }
 
+    /// Queues a change ahead of informational ones without waiting for it.
+    pub async fn record_soon(&self, write: StatusWrite) {
+        if self.urgent.send((write, None)).await.is_err() {
+            debug!("recorder closed, status change dropped");
+        }
+    }
+
     /// Records a change without waiting (status that is informational only).
     pub async fn record_later(&self, write: StatusWrite) {
         if self.background.send((write, None)).await.is_err() {

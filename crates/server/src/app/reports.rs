@@ -103,14 +103,17 @@ impl ReportService {
         }
         match answer {
             StartClaim::Run => {
+                // The Redis claim decides the start; the RUNNING row is status
+                // only, so the worker need not wait for its commit. The result
+                // write, which must be durable, is awaited in `finish`.
                 self.recorder
-                    .record(StatusWrite::Started {
+                    .record_soon(StatusWrite::Started {
                         id,
                         attempt: start.attempt,
                         worker_id: start.worker_id,
                         at: now,
                     })
-                    .await?;
+                    .await;
                 Ok(StartOutcome::Run)
             }
             StartClaim::Expired => {

@@ -28,6 +28,9 @@ use crate::store::claims::{Claims, DispatchClaim};
 
 /// Most tasks released in one round (one Lua call, one wave of publishes).
 const MAX_RELEASE: usize = 4096;
+/// Size of the first round after the timer was idle: a burst's first tasks
+/// leave after a small claim and publish, then rounds double up to MAX_RELEASE.
+const FIRST_RELEASE: usize = 64;
 /// How long a task waits before another try when a backend failed its release.
 const RETRY_DELAY_MS: i64 = 1000;
 
@@ -100,6 +103,8 @@ pub struct Dispatcher {
     timer: BinaryHeap<Reverse<Held>>,
     known: BTreeSet<i64>,
     next_generation: u64,
+    /// Size of the next release round (slow start, see FIRST_RELEASE).
+    round: usize,
     tx: mpsc::Sender<(i64, u64, BucketMessage)>,
     rx: mpsc::Receiver<(i64, u64, BucketMessage)>,
 }
@@ -135,6 +140,7 @@ impl Dispatcher {
             timer: BinaryHeap::new(),
             known: BTreeSet::new(),
             next_generation: 0,
+            round: FIRST_RELEASE,
             tx,
             rx,
         }
@@ -210,7 +216,7 @@ impl Dispatcher {
     async fn release_due(&mut self) {
         let now_ms = Utc::now().timestamp_millis();
         let mut due: Vec<Held> = Vec::new();
-        while due.len() < MAX_RELEASE {
+        while due.len() < self.round {
             match self.timer.peek() {
                 Some(Reverse(top)) if top.msg.due_ms <= now_ms => {
                     let Reverse(held) = self.timer.pop().expect("peeked");
@@ -225,6 +231,16 @@ impl Dispatcher {
                 _ => break,
             }
         }
+        // More due after a full round: grow the next one; otherwise start small again.
+        let more_due = self
+            .timer
+            .peek()
+            .is_some_and(|Reverse(top)| top.msg.due_ms <= now_ms);
+        self.round = if more_due {
+            (self.round * 2).min(MAX_RELEASE)
+        } else {
+            FIRST_RELEASE
+        };
         let mut by_bucket: HashMap<i64, Vec<Held>> = HashMap::new();
         for held in due {
             by_bucket.entry(held.bucket).or_default().push(held);

@@ -400,10 +400,7 @@ pub struct TaskPage {
 }
 
 fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
+    std::time::SystemTime::from(t).into()
 }
 
 fn duration(d: Duration) -> prost_types::Duration {

@@ -26,6 +26,7 @@ use kairos_proto::v1::scheduler_service_server::SchedulerServiceServer;
 use kairos_proto::v1::status_service_server::StatusServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -89,7 +90,8 @@ pub async fn run(
         recorder.clone(),
         config.dispatch(replica_id.clone()),
     );
-    let mut dispatcher_handle = AbortOnDrop(tokio::spawn(dispatcher.run(work.clone())));
+    // Aborted if `run` itself is dropped (a killed replica), so the dispatcher stops too.
+    let mut dispatcher_handle = AbortOnDropHandle::new(tokio::spawn(dispatcher.run(work.clone())));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -133,12 +135,12 @@ pub async fn run(
         });
     let result = tokio::select! {
         result = served => result.context("grpc server failed"),
-        _ = &mut dispatcher_handle.0 => Err(anyhow::anyhow!("dispatcher stopped unexpectedly")),
+        _ = &mut dispatcher_handle => Err(anyhow::anyhow!("dispatcher stopped unexpectedly")),
     };
     info!("grpc server stopped; flushing");
     work.cancel();
     let drain = async {
-        let _ = (&mut dispatcher_handle.0).await;
+        let _ = (&mut dispatcher_handle).await;
         drop(recorder);
         let _ = recorder_handle.await;
         let _ = bus.client().flush().await;
@@ -150,14 +152,4 @@ pub async fn run(
         tracing::warn!("shutdown timed out");
     }
     result
-}
-
-/// Aborts a spawned task when dropped, so a replica whose `run` future is
-/// dropped (killed) stops its dispatcher too.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

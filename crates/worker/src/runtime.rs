@@ -20,7 +20,7 @@ use prost::Message as _;
 use rand::Rng as _;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
@@ -366,10 +366,7 @@ fn backoff(inner: &Inner, attempt: u32) -> Duration {
 }
 
 fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
+    std::time::SystemTime::from(t).into()
 }
 
 async fn process(
@@ -399,7 +396,7 @@ async fn process(
             }
         })
     };
-    let _stop_keepalive = AbortOnDrop(keepalive);
+    let _stop_keepalive = AbortOnDropHandle::new(keepalive);
     let id = envelope.id.clone();
 
     let finish = |result: pb::AttemptResult, error: String, retry_at: Option<DateTime<Utc>>| {
@@ -500,13 +497,5 @@ async fn process(
     };
     if let Err(err) = acked {
         warn!(task_id = id, error = %err, "acknowledgement failed; the task may be delivered again");
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

@@ -15,10 +15,7 @@ pub(crate) const MAX_PAGE: u32 = 1000;
 const DEFAULT_PAGE: u32 = 100;
 
 pub(crate) fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
+    std::time::SystemTime::from(t).into()
 }
 
 fn from_timestamp(

@@ -55,13 +55,6 @@ pub enum AppError {
     Internal(String),
 }
 
-impl AppError {
-    /// Tells whether the caller may retry the same request later.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable { .. })
-    }
-}
-
 impl From<StoreError> for AppError {
     fn from(err: StoreError) -> Self {
         match err {

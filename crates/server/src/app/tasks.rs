@@ -150,9 +150,6 @@ impl TaskService {
             }
             if !failed.is_empty() {
                 self.forget(&failed).await;
-                if failed.len() == fresh.len() && results.len() == 1 {
-                    return Err(results.pop().flatten().expect("one result").unwrap_err());
-                }
             }
         }
         Ok(results

@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
+use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
 
 use crate::domain::TaskId;
 
@@ -227,13 +227,6 @@ impl Claims {
         bucket_ms + width_ms + self.retention.as_millis() as i64
     }
 
-    /// Checks that Redis answers.
-    pub async fn ping(&self) -> ClaimResult<()> {
-        let mut conn = self.conn.clone();
-        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
-        Ok(())
-    }
-
     /// Records new tasks as scheduled, grouped by bucket (one round trip).
     pub async fn seed(&self, tasks: &[(i64, TaskId)], width_ms: i64) -> ClaimResult<()> {
         let mut pipe = redis::pipe();
@@ -400,11 +393,5 @@ impl Claims {
             .invoke_async(&mut conn)
             .await?;
         Ok(())
-    }
-
-    /// Returns the raw claim value of a task, for tests and diagnostics.
-    pub async fn raw(&self, bucket_ms: i64, id: &str) -> ClaimResult<Option<String>> {
-        let mut conn = self.conn.clone();
-        Ok(conn.hget(claims_key(bucket_ms), id).await?)
     }
 }

@@ -31,22 +31,6 @@ pub enum StoreError {
     },
 }
 
-impl StoreError {
-    /// Tells whether the error is a backend outage a caller may retry.
-    pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            Self::Database(
-                sqlx::Error::Io(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::WorkerCrashed
-                    | sqlx::Error::Tls(_)
-            )
-        ) || matches!(self, Self::Database(sqlx::Error::Database(db)) if db.message().contains("locked"))
-    }
-}
-
 /// Result of a store operation.
 pub type StoreResult<T> = Result<T, StoreError>;
 

@@ -3,7 +3,7 @@
 //!
 //! | handler outcome | JetStream message |
 //! |---|---|
-//! | `Ok` | double-acknowledged |
+//! | `Ok` | acknowledged (a lost ack only means a redelivery, which the start claim skips) |
 //! | retryable, attempts left | `Nak` with exponential backoff (the delivery count is the attempt) |
 //! | terminal, or the last attempt | `Term` |
 //! | still running | `Progress` every third of `ack_wait` |
@@ -18,7 +18,7 @@ use kairos_proto::v1 as pb;
 use kairos_proto::wire;
 use prost::Message as _;
 use rand::Rng as _;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tonic::transport::Endpoint;
@@ -284,8 +284,7 @@ impl Worker {
                 let (inner, reporter, cancelled) =
                     (self.inner.clone(), reporter.clone(), shutdown.clone());
                 tracker.spawn(async move {
-                    process(&inner, &reporter, cancelled, msg).await;
-                    drop(permit);
+                    process(&inner, &reporter, cancelled, msg, permit).await;
                 });
             }
             if shutdown.is_cancelled() {
@@ -374,6 +373,7 @@ async fn process(
     reporter: &Reporter,
     shutdown: CancellationToken,
     msg: jetstream::Message,
+    slot: OwnedSemaphorePermit,
 ) {
     let attempt = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
     let envelope = match pb::TaskEnvelope::decode(msg.payload.clone()) {
@@ -441,7 +441,7 @@ async fn process(
             reason = decision.reason,
             "attempt skipped"
         );
-        let _ = msg.double_ack().await;
+        let _ = msg.ack().await;
         return;
     }
 
@@ -462,6 +462,10 @@ async fn process(
         Err(join) if join.is_panic() => Err(HandlerError::retryable("handler panicked")),
         Err(_) => Err(HandlerError::retryable("handler was cancelled")),
     };
+    // The slot bounds running handlers; reporting and acknowledging the result
+    // need not hold it (the unacknowledged message still counts against the
+    // consumer's max_ack_pending).
+    drop(slot);
 
     let (event, ack) = match outcome {
         Ok(()) => (
@@ -492,7 +496,7 @@ async fn process(
         return;
     }
     let acked = match ack {
-        None => msg.double_ack().await,
+        None => msg.ack().await,
         Some(kind) => msg.ack_with(kind).await,
     };
     if let Err(err) = acked {

@@ -1,9 +1,10 @@
 //! `kairos.v1.StatusService/Report`: one bidirectional stream per worker.
-//! Each request is handled concurrently and answered by its seq once recorded.
+//! Requests that arrive together are decided as one batch, and each is
+//! answered by its seq once recorded.
 
 use std::pin::Pin;
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt as _, Stream, StreamExt};
 use kairos_proto::v1 as pb;
 use kairos_proto::v1::status_service_server::StatusService;
 use tokio::sync::mpsc;
@@ -13,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
 use super::convert;
-use crate::app::{ReportService, StartOutcome};
+use crate::app::{AppError, ReportService, StartOutcome};
 
 /// Stream of answers to one worker.
 pub(crate) type ReportStream =
@@ -33,34 +34,92 @@ impl StatusApi {
     }
 }
 
-async fn answer(reports: ReportService, req: pb::ReportRequest) -> pb::ReportResponse {
-    let mut response = pb::ReportResponse {
-        seq: req.seq,
+/// Most reports of one stream decided together (one Redis call for each kind).
+const MAX_BATCH: usize = 512;
+
+/// Answers a batch of one worker's reports: the starts with one claim call,
+/// the results with another, both at once.
+async fn answer_batch(
+    reports: ReportService,
+    batch: Vec<pb::ReportRequest>,
+    tx: mpsc::Sender<Result<pb::ReportResponse, Status>>,
+) {
+    let response = |seq: u64| pb::ReportResponse {
+        seq,
         ..Default::default()
     };
-    let result = match req.event {
-        Some(pb::report_request::Event::Started(started)) => reports
-            .start(convert::attempt_start(req.worker_id, started))
-            .await
-            .map(|outcome| match outcome {
-                StartOutcome::Run => response.decision = pb::StartDecision::Run.into(),
-                StartOutcome::Skip(reason) => {
-                    response.decision = pb::StartDecision::Skip.into();
-                    response.reason = reason;
+    let mut answers = Vec::with_capacity(batch.len());
+    let (mut starts, mut start_seqs) = (Vec::new(), Vec::new());
+    let (mut ends, mut end_seqs) = (Vec::new(), Vec::new());
+    for req in batch {
+        match req.event {
+            Some(pb::report_request::Event::Started(started)) => {
+                starts.push(convert::attempt_start(req.worker_id, started));
+                start_seqs.push(req.seq);
+            }
+            Some(pb::report_request::Event::Finished(finished)) => {
+                match convert::attempt_end(req.worker_id, finished) {
+                    Ok(end) => {
+                        ends.push(end);
+                        end_seqs.push(req.seq);
+                    }
+                    Err(err) => answers.push(pb::ReportResponse {
+                        error: Status::from(AppError::from(err)).message().to_owned(),
+                        ..response(req.seq)
+                    }),
                 }
-            }),
-        Some(pb::report_request::Event::Finished(finished)) => {
-            match convert::attempt_end(req.worker_id, finished) {
-                Ok(end) => reports.finish(end).await,
-                Err(err) => Err(err.into()),
+            }
+            None => answers.push(response(req.seq)),
+        }
+    }
+    let (started, finished) = tokio::join!(
+        async {
+            if starts.is_empty() {
+                Ok(Vec::new())
+            } else {
+                reports.start(starts).await
+            }
+        },
+        async {
+            if ends.is_empty() {
+                Ok(())
+            } else {
+                reports.finish(ends).await
+            }
+        },
+    );
+    let failed = |seq: u64, err: &AppError| pb::ReportResponse {
+        error: err.to_string(),
+        ..response(seq)
+    };
+    match started {
+        Ok(outcomes) => {
+            for (seq, outcome) in start_seqs.into_iter().zip(outcomes) {
+                answers.push(match outcome {
+                    StartOutcome::Run => pb::ReportResponse {
+                        decision: pb::StartDecision::Run.into(),
+                        ..response(seq)
+                    },
+                    StartOutcome::Skip(reason) => pb::ReportResponse {
+                        decision: pb::StartDecision::Skip.into(),
+                        reason,
+                        ..response(seq)
+                    },
+                });
             }
         }
-        None => Ok(()),
-    };
-    if let Err(err) = result {
-        response.error = Status::from(err).message().to_owned();
+        Err(err) => answers.extend(start_seqs.into_iter().map(|seq| failed(seq, &err))),
     }
-    response
+    match finished {
+        Ok(()) => answers.extend(end_seqs.into_iter().map(response)),
+        Err(err) => answers.extend(end_seqs.into_iter().map(|seq| failed(seq, &err))),
+    }
+    for answer in answers {
+        // A closed stream means the worker went away; it resends on reconnect.
+        if tx.send(Ok(answer)).await.is_err() {
+            break;
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -81,13 +140,24 @@ impl StatusService for StatusApi {
                     () = shutdown.cancelled() => break,
                     next = incoming.next() => next,
                 };
-                let Some(Ok(req)) = next else { break };
-                let (reports, tx) = (reports.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let response = answer(reports, req).await;
-                    // A closed stream means the worker went away; it resends on reconnect.
-                    let _ = tx.send(Ok(response)).await;
-                });
+                let Some(Ok(first)) = next else { break };
+                // Whatever else this worker already sent is decided with it.
+                let mut batch = vec![first];
+                let mut ended = false;
+                while batch.len() < MAX_BATCH {
+                    match incoming.next().now_or_never() {
+                        Some(Some(Ok(req))) => batch.push(req),
+                        Some(_) => {
+                            ended = true;
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                tokio::spawn(answer_batch(reports.clone(), batch, tx.clone()));
+                if ended {
+                    break;
+                }
             }
             debug!("report stream ended");
         });

@@ -3,10 +3,10 @@
 use chrono::{DateTime, Utc};
 use tracing::instrument;
 
-use super::{AppResult, Recorder};
+use super::{AppError, AppResult, Recorder};
 use crate::domain::{StatusWrite, TaskId, TaskState};
 use crate::store::DynStore;
-use crate::store::claims::{Claims, FinishClaim, StartClaim};
+use crate::store::claims::{Claims, FinishClaim, FinishRequest, StartClaim, StartRequest};
 
 /// A worker's request to start an attempt.
 #[derive(Debug, Clone)]
@@ -51,6 +51,16 @@ pub enum StartOutcome {
     Skip(String),
 }
 
+/// Returns the claim request for a start.
+fn request(s: &AttemptStart) -> StartRequest<'_> {
+    StartRequest {
+        bucket_ms: s.bucket_ms,
+        id: &s.task_id,
+        attempt: s.attempt,
+        expire_at_ms: s.expire_at_ms,
+    }
+}
+
 /// Decides starts and records results. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ReportService {
@@ -71,89 +81,112 @@ impl ReportService {
         }
     }
 
-    /// Moves a task to RUNNING for one attempt, atomically against cancel,
-    /// expiry and duplicate deliveries.
-    #[instrument(skip_all, fields(task_id = %start.task_id, attempt = start.attempt))]
-    pub async fn start(&self, start: AttemptStart) -> AppResult<StartOutcome> {
-        let Ok(id) = start.task_id.parse::<TaskId>() else {
-            return Ok(StartOutcome::Skip("malformed task id".into()));
-        };
+    /// Moves tasks to RUNNING for one attempt each, atomically against cancel,
+    /// expiry and duplicate deliveries; one Redis call decides the whole batch.
+    /// Answers are in the order of `starts`.
+    #[instrument(skip_all, fields(starts = starts.len()))]
+    pub async fn start(&self, starts: Vec<AttemptStart>) -> AppResult<Vec<StartOutcome>> {
         let now = Utc::now();
-        let claim = |force| {
-            self.claims.start(
-                start.bucket_ms,
-                self.width_ms,
-                &start.task_id,
-                start.attempt,
-                now.timestamp_millis(),
-                start.expire_at_ms,
-                force,
-            )
-        };
-        let mut answer = claim(false).await?;
-        if answer == StartClaim::Missing {
-            // Redis lost the claim: SQL knows whether the task still may run.
-            match self.store.get_task(id).await? {
-                None => return Ok(StartOutcome::Skip("unknown task".into())),
-                Some(task) if task.state.is_final() => {
-                    return Ok(StartOutcome::Skip(format!("task is {}", task.state)));
+        let now_ms = now.timestamp_millis();
+        let ids: Vec<Option<TaskId>> = starts.iter().map(|s| s.task_id.parse().ok()).collect();
+        let requests: Vec<StartRequest<'_>> = starts
+            .iter()
+            .zip(&ids)
+            .filter(|(_, id)| id.is_some())
+            .map(|(s, _)| request(s))
+            .collect();
+        let mut claims = self
+            .claims
+            .start(self.width_ms, now_ms, &requests, false)
+            .await?
+            .into_iter();
+        let mut outcomes = Vec::with_capacity(starts.len());
+        let mut expired = Vec::new();
+        for (start, id) in starts.into_iter().zip(ids) {
+            let Some(id) = id else {
+                outcomes.push(StartOutcome::Skip("malformed task id".into()));
+                continue;
+            };
+            let mut claim = claims.next().ok_or_else(|| {
+                AppError::Internal("claim answers do not match the starts".into())
+            })?;
+            if claim == StartClaim::Missing {
+                // Redis lost the claim: SQL knows whether the task still may run.
+                match self.store.get_task(id).await? {
+                    None => {
+                        outcomes.push(StartOutcome::Skip("unknown task".into()));
+                        continue;
+                    }
+                    Some(task) if task.state.is_final() => {
+                        outcomes.push(StartOutcome::Skip(format!("task is {}", task.state)));
+                        continue;
+                    }
+                    Some(_) => {
+                        let forced = self
+                            .claims
+                            .start(self.width_ms, now_ms, &[request(&start)], true)
+                            .await?;
+                        claim = forced.into_iter().next().unwrap_or(StartClaim::Missing);
+                    }
                 }
-                Some(_) => answer = claim(true).await?,
             }
-        }
-        match answer {
-            StartClaim::Run => {
-                // The Redis claim decides the start; the RUNNING row is status
-                // only, so the worker need not wait for its commit. The result
-                // write, which must be durable, is awaited in `finish`.
-                self.recorder
-                    .record_soon(StatusWrite::Started {
-                        id,
-                        attempt: start.attempt,
-                        worker_id: start.worker_id,
-                        at: now,
-                    })
-                    .await;
-                Ok(StartOutcome::Run)
-            }
-            StartClaim::Expired => {
-                self.recorder
-                    .record(StatusWrite::Closed {
+            outcomes.push(match claim {
+                StartClaim::Run => {
+                    // The Redis claim decides the start; the RUNNING row is status
+                    // only, so the worker need not wait for its commit. The result
+                    // write, which must be durable, is awaited in `finish`.
+                    self.recorder
+                        .record_soon(StatusWrite::Started {
+                            id,
+                            attempt: start.attempt,
+                            worker_id: start.worker_id,
+                            at: now,
+                        })
+                        .await;
+                    StartOutcome::Run
+                }
+                StartClaim::Expired => {
+                    expired.push(self.recorder.record(StatusWrite::Closed {
                         id,
                         state: TaskState::Expired,
                         at: now,
-                    })
-                    .await?;
-                Ok(StartOutcome::Skip("expired".into()))
-            }
-            StartClaim::Cancelled => Ok(StartOutcome::Skip("cancelled".into())),
-            StartClaim::Duplicate(claim) => Ok(StartOutcome::Skip(format!("duplicate ({claim})"))),
-            StartClaim::Missing => Ok(StartOutcome::Skip("claim missing".into())),
+                    }));
+                    StartOutcome::Skip("expired".into())
+                }
+                StartClaim::Cancelled => StartOutcome::Skip("cancelled".into()),
+                StartClaim::Duplicate(claim) => StartOutcome::Skip(format!("duplicate ({claim})")),
+                StartClaim::Missing => StartOutcome::Skip("claim missing".into()),
+            });
         }
+        futures::future::try_join_all(expired).await?;
+        Ok(outcomes)
     }
 
-    /// Records how an attempt ended, in Redis (for races) and SQL (for status).
-    #[instrument(skip_all, fields(task_id = %end.task_id, attempt = end.attempt))]
-    pub async fn finish(&self, end: AttemptEnd) -> AppResult<()> {
-        let Ok(id) = end.task_id.parse::<TaskId>() else {
-            return Ok(());
-        };
-        let outcome = match end.state {
-            TaskState::Succeeded => FinishClaim::Succeeded,
-            TaskState::Retrying => FinishClaim::Retrying,
-            _ => FinishClaim::Dead,
-        };
-        self.claims
-            .finish(
-                end.bucket_ms,
-                self.width_ms,
-                &end.task_id,
-                end.attempt,
-                outcome,
-            )
-            .await?;
-        self.recorder
-            .record(StatusWrite::Finished {
+    /// Records how attempts ended, in Redis (for races, one call for the
+    /// batch) and SQL (for status, committed before this returns).
+    #[instrument(skip_all, fields(ends = ends.len()))]
+    pub async fn finish(&self, ends: Vec<AttemptEnd>) -> AppResult<()> {
+        let ends: Vec<(TaskId, AttemptEnd)> = ends
+            .into_iter()
+            .filter_map(|end| Some((end.task_id.parse().ok()?, end)))
+            .collect();
+        let requests: Vec<FinishRequest<'_>> = ends
+            .iter()
+            .map(|(_, end)| FinishRequest {
+                bucket_ms: end.bucket_ms,
+                id: &end.task_id,
+                attempt: end.attempt,
+                outcome: match end.state {
+                    TaskState::Succeeded => FinishClaim::Succeeded,
+                    TaskState::Retrying => FinishClaim::Retrying,
+                    _ => FinishClaim::Dead,
+                },
+            })
+            .collect();
+        self.claims.finish(self.width_ms, &requests).await?;
+        drop(requests);
+        futures::future::try_join_all(ends.into_iter().map(|(id, end)| {
+            self.recorder.record(StatusWrite::Finished {
                 id,
                 attempt: end.attempt,
                 worker_id: end.worker_id,
@@ -161,6 +194,8 @@ impl ReportService {
                 error: end.error,
                 at: end.at,
             })
-            .await
+        }))
+        .await?;
+        Ok(())
     }
 }

@@ -77,6 +77,32 @@ pub enum FinishClaim {
     Dead,
 }
 
+/// One attempt a worker asks to start.
+#[derive(Debug, Clone, Copy)]
+pub struct StartRequest<'a> {
+    /// Bucket holding the claim.
+    pub bucket_ms: i64,
+    /// Task id.
+    pub id: &'a str,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Start deadline, ms since epoch, 0 when none.
+    pub expire_at_ms: i64,
+}
+
+/// One attempt's end.
+#[derive(Debug, Clone, Copy)]
+pub struct FinishRequest<'a> {
+    /// Bucket holding the claim.
+    pub bucket_ms: i64,
+    /// Task id.
+    pub id: &'a str,
+    /// Attempt number.
+    pub attempt: u32,
+    /// How it ended.
+    pub outcome: FinishClaim,
+}
+
 const DISPATCH: &str = r"
 local out = {}
 local now = tonumber(ARGV[3])
@@ -115,42 +141,58 @@ end
 return s
 ";
 
+// Many starts in one call: KEYS[i] is item i's bucket hash; ARGV[1] is
+// `force`, then five values per item: id, attempt, now, start deadline,
+// hash expiry.
 const START: &str = r"
-local s = redis.call('HGET', KEYS[1], ARGV[1])
-local n = tonumber(ARGV[2])
-if not s then
-  if ARGV[5] ~= '1' then return 'missing' end
-  s = 'D'
-end
-if s == 'C' then return 'cancelled' end
-if s == 'OK' or s == 'X' or s == 'E' then return 'final:' .. s end
-local c = string.sub(s, 1, 1)
-if c == 'R' or c == 'Y' then
-  if tonumber(string.sub(s, 2)) >= n then return 'duplicate:' .. s end
-else
-  local exp = tonumber(ARGV[4])
-  if exp > 0 and tonumber(ARGV[3]) > exp then
-    redis.call('HSET', KEYS[1], ARGV[1], 'E')
-    return 'expired'
+local out = {}
+for k = 1, #KEYS do
+  local b = 2 + (k - 1) * 5
+  local key, id, n = KEYS[k], ARGV[b], tonumber(ARGV[b + 1])
+  local s = redis.call('HGET', key, id)
+  if (not s) and ARGV[1] == '1' then s = 'D' end
+  local c = s and string.sub(s, 1, 1)
+  local exp = tonumber(ARGV[b + 3])
+  if not s then
+    out[k] = 'missing'
+  elseif s == 'C' then
+    out[k] = 'cancelled'
+  elseif s == 'OK' or s == 'X' or s == 'E' then
+    out[k] = 'final:' .. s
+  elseif (c == 'R' or c == 'Y') and tonumber(string.sub(s, 2)) >= n then
+    out[k] = 'duplicate:' .. s
+  elseif c ~= 'R' and c ~= 'Y' and exp > 0 and tonumber(ARGV[b + 2]) > exp then
+    redis.call('HSET', key, id, 'E')
+    out[k] = 'expired'
+  else
+    redis.call('HSET', key, id, 'R' .. n)
+    redis.call('PEXPIREAT', key, ARGV[b + 4])
+    out[k] = 'run'
   end
 end
-redis.call('HSET', KEYS[1], ARGV[1], 'R' .. n)
-redis.call('PEXPIREAT', KEYS[1], ARGV[6])
-return 'run'
+return out
 ";
 
+// Many results in one call: KEYS[i] is item i's bucket hash; four values per
+// item in ARGV: id, attempt, new claim value, hash expiry.
 const FINISH: &str = r"
-local s = redis.call('HGET', KEYS[1], ARGV[1])
-if s == 'C' or s == 'OK' or s == 'X' or s == 'E' then return 'final' end
-if s then
-  local c = string.sub(s, 1, 1)
-  if (c == 'R' or c == 'Y') and tonumber(string.sub(s, 2)) > tonumber(ARGV[2]) then
-    return 'stale'
+local out = {}
+for k = 1, #KEYS do
+  local b = 1 + (k - 1) * 4
+  local key, id = KEYS[k], ARGV[b]
+  local s = redis.call('HGET', key, id)
+  local c = s and string.sub(s, 1, 1)
+  if s == 'C' or s == 'OK' or s == 'X' or s == 'E' then
+    out[k] = 'final'
+  elseif (c == 'R' or c == 'Y') and tonumber(string.sub(s, 2)) > tonumber(ARGV[b + 1]) then
+    out[k] = 'stale'
+  else
+    redis.call('HSET', key, id, ARGV[b + 2])
+    redis.call('PEXPIREAT', key, ARGV[b + 3])
+    out[k] = 'set'
   end
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('PEXPIREAT', KEYS[1], ARGV[4])
-return 'set'
+return out
 ";
 
 const RENEW: &str = r"
@@ -297,64 +339,73 @@ impl Claims {
         })
     }
 
-    /// Moves a task to running for `attempt`, unless it was cancelled, expired,
-    /// ended, or this attempt already started.
-    #[allow(clippy::too_many_arguments)]
+    /// Moves each task to running for its attempt, unless it was cancelled,
+    /// expired, ended, or that attempt already started; one round trip for all.
+    /// `force` re-creates lost claims (after SQL said the tasks may still run).
     pub async fn start(
         &self,
-        bucket_ms: i64,
         width_ms: i64,
-        id: &str,
-        attempt: u32,
         now_ms: i64,
-        expire_at_ms: i64,
+        starts: &[StartRequest<'_>],
         force: bool,
-    ) -> ClaimResult<StartClaim> {
+    ) -> ClaimResult<Vec<StartClaim>> {
+        if starts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.start.prepare_invoke();
+        invocation.arg(if force { "1" } else { "0" });
+        for s in starts {
+            invocation
+                .key(claims_key(s.bucket_ms))
+                .arg(s.id)
+                .arg(s.attempt)
+                .arg(now_ms)
+                .arg(s.expire_at_ms)
+                .arg(self.expire_at(s.bucket_ms, width_ms));
+        }
         let mut conn = self.conn.clone();
-        let answer: String = self
-            .start
-            .key(claims_key(bucket_ms))
-            .arg(id)
-            .arg(attempt)
-            .arg(now_ms)
-            .arg(expire_at_ms)
-            .arg(if force { "1" } else { "0" })
-            .arg(self.expire_at(bucket_ms, width_ms))
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(match answer.as_str() {
-            "run" => StartClaim::Run,
-            "cancelled" => StartClaim::Cancelled,
-            "expired" => StartClaim::Expired,
-            "missing" => StartClaim::Missing,
-            _ => StartClaim::Duplicate(answer),
-        })
+        let answers: Vec<String> = invocation.invoke_async(&mut conn).await?;
+        if answers.len() != starts.len() {
+            return Err(ClaimError::Unexpected(format!(
+                "{} answers for {} starts",
+                answers.len(),
+                starts.len()
+            )));
+        }
+        Ok(answers
+            .into_iter()
+            .map(|answer| match answer.as_str() {
+                "run" => StartClaim::Run,
+                "cancelled" => StartClaim::Cancelled,
+                "expired" => StartClaim::Expired,
+                "missing" => StartClaim::Missing,
+                _ => StartClaim::Duplicate(answer),
+            })
+            .collect())
     }
 
-    /// Records how an attempt ended; an older attempt's report never overwrites a newer one.
-    pub async fn finish(
-        &self,
-        bucket_ms: i64,
-        width_ms: i64,
-        id: &str,
-        attempt: u32,
-        outcome: FinishClaim,
-    ) -> ClaimResult<()> {
-        let value = match outcome {
-            FinishClaim::Succeeded => "OK".to_owned(),
-            FinishClaim::Dead => "X".to_owned(),
-            FinishClaim::Retrying => format!("Y{attempt}"),
-        };
+    /// Records how attempts ended, in one round trip; an older attempt's
+    /// report never overwrites a newer one.
+    pub async fn finish(&self, width_ms: i64, ends: &[FinishRequest<'_>]) -> ClaimResult<()> {
+        if ends.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.finish.prepare_invoke();
+        for e in ends {
+            let value = match e.outcome {
+                FinishClaim::Succeeded => "OK".to_owned(),
+                FinishClaim::Dead => "X".to_owned(),
+                FinishClaim::Retrying => format!("Y{}", e.attempt),
+            };
+            invocation
+                .key(claims_key(e.bucket_ms))
+                .arg(e.id)
+                .arg(e.attempt)
+                .arg(value)
+                .arg(self.expire_at(e.bucket_ms, width_ms));
+        }
         let mut conn = self.conn.clone();
-        let _: String = self
-            .finish
-            .key(claims_key(bucket_ms))
-            .arg(id)
-            .arg(attempt)
-            .arg(value)
-            .arg(self.expire_at(bucket_ms, width_ms))
-            .invoke_async(&mut conn)
-            .await?;
+        let _: Vec<String> = invocation.invoke_async(&mut conn).await?;
         Ok(())
     }
 

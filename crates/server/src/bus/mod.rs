@@ -49,6 +49,33 @@ pub struct StreamSettings {
 pub struct Bus {
     client: async_nats::Client,
     js: jetstream::Context,
+    /// Whether the tasks stream takes atomic batches (nats-server 2.12+).
+    atomic: Arc<std::sync::atomic::AtomicBool>,
+    /// Atomic batches in flight; the server allows 50 per stream.
+    batch_slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// Most messages in one atomic batch (the server's limit).
+const ATOMIC_MAX_MESSAGES: usize = 1000;
+/// Most body bytes in one atomic batch: the server stages a batch in memory
+/// until its commit.
+const ATOMIC_MAX_BYTES: usize = 4 << 20;
+/// Atomic batches in flight at once, below the server's 50 per stream.
+const ATOMIC_IN_FLIGHT: usize = 32;
+
+/// The commit's answer: a publish acknowledgement for the whole batch, or an error.
+#[derive(Debug, serde::Deserialize)]
+struct BatchAck {
+    #[serde(default)]
+    count: Option<u64>,
+    #[serde(default)]
+    error: Option<BatchAckError>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct BatchAckError {
+    #[serde(default)]
+    description: String,
 }
 
 /// A task message pulled from a bucket, kept in memory until due. Small on
@@ -87,7 +114,12 @@ impl Bus {
             .timeout(Duration::from_secs(5))
             .max_ack_inflight(20_000)
             .build(client.clone());
-        Ok(Self { client, js })
+        Ok(Self {
+            client,
+            js,
+            atomic: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            batch_slots: Arc::new(tokio::sync::Semaphore::new(ATOMIC_IN_FLIGHT)),
+        })
     }
 
     /// Returns the NATS client, e.g. to flush on shutdown.
@@ -95,7 +127,9 @@ impl Bus {
         &self.client
     }
 
-    /// Creates both streams if they do not exist (file storage, work-queue retention).
+    /// Creates both streams if they do not exist (file storage, work-queue
+    /// retention), and turns on atomic batches for the tasks stream where the
+    /// server has them.
     pub async fn ensure_streams(&self, settings: &StreamSettings) -> BusResult<()> {
         for (name, subject) in [
             (
@@ -107,7 +141,8 @@ impl Bus {
                 format!("{}.>", wire::READY_SUBJECT_PREFIX),
             ),
         ] {
-            self.js
+            let mut stream = self
+                .js
                 .get_or_create_stream(stream::Config {
                     name: name.to_owned(),
                     subjects: vec![subject],
@@ -115,24 +150,95 @@ impl Bus {
                     storage: stream::StorageType::File,
                     num_replicas: settings.replicas,
                     duplicate_window: settings.duplicate_window,
+                    allow_atomic_publish: name == wire::TASKS_STREAM,
                     ..Default::default()
                 })
                 .await
                 .map_err(BusError::from_any)?;
+            if name != wire::TASKS_STREAM {
+                continue;
+            }
+            let mut config = stream
+                .info()
+                .await
+                .map_err(BusError::from_any)?
+                .config
+                .clone();
+            if !config.allow_atomic_publish {
+                // A stream made by an older Kairos, or a server before 2.12.
+                config.allow_atomic_publish = true;
+                if let Err(err) = self.js.update_stream(config).await {
+                    tracing::info!(error = %err, "atomic batches unavailable; publishing tasks one by one");
+                }
+                config = stream
+                    .info()
+                    .await
+                    .map_err(BusError::from_any)?
+                    .config
+                    .clone();
+            }
+            self.atomic.store(
+                config.allow_atomic_publish,
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
         Ok(())
     }
 
     /// Publishes new tasks into their buckets and waits until JetStream has
-    /// stored each; one result per task, in order.
+    /// stored each; one result per task, in order. Several tasks go as atomic
+    /// batches where the stream takes them: a batch is stored whole or not at
+    /// all, and with `sync_interval: always` it costs one synced write instead
+    /// of one per task.
     pub async fn publish_tasks(&self, tasks: &[(i64, &NewTask)]) -> Vec<BusResult<()>> {
+        let encoded: Vec<(Subject, HeaderMap, Bytes)> = tasks
+            .iter()
+            .map(|(bucket, task)| {
+                let (headers, body) = encode_task(*bucket, task);
+                (wire::bucket_subject(*bucket).into(), headers, body)
+            })
+            .collect();
+        if tasks.len() < 2 || !self.atomic.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.publish_each(tasks, encoded).await;
+        }
+        let mut chunks: Vec<Vec<(Subject, HeaderMap, Bytes)>> = Vec::new();
+        let mut bytes = 0;
+        for message in encoded {
+            let full = chunks.last().is_none_or(|c| {
+                c.len() == ATOMIC_MAX_MESSAGES || bytes + message.2.len() > ATOMIC_MAX_BYTES
+            });
+            if full {
+                chunks.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += message.2.len();
+            chunks.last_mut().expect("pushed above").push(message);
+        }
+        let outcomes =
+            futures::future::join_all(chunks.into_iter().map(|c| self.publish_atomic(c))).await;
+        outcomes
+            .into_iter()
+            .flat_map(|(len, outcome)| {
+                (0..len).map(move |_| match &outcome {
+                    Ok(()) => Ok(()),
+                    Err(err) => Err(BusError::Unavailable(err.to_string())),
+                })
+            })
+            .collect()
+    }
+
+    /// Publishes one message per task, each with its own acknowledgement.
+    async fn publish_each(
+        &self,
+        tasks: &[(i64, &NewTask)],
+        encoded: Vec<(Subject, HeaderMap, Bytes)>,
+    ) -> Vec<BusResult<()>> {
         let mut pending = Vec::with_capacity(tasks.len());
-        for (bucket, task) in tasks {
-            let (headers, body) = encode_task(*bucket, task);
+        for ((_, task), (subject, headers, body)) in tasks.iter().zip(encoded) {
             let sent = self
                 .js
                 .send_publish(
-                    wire::bucket_subject(*bucket),
+                    subject,
                     jetstream::message::PublishMessage::build()
                         .payload(body)
                         .headers(headers)
@@ -149,6 +255,59 @@ impl Bus {
             });
         }
         results
+    }
+
+    /// Publishes messages as one atomic batch; returns how many it held and
+    /// whether the commit was acknowledged. On an error nothing was stored,
+    /// except after a timeout, when the caller must treat the batch as in doubt.
+    async fn publish_atomic(
+        &self,
+        batch: Vec<(Subject, HeaderMap, Bytes)>,
+    ) -> (usize, BusResult<()>) {
+        let len = batch.len();
+        let Ok(_slot) = self.batch_slots.acquire().await else {
+            return (len, Err(BusError::Unavailable("shutting down".into())));
+        };
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let mut reply = None;
+        for (seq, (subject, mut headers, body)) in batch.into_iter().enumerate() {
+            let seq = seq + 1;
+            headers.insert("Nats-Batch-Id", id.as_str());
+            headers.insert("Nats-Batch-Sequence", seq.to_string().as_str());
+            if seq < len {
+                if let Err(err) = self
+                    .client
+                    .publish_with_headers(subject, headers, body)
+                    .await
+                {
+                    return (len, Err(BusError::from_any(err)));
+                }
+            } else {
+                headers.insert("Nats-Batch-Commit", "1");
+                let request = async_nats::Request::new()
+                    .payload(body)
+                    .headers(headers)
+                    .timeout(Some(Duration::from_secs(10)));
+                reply = Some(self.client.send_request(subject, request).await);
+            }
+        }
+        let outcome = match reply {
+            Some(Ok(message)) => match serde_json::from_slice::<BatchAck>(&message.payload) {
+                Ok(BatchAck { error: Some(e), .. }) => Err(BusError::Unavailable(format!(
+                    "atomic batch refused: {}",
+                    e.description
+                ))),
+                Ok(BatchAck { count: Some(n), .. }) if n == len as u64 => Ok(()),
+                Ok(ack) => Err(BusError::Unavailable(format!(
+                    "atomic batch of {len} acknowledged as {:?}",
+                    ack.count
+                ))),
+                Err(err) => Err(BusError::from_any(err)),
+            },
+            Some(Err(err)) => Err(BusError::from_any(err)),
+            None => Ok(()),
+        };
+        (len, outcome)
     }
 
     /// Acknowledges a bucket message: the task has left the bucket for good.

@@ -82,6 +82,8 @@ CONF
   if ! wait_port 127.0.0.1 "$2" 0; then
     nats-server -c "$dir/nats.conf" >"$dir/nats.log" 2>&1 &
     echo $! >"$dir/nats.pid"
+    # Not a job of this shell: the durable benchmark kills and restarts it.
+    disown
     wait_port 127.0.0.1 "$2" 10 || die "nats-server did not start (see $dir/nats.log)"
   fi
   log "nats on 127.0.0.1:$2 (sync $sync, $dir)"

@@ -4,9 +4,11 @@
 //! # Layout
 //! - `raw`: the raw JetStream baselines (publish, relay pipeline, naive cycling).
 //! - `server`: kairos-server as a child process, with its CPU and RSS from /proc.
+//! - `nats`: kill -9 and restart of nats-server, and the survival check.
 //! - `scenarios`: booking, workers, lateness samples.
 //! - `plot`: the lateness CDF.
 
+mod nats;
 mod plot;
 mod raw;
 mod scenarios;
@@ -42,7 +44,12 @@ enum Scenario {
     Idle,
     /// Half of N tasks cancelled just before due: cancels/s, and none of them runs.
     Cancel,
-    /// ingest, burst, cancel and idle in turn.
+    /// ScheduleBatch against per-message-fsync publish, then kill -9 of
+    /// nats-server: every acknowledged task must survive.
+    Durable,
+    /// Tasks due continuously at `--rate` for `--duration`, booked just ahead: lateness.
+    Steady,
+    /// ingest, burst, steady, cancel and idle in turn.
     All,
 }
 
@@ -79,6 +86,15 @@ struct Args {
     /// kairos-server binary (release build).
     #[arg(long, default_value = "target/release/kairos-server")]
     server_bin: PathBuf,
+    /// Postgres server URL: each run gets a fresh database on it (default: SQLite).
+    #[arg(long)]
+    postgres_url: Option<String>,
+    /// nats-server config file, so the durable scenario can restart it.
+    #[arg(long)]
+    nats_conf: Option<PathBuf>,
+    /// nats-server pid file, so the durable scenario can kill it (rewritten on restart).
+    #[arg(long)]
+    nats_pid_file: Option<PathBuf>,
     /// Folder for the SQLite files of each run.
     #[arg(long, default_value = ".kairos/bench")]
     work_dir: PathBuf,
@@ -91,6 +107,12 @@ struct Args {
     /// How long the idle scenario watches.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     window: Duration,
+    /// Tasks per second falling due in the steady scenario.
+    #[arg(long, default_value_t = 20_000.0)]
+    rate: f64,
+    /// How long tasks keep falling due in the steady scenario.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: Duration,
     /// Draw the burst lateness CDF (Kairos beside the raw pipeline) to this PNG.
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -118,16 +140,20 @@ impl Bench {
             .context("redis")?;
         let () = redis::cmd("FLUSHALL").query_async(&mut redis).await?;
         self.run += 1;
-        std::fs::create_dir_all(&self.args.work_dir)?;
-        let db = self
-            .args
-            .work_dir
-            .join(format!("bench-{}-{}.db", std::process::id(), self.run));
+        let name = format!("kairos_bench_{}_{}", std::process::id(), self.run);
+        let database_url = match &self.args.postgres_url {
+            Some(url) => server::fresh_postgres_database(url, &name).await?,
+            None => {
+                std::fs::create_dir_all(&self.args.work_dir)?;
+                let db = self.args.work_dir.join(format!("{name}.db"));
+                format!("sqlite://{}", db.display())
+            }
+        };
         let settings = ServerSettings {
             binary: self.args.server_bin.clone(),
             nats_url: self.args.nats_url.clone(),
             redis_url: self.args.redis_url.clone(),
-            database_url: format!("sqlite://{}", db.display()),
+            database_url,
             env: env
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -142,6 +168,12 @@ impl Bench {
         m.insert("tasks".into(), json!(tasks));
         m.insert("payload_bytes".into(), json!(self.args.payload_bytes));
         m.insert("nats_sync".into(), json!(self.args.nats_sync));
+        let store = if self.args.postgres_url.is_some() {
+            "postgres"
+        } else {
+            "sqlite"
+        };
+        m.insert("store".into(), json!(store));
         m
     }
 
@@ -212,7 +244,12 @@ impl Bench {
         let done = scenarios::wait_runs(&lateness, n, Duration::from_secs(600)).await;
         let (cpu1, _, peak) = server.usage();
         workers.cancel();
+        drop(server);
         anyhow::ensure!(done, "only {} of {n} tasks ran", lateness.count());
+        eprintln!("burst: NATS's own scheduler (Nats-Schedule: @at) with {n} messages");
+        let nats_lead = Duration::from_secs(5) + Duration::from_secs_f64(n as f64 / 20_000.0);
+        let nats_sched =
+            raw::nats_schedule_lateness(&self.js, n, self.payload.clone(), nats_lead).await?;
         let sorted = lateness.sorted();
         let drain_s = sorted.last().copied().unwrap_or(0.0) / 1000.0;
         let drain_rate = n as f64 / drain_s.max(1e-9);
@@ -233,6 +270,10 @@ impl Bench {
                 &[
                     ("Kairos (due → handler start)", &sorted),
                     ("raw relay pipeline (start → consumer)", &raw_arrivals),
+                    (
+                        "NATS Nats-Schedule @at (due → consumer)",
+                        nats_sched.as_deref().unwrap_or_default(),
+                    ),
                 ],
             )?;
             eprintln!("burst: plot written to {}", path.display());
@@ -248,12 +289,166 @@ impl Bench {
         m.insert("drain_s".into(), json!(round3(drain_s)));
         m.insert("cpu_s".into(), json!(round3(cpu1 - cpu0)));
         m.insert("rss_mb".into(), json!(peak.round()));
+        let mut goals = vec![
+            verdict(first <= 10.0, "first task <= 10 ms late"),
+            verdict(drain_rate / raw_rate >= 0.8, "drain >= 0.8 x raw relay"),
+            verdict(p99 <= p99_goal_ms, &format!("p99 <= {p99_goal_ms:.0} ms")),
+        ];
+        match &nats_sched {
+            Some(nats) => {
+                let nats_drain_s = nats.last().copied().unwrap_or(0.0) / 1000.0;
+                m.insert("nats_schedule_first_ms".into(), json!(round3(nats[0])));
+                m.insert(
+                    "nats_schedule_p50_ms".into(),
+                    json!(round3(quantile(nats, 0.5))),
+                );
+                m.insert(
+                    "nats_schedule_p99_ms".into(),
+                    json!(round3(quantile(nats, 0.99))),
+                );
+                m.insert("nats_schedule_drain_s".into(), json!(round3(nats_drain_s)));
+                goals.push(verdict(
+                    drain_s < nats_drain_s && first < nats[0],
+                    "beats NATS Nats-Schedule (first and last)",
+                ));
+            }
+            None => {
+                m.insert(
+                    "nats_schedule".into(),
+                    json!("not supported by this server"),
+                );
+            }
+        }
+        m.insert("goal".into(), json!(goals));
+        Ok(Value::Object(m))
+    }
+
+    async fn durable(&mut self) -> anyhow::Result<Value> {
+        anyhow::ensure!(
+            self.args.nats_sync == "always",
+            "durable needs NATS with sync_interval: always; run `./scripts/bench.sh durable`"
+        );
+        let (Some(conf), Some(pid_file)) =
+            (self.args.nats_conf.clone(), self.args.nats_pid_file.clone())
+        else {
+            anyhow::bail!("durable needs --nats-conf and --nats-pid-file to kill and restart NATS");
+        };
+        let n = self.args.tasks.unwrap_or(50_000);
+        let sequential = 2_000.min(n);
+        eprintln!("durable: raw publish of {sequential} messages, one fsync each");
+        let raw_seq =
+            raw::publish_sequential_rate(&self.js, sequential, self.payload.clone()).await?;
+        eprintln!("durable: raw publish of {n} messages, 1,024 in flight");
+        let raw = raw::publish_rate(&self.js, n, self.payload.clone()).await?;
+        eprintln!("durable: raw atomic batches of {n} messages (1,000 per batch, 4 in flight)");
+        let raw_atomic =
+            raw::publish_atomic_rate(&self.js, n, self.payload.clone(), 1000, 4).await?;
+        let server = self.fresh_server(&[]).await?;
+        let client = Client::connect(server.url.clone()).await?;
+        let due = Utc::now() + chrono::Duration::hours(1);
+        let (cpu0, _, _) = server.usage();
+        let (batch_rate, ids) =
+            scenarios::ingest_batches(&client, "durable", n, self.payload.clone(), |_| due).await?;
+        let (cpu1, _, peak) = server.usage();
+
+        eprintln!("durable: kill -9 nats-server, then start it again");
+        nats::kill9_and_restart(&conf, &pid_file, &self.args.nats_url).await?;
+        let missing = nats::missing_tasks(&self.js, &ids).await?;
+        drop(server);
+
+        let mut m = self.base("durable", n);
+        m.insert("raw_fsync_publish_per_s".into(), json!(raw_seq.round()));
+        m.insert("raw_publish_per_s".into(), json!(raw.round()));
+        m.insert(
+            "raw_atomic_batch_per_s".into(),
+            raw_atomic.map_or(json!("not supported"), |r| json!(r.round())),
+        );
+        m.insert("batch_per_s".into(), json!(batch_rate.round()));
+        m.insert("fsync_ratio".into(), json!(round3(batch_rate / raw_seq)));
+        m.insert("ingest_ratio".into(), json!(round3(batch_rate / raw)));
+        m.insert("acknowledged".into(), json!(ids.len()));
+        m.insert("lost_after_kill".into(), json!(missing));
+        m.insert("cpu_s".into(), json!(round3(cpu1 - cpu0)));
+        m.insert("rss_mb".into(), json!(peak.round()));
         m.insert(
             "goal".into(),
             json!([
-                verdict(first <= 10.0, "first task <= 10 ms late"),
-                verdict(drain_rate / raw_rate >= 0.8, "drain >= 0.8 x raw relay"),
-                verdict(p99 <= p99_goal_ms, &format!("p99 <= {p99_goal_ms:.0} ms")),
+                verdict(
+                    batch_rate / raw_seq >= 5.0,
+                    "ScheduleBatch >= 5 x per-message-fsync publish"
+                ),
+                verdict(missing == 0, "every acknowledged task survives kill -9"),
+            ]),
+        );
+        Ok(Value::Object(m))
+    }
+
+    async fn steady(&mut self) -> anyhow::Result<Value> {
+        let rate = self.args.rate;
+        let duration = self.args.duration;
+        anyhow::ensure!(rate > 0.0, "--rate must be positive");
+        let n = (rate * duration.as_secs_f64()).round() as usize;
+        let raw_n = n.min(100_000);
+        eprintln!("steady: raw relay pipeline of {raw_n} messages");
+        let (raw_rate, _) = raw::relay_rate(&self.js, raw_n, self.payload.clone()).await?;
+        let server = self.fresh_server(&[]).await?;
+        let client = Client::connect(server.url.clone()).await?;
+        let lateness = Lateness::default();
+        let workers = scenarios::start_workers(
+            &server,
+            &self.args.nats_url,
+            "steady",
+            self.args.workers,
+            self.args.worker_concurrency,
+            &lateness,
+        )?;
+        // Each batch is booked 2 s before its first task is due, so booking,
+        // bucket pulls and releases all run at once, as in production.
+        let lead = Duration::from_secs(2);
+        let start = Utc::now() + chrono::Duration::seconds(3);
+        eprintln!("steady: {n} tasks due at {rate}/s for {duration:?}");
+        let (cpu0, _, _) = server.usage();
+        let paced = scenarios::book_paced(
+            &client,
+            "steady",
+            n,
+            self.payload.clone(),
+            rate,
+            start,
+            lead,
+        )
+        .await?;
+        let done = scenarios::wait_runs(&lateness, n, Duration::from_secs(600)).await;
+        let (cpu1, _, peak) = server.usage();
+        workers.cancel();
+        anyhow::ensure!(done, "only {} of {n} tasks ran", lateness.count());
+        let sorted = lateness.sorted();
+        let (p50, p99, max) = (
+            quantile(&sorted, 0.5),
+            quantile(&sorted, 0.99),
+            *sorted.last().expect("samples"),
+        );
+        let mut m = self.base("steady", n);
+        m.insert("rate_per_s".into(), json!(rate));
+        m.insert("duration_s".into(), json!(duration.as_secs_f64()));
+        m.insert("raw_relay_per_s".into(), json!(raw_rate.round()));
+        m.insert("rate_ratio".into(), json!(round3(rate / raw_rate)));
+        m.insert("booked_per_s".into(), json!(paced.rate.round()));
+        m.insert("late_batches".into(), json!(paced.late_batches));
+        m.insert(
+            "min_booking_margin_ms".into(),
+            json!(round3(paced.min_margin_ms)),
+        );
+        m.insert("p50_ms".into(), json!(round3(p50)));
+        m.insert("p99_ms".into(), json!(round3(p99)));
+        m.insert("max_ms".into(), json!(round3(max)));
+        m.insert("cpu_s".into(), json!(round3(cpu1 - cpu0)));
+        m.insert("rss_mb".into(), json!(peak.round()));
+        m.insert(
+            "goal".into(),
+            json!([
+                verdict(p99 <= 50.0, "p99 <= 50 ms"),
+                verdict(paced.late_batches == 0, "every batch booked before due"),
             ]),
         );
         Ok(Value::Object(m))
@@ -438,6 +633,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::All => &[
             Scenario::Ingest,
             Scenario::Burst,
+            Scenario::Steady,
             Scenario::Cancel,
             Scenario::Idle,
         ],
@@ -449,6 +645,8 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Burst => bench.burst().await?,
             Scenario::Idle => bench.idle().await?,
             Scenario::Cancel => bench.cancel().await?,
+            Scenario::Steady => bench.steady().await?,
+            Scenario::Durable => bench.durable().await?,
             Scenario::All => unreachable!("expanded above"),
         };
         print_table(&result);

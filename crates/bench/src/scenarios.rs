@@ -64,6 +64,69 @@ pub(crate) async fn ingest_batches(
     Ok((rate, ids))
 }
 
+/// How a paced booking went.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Paced {
+    /// Tasks booked per second, over the whole run.
+    pub(crate) rate: f64,
+    /// Batches whose ScheduleBatch answer came after their first task's due time.
+    pub(crate) late_batches: usize,
+    /// Worst margin between a batch's answer and its first due time, ms (negative: late).
+    pub(crate) min_margin_ms: f64,
+}
+
+/// Books tasks due at `rate` per second from `start` for `n` tasks, each
+/// batch of `BATCH` booked `lead` before its first task is due, as a producer
+/// working just ahead of time would; up to `BATCH_STREAMS` calls in flight.
+pub(crate) async fn book_paced(
+    client: &Client,
+    queue: &str,
+    n: usize,
+    payload: Bytes,
+    rate: f64,
+    start: DateTime<Utc>,
+    lead: Duration,
+) -> anyhow::Result<Paced> {
+    use futures::StreamExt as _;
+    let progress = bar(n as u64, "booking");
+    let due =
+        move |i: usize| start + chrono::Duration::microseconds((i as f64 / rate * 1e6) as i64);
+    let lead = chrono::Duration::from_std(lead)?;
+    let began = Instant::now();
+    let mut calls = futures::stream::iter((0..n).step_by(BATCH).map(|first| {
+        let mut client = client.clone();
+        let batch: Vec<NewTask> = (first..(first + BATCH).min(n))
+            .map(|i| NewTask::new(queue).payload(payload.clone()).at(due(i)))
+            .collect();
+        let first_due = due(first);
+        async move {
+            let wait = (first_due - lead - Utc::now()).to_std().unwrap_or_default();
+            tokio::time::sleep(wait).await;
+            let len = batch.len();
+            for result in client.schedule_batch(batch).await? {
+                result?;
+            }
+            let margin = (first_due - Utc::now()).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+            anyhow::Ok((len, margin))
+        }
+    }))
+    .buffered(BATCH_STREAMS);
+    let mut paced = Paced {
+        rate: 0.0,
+        late_batches: 0,
+        min_margin_ms: f64::INFINITY,
+    };
+    while let Some(done) = calls.next().await {
+        let (len, margin) = done?;
+        progress.inc(len as u64);
+        paced.late_batches += usize::from(margin < 0.0);
+        paced.min_margin_ms = paced.min_margin_ms.min(margin);
+    }
+    progress.finish_and_clear();
+    paced.rate = n as f64 / began.elapsed().as_secs_f64();
+    Ok(paced)
+}
+
 /// Books `n` tasks with single Schedule calls, `concurrency` at once; returns tasks/s.
 pub(crate) async fn ingest_singles(
     client: &Client,

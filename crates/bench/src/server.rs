@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 /// A running kairos-server.
 #[derive(Debug)]
 pub(crate) struct ServerProcess {
@@ -100,4 +102,25 @@ pub(crate) fn proc_usage(pid: u32) -> (f64, f64, f64) {
             .unwrap_or(0.0)
     };
     (cpu_s, kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
+}
+
+/// Creates an empty database `name` on the Postgres server at `base_url` and
+/// returns its URL.
+pub(crate) async fn fresh_postgres_database(base_url: &str, name: &str) -> anyhow::Result<String> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(base_url)
+        .await
+        .with_context(|| format!("cannot connect to postgres at {base_url}"))?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name}"
+    )))
+    .execute(&mut conn)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await?;
+    let (base, _) = base_url
+        .rsplit_once('/')
+        .context("postgres url has no database part")?;
+    Ok(format!("{base}/{name}"))
 }

@@ -441,9 +441,20 @@ impl Client {
     pub fn from_channel(channel: Channel) -> Self {
         let inner = SchedulerServiceClient::new(channel)
             .max_decoding_message_size(64 * 1024 * 1024)
-            .max_encoding_message_size(64 * 1024 * 1024)
-            .accept_compressed(CompressionEncoding::Gzip);
+            .max_encoding_message_size(64 * 1024 * 1024);
         Self { inner }
+    }
+
+    /// Compresses requests and asks for compressed answers (gzip): worth it
+    /// over slow links; on a local network it costs more CPU than it saves,
+    /// so it is off by default.
+    #[must_use]
+    pub fn with_gzip(mut self) -> Self {
+        self.inner = self
+            .inner
+            .send_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Gzip);
+        self
     }
 
     /// Books one task; it is durable when this returns.

@@ -390,6 +390,16 @@ impl From<pb::TaskAttempt> for Attempt {
     }
 }
 
+/// What a recurring schedule does in a month without its day of month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MissingDay {
+    /// No occurrence that month.
+    #[default]
+    Skip,
+    /// The occurrence moves to the month's last day.
+    LastDay,
+}
+
 /// One page of [`Client::list_tasks`].
 #[derive(Debug, Clone)]
 pub struct TaskPage {
@@ -530,6 +540,35 @@ impl Client {
             next_page_token: (!response.next_page_token.is_empty())
                 .then_some(response.next_page_token),
         })
+    }
+
+    /// Lists when a recurring spec would fire after `from` (now when `None`),
+    /// in `time_zone` (UTC when empty), storing nothing.
+    pub async fn preview_recurring(
+        &mut self,
+        spec: &str,
+        time_zone: &str,
+        from: Option<DateTime<Utc>>,
+        count: u32,
+        missing_day: MissingDay,
+    ) -> Result<Vec<DateTime<Utc>>, ClientError> {
+        let request = pb::PreviewRecurringRequest {
+            spec: spec.to_owned(),
+            time_zone: time_zone.to_owned(),
+            from: from.map(|t| std::time::SystemTime::from(t).into()),
+            count,
+            missing_day: match missing_day {
+                MissingDay::Skip => pb::MissingDayPolicy::Skip,
+                MissingDay::LastDay => pb::MissingDayPolicy::LastDay,
+            }
+            .into(),
+        };
+        let response = self.inner.preview_recurring(request).await?.into_inner();
+        Ok(response
+            .fire_times
+            .iter()
+            .filter_map(|t| DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+            .collect())
     }
 
     /// Returns the generated stub, for calls this wrapper does not cover.

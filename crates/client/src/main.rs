@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
-use kairos_client::{Attempt, Client, NewTask, Task, TaskState};
+use kairos_client::{Attempt, Client, MissingDay, NewTask, Task, TaskState};
 use serde_json::json;
 
 /// Kairos command-line tool.
@@ -88,6 +88,38 @@ enum Command {
         #[arg(long)]
         page_token: Option<String>,
     },
+    /// Recurring schedules.
+    #[command(subcommand)]
+    Recurring(RecurringCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum RecurringCommand {
+    /// Show when a spec would fire, storing nothing.
+    Preview {
+        /// Cron spec (5 fields, or 6 with seconds first; L, W, #; @daily ...) or `every 90s`.
+        spec: String,
+        /// IANA time zone the spec is read in.
+        #[arg(long, default_value = "UTC")]
+        tz: String,
+        /// How many fire times.
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+        /// Fire times after this instant (RFC 3339); now by default.
+        #[arg(long)]
+        from: Option<DateTime<Utc>>,
+        /// A day of month the month lacks: skip that month, or use its last day.
+        #[arg(long, default_value = "skip", value_parser = parse_missing_day)]
+        missing_day: MissingDay,
+    },
+}
+
+fn parse_missing_day(s: &str) -> Result<MissingDay, String> {
+    match s {
+        "skip" => Ok(MissingDay::Skip),
+        "last" | "last-day" => Ok(MissingDay::LastDay),
+        _ => Err(format!("`{s}`: use skip or last")),
+    }
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -253,6 +285,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 if let Some(token) = page.next_page_token {
                     println!("more: --page-token {token}");
+                }
+            }
+        }
+        Command::Recurring(RecurringCommand::Preview {
+            spec,
+            tz,
+            count,
+            from,
+            missing_day,
+        }) => {
+            let times = client
+                .preview_recurring(&spec, &tz, from, count, missing_day)
+                .await?;
+            let zone: chrono_tz::Tz = tz.parse().unwrap_or(chrono_tz::Tz::UTC);
+            if cli.json {
+                let times: Vec<String> = times.iter().map(DateTime::to_rfc3339).collect();
+                println!("{}", json!({ "fire_times": times }));
+            } else {
+                for t in &times {
+                    println!(
+                        "{}  {}",
+                        t.with_timezone(&zone).format("%a %Y-%m-%d %H:%M:%S %Z"),
+                        t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    );
                 }
             }
         }

@@ -48,6 +48,10 @@ pub struct ServerConfig {
     #[arg(long, env = "KAIROS_MAX_HORIZON", default_value = "400days", value_parser = humantime::parse_duration)]
     pub max_horizon: Duration,
 
+    /// Shortest gap allowed between two fire times of a recurring schedule.
+    #[arg(long, env = "KAIROS_MIN_RECURRENCE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub min_recurrence_interval: Duration,
+
     /// Largest task payload in bytes.
     #[arg(long, env = "KAIROS_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
     pub max_payload_bytes: usize,

@@ -35,7 +35,7 @@ use tracing::info;
 pub use config::ServerConfig;
 
 use crate::api::{SchedulerApi, StatusApi};
-use crate::app::{Recorder, ReportService, TaskService};
+use crate::app::{Recorder, RecurringService, ReportService, TaskService};
 use crate::bus::{Bus, StreamSettings};
 use crate::engine::dispatcher::Dispatcher;
 use crate::store::claims::Claims;
@@ -109,10 +109,13 @@ pub async fn run(
         .build_v1alpha()
         .context("failed to build reflection v1alpha")?;
 
-    let scheduler = SchedulerServiceServer::new(SchedulerApi::new(tasks))
-        .max_decoding_message_size(config.max_message_bytes)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Gzip);
+    let scheduler = SchedulerServiceServer::new(SchedulerApi::new(
+        tasks,
+        RecurringService::new(config.min_recurrence_interval),
+    ))
+    .max_decoding_message_size(config.max_message_bytes)
+    .accept_compressed(CompressionEncoding::Gzip)
+    .send_compressed(CompressionEncoding::Gzip);
     let status = StatusServiceServer::new(StatusApi::new(reports, shutdown.clone()))
         .max_decoding_message_size(config.max_message_bytes);
 

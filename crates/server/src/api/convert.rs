@@ -4,9 +4,10 @@
 use chrono::{DateTime, Utc};
 use kairos_proto::v1 as pb;
 
-use crate::app::{AppError, AttemptEnd, AttemptStart, TaskDetail, TaskPage};
+use crate::app::{AppError, AttemptEnd, AttemptStart, PreviewQuery, TaskDetail, TaskPage};
 use crate::domain::{
-    AttemptOutcome, AttemptRecord, ScheduleSpec, TaskId, TaskRecord, TaskState, ValidationError,
+    AttemptOutcome, AttemptRecord, MissingDay, ScheduleSpec, TaskId, TaskRecord, TaskState,
+    ValidationError,
 };
 use crate::store::TaskFilter;
 
@@ -227,5 +228,31 @@ pub(crate) fn attempt_end(
         error: (!f.error.is_empty()).then_some(f.error),
         at,
         worker_id,
+    })
+}
+
+pub(crate) fn preview_query(
+    req: pb::PreviewRecurringRequest,
+) -> Result<PreviewQuery, ValidationError> {
+    let from = match &req.from {
+        Some(t) => from_timestamp("from", t)?,
+        None => Utc::now(),
+    };
+    let missing_day = match pb::MissingDayPolicy::try_from(req.missing_day) {
+        Ok(pb::MissingDayPolicy::Unspecified | pb::MissingDayPolicy::Skip) => MissingDay::Skip,
+        Ok(pb::MissingDayPolicy::LastDay) => MissingDay::LastDay,
+        Err(_) => {
+            return Err(ValidationError::invalid(
+                "missing_day",
+                format!("unknown policy {}", req.missing_day),
+            ));
+        }
+    };
+    Ok(PreviewQuery {
+        spec: req.spec,
+        time_zone: req.time_zone,
+        from,
+        count: req.count,
+        missing_day,
     })
 }

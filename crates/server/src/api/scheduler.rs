@@ -7,7 +7,7 @@ use tracing::instrument;
 
 use super::convert;
 use super::error::item_error;
-use crate::app::{AppError, TaskService};
+use crate::app::{AppError, RecurringService, TaskService};
 use crate::domain::{ScheduleSpec, ValidationError};
 
 /// Most tasks one ScheduleBatch call may carry.
@@ -17,12 +17,13 @@ pub const MAX_BATCH: usize = 1000;
 #[derive(Debug, Clone)]
 pub struct SchedulerApi {
     tasks: TaskService,
+    recurring: RecurringService,
 }
 
 impl SchedulerApi {
-    /// Creates the API over the task use cases.
-    pub fn new(tasks: TaskService) -> Self {
-        Self { tasks }
+    /// Creates the API over the task and recurring-schedule use cases.
+    pub fn new(tasks: TaskService, recurring: RecurringService) -> Self {
+        Self { tasks, recurring }
     }
 }
 
@@ -103,5 +104,17 @@ impl SchedulerService for SchedulerApi {
         let filter = convert::task_filter(request.into_inner())?;
         let page = self.tasks.list(filter).await?;
         Ok(Response::new(page.into()))
+    }
+
+    #[instrument(skip_all)]
+    async fn preview_recurring(
+        &self,
+        request: Request<pb::PreviewRecurringRequest>,
+    ) -> Result<Response<pb::PreviewRecurringResponse>, Status> {
+        let query = convert::preview_query(request.into_inner()).map_err(AppError::from)?;
+        let times = self.recurring.preview(&query)?;
+        Ok(Response::new(pb::PreviewRecurringResponse {
+            fire_times: times.into_iter().map(convert::timestamp).collect(),
+        }))
     }
 }

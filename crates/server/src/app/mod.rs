@@ -3,6 +3,7 @@
 
 mod inserter;
 mod recorder;
+mod recurring;
 mod reports;
 mod tasks;
 
@@ -13,6 +14,7 @@ use crate::store::claims::ClaimError;
 
 pub use inserter::Inserter;
 pub use recorder::Recorder;
+pub use recurring::{MAX_PREVIEW, PreviewQuery, RecurringService};
 pub use reports::{AttemptEnd, AttemptStart, ReportService, StartOutcome};
 pub use tasks::{TaskDetail, TaskPage, TaskService};
 

@@ -1,9 +1,11 @@
 //! Pure domain types and rules: task ids, states, validation of new tasks,
 //! bucket arithmetic. No I/O and no generated proto types here.
 
+mod recurrence;
 mod task;
 mod validate;
 
+pub use recurrence::{MissingDay, Recurrence};
 pub use task::{
     AttemptOutcome, AttemptRecord, NewTask, StatusWrite, TaskId, TaskRecord, TaskState, bucket_of,
     content_hash, version_of,

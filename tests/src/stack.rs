@@ -219,6 +219,33 @@ impl Stack {
         config
     }
 
+    /// Runs one SQL statement with `i64` parameters against the shared
+    /// database, behind the servers' backs (to stage a crash); returns the rows it changed.
+    pub async fn execute_sql(&self, sql: &str, params: &[i64]) -> u64 {
+        match self.backend {
+            Backend::Sqlite => {
+                let mut conn = sqlx::SqliteConnection::connect(&self.database_url)
+                    .await
+                    .expect("connect to sqlite");
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()));
+                for p in params {
+                    query = query.bind(*p);
+                }
+                query.execute(&mut conn).await.expect("sql").rows_affected()
+            }
+            Backend::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.database_url)
+                    .await
+                    .expect("connect to postgres");
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()));
+                for p in params {
+                    query = query.bind(*p);
+                }
+                query.execute(&mut conn).await.expect("sql").rows_affected()
+            }
+        }
+    }
+
     /// Starts a replica with the default test config.
     pub async fn server(&self) -> ServerHandle {
         self.server_with(self.config()).await

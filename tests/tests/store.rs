@@ -43,6 +43,7 @@ fn task(queue: &str, key: Option<&str>, payload: &str) -> NewTask {
         max_attempts: 3,
         idempotency_key: key.map(str::to_owned),
         created_at: now,
+        occurrence: None,
     }
 }
 

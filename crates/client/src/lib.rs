@@ -33,6 +33,9 @@ use tonic_types::StatusExt;
 
 /// Generated protocol types, for callers that need them.
 pub use kairos_proto::v1 as pb_types;
+pub use recurring::{CatchUp, MissingDay, NewRecurring, Recurring};
+
+mod recurring;
 
 /// An error from the server or the connection.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -334,6 +337,8 @@ pub struct Task {
     pub idempotency_key: Option<String>,
     /// Error of the last failed attempt.
     pub last_error: Option<String>,
+    /// The recurring schedule it is an occurrence of, and its nominal fire time.
+    pub occurrence: Option<(String, DateTime<Utc>)>,
 }
 
 impl From<pb::Task> for Task {
@@ -350,6 +355,7 @@ impl From<pb::Task> for Task {
             expire_at: t.expire_at.map(|ts| time(Some(ts))),
             idempotency_key: (!t.idempotency_key.is_empty()).then_some(t.idempotency_key),
             last_error: (!t.last_error.is_empty()).then_some(t.last_error),
+            occurrence: (!t.schedule_id.is_empty()).then(|| (t.schedule_id, time(t.fire_at))),
         }
     }
 }
@@ -388,16 +394,6 @@ impl From<pb::TaskAttempt> for Attempt {
             error: (!a.error.is_empty()).then_some(a.error),
         }
     }
-}
-
-/// What a recurring schedule does in a month without its day of month.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MissingDay {
-    /// No occurrence that month.
-    #[default]
-    Skip,
-    /// The occurrence moves to the month's last day.
-    LastDay,
 }
 
 /// One page of [`Client::list_tasks`].
@@ -533,6 +529,7 @@ impl Client {
                 .into(),
             page_size,
             page_token: page_token.unwrap_or_default().to_owned(),
+            schedule_id: String::new(),
         };
         let response = self.inner.list_tasks(request).await?.into_inner();
         Ok(TaskPage {
@@ -540,35 +537,6 @@ impl Client {
             next_page_token: (!response.next_page_token.is_empty())
                 .then_some(response.next_page_token),
         })
-    }
-
-    /// Lists when a recurring spec would fire after `from` (now when `None`),
-    /// in `time_zone` (UTC when empty), storing nothing.
-    pub async fn preview_recurring(
-        &mut self,
-        spec: &str,
-        time_zone: &str,
-        from: Option<DateTime<Utc>>,
-        count: u32,
-        missing_day: MissingDay,
-    ) -> Result<Vec<DateTime<Utc>>, ClientError> {
-        let request = pb::PreviewRecurringRequest {
-            spec: spec.to_owned(),
-            time_zone: time_zone.to_owned(),
-            from: from.map(|t| std::time::SystemTime::from(t).into()),
-            count,
-            missing_day: match missing_day {
-                MissingDay::Skip => pb::MissingDayPolicy::Skip,
-                MissingDay::LastDay => pb::MissingDayPolicy::LastDay,
-            }
-            .into(),
-        };
-        let response = self.inner.preview_recurring(request).await?.into_inner();
-        Ok(response
-            .fire_times
-            .iter()
-            .filter_map(|t| DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
-            .collect())
     }
 
     /// Returns the generated stub, for calls this wrapper does not cover.

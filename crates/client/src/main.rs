@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
-use kairos_client::{Attempt, Client, MissingDay, NewTask, Task, TaskState};
+use kairos_client::{Attempt, Client, NewTask, Task, TaskState};
+
+mod recurring_cli;
 use serde_json::json;
 
 /// Kairos command-line tool.
@@ -87,39 +89,13 @@ enum Command {
         /// Page token from a previous listing.
         #[arg(long)]
         page_token: Option<String>,
+        /// Only the occurrences of this recurring schedule.
+        #[arg(long, conflicts_with_all = ["queue", "state"])]
+        schedule: Option<String>,
     },
     /// Recurring schedules.
     #[command(subcommand)]
-    Recurring(RecurringCommand),
-}
-
-#[derive(Debug, Subcommand)]
-enum RecurringCommand {
-    /// Show when a spec would fire, storing nothing.
-    Preview {
-        /// Cron spec (5 fields, or 6 with seconds first; L, W, #; @daily ...) or `every 90s`.
-        spec: String,
-        /// IANA time zone the spec is read in.
-        #[arg(long, default_value = "UTC")]
-        tz: String,
-        /// How many fire times.
-        #[arg(long, default_value_t = 10)]
-        count: u32,
-        /// Fire times after this instant (RFC 3339); now by default.
-        #[arg(long)]
-        from: Option<DateTime<Utc>>,
-        /// A day of month the month lacks: skip that month, or use its last day.
-        #[arg(long, default_value = "skip", value_parser = parse_missing_day)]
-        missing_day: MissingDay,
-    },
-}
-
-fn parse_missing_day(s: &str) -> Result<MissingDay, String> {
-    match s {
-        "skip" => Ok(MissingDay::Skip),
-        "last" | "last-day" => Ok(MissingDay::LastDay),
-        _ => Err(format!("`{s}`: use skip or last")),
-    }
+    Recurring(recurring_cli::RecurringCommand),
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -140,6 +116,8 @@ fn task_json(t: &Task) -> serde_json::Value {
         "expire_at": t.expire_at.map(|e| e.to_rfc3339()),
         "idempotency_key": t.idempotency_key,
         "last_error": t.last_error,
+        "schedule_id": t.occurrence.as_ref().map(|o| o.0.clone()),
+        "fire_at": t.occurrence.as_ref().map(|o| o.1.to_rfc3339()),
     })
 }
 
@@ -267,10 +245,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             state,
             limit,
             page_token,
+            schedule,
         } => {
-            let page = client
-                .list_tasks(queue.as_deref(), state, limit, page_token.as_deref())
-                .await?;
+            let page = match schedule {
+                Some(id) => {
+                    client
+                        .list_occurrences(&id, limit, page_token.as_deref())
+                        .await?
+                }
+                None => {
+                    client
+                        .list_tasks(queue.as_deref(), state, limit, page_token.as_deref())
+                        .await?
+                }
+            };
             if cli.json {
                 println!(
                     "{}",
@@ -288,30 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Recurring(RecurringCommand::Preview {
-            spec,
-            tz,
-            count,
-            from,
-            missing_day,
-        }) => {
-            let times = client
-                .preview_recurring(&spec, &tz, from, count, missing_day)
-                .await?;
-            let zone: chrono_tz::Tz = tz.parse().unwrap_or(chrono_tz::Tz::UTC);
-            if cli.json {
-                let times: Vec<String> = times.iter().map(DateTime::to_rfc3339).collect();
-                println!("{}", json!({ "fire_times": times }));
-            } else {
-                for t in &times {
-                    println!(
-                        "{}  {}",
-                        t.with_timezone(&zone).format("%a %Y-%m-%d %H:%M:%S %Z"),
-                        t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                    );
-                }
-            }
-        }
+        Command::Recurring(command) => recurring_cli::run(&mut client, command, cli.json).await?,
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use clap::Parser;
 
 use crate::domain::Limits;
 use crate::engine::dispatcher::DispatchSettings;
+use crate::engine::materializer::MaterializeSettings;
 
 /// Configuration of `kairos-server`.
 #[derive(Debug, Clone, Parser)]
@@ -47,6 +48,14 @@ pub struct ServerConfig {
     /// Furthest a task may be scheduled ahead.
     #[arg(long, env = "KAIROS_MAX_HORIZON", default_value = "400days", value_parser = humantime::parse_duration)]
     pub max_horizon: Duration,
+
+    /// How far ahead the fire times of recurring schedules become tasks (at most KAIROS_LOOKAHEAD).
+    #[arg(long, env = "KAIROS_RECURRING_AHEAD", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub recurring_ahead: Duration,
+
+    /// How late a fire time may be and still run as usual; later ones follow the catch-up policy.
+    #[arg(long, env = "KAIROS_CATCH_UP_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub catch_up_grace: Duration,
 
     /// Shortest gap allowed between two fire times of a recurring schedule.
     #[arg(long, env = "KAIROS_MIN_RECURRENCE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -128,6 +137,15 @@ impl ServerConfig {
             return bad("KAIROS_MAX_PAYLOAD_BYTES", "must be positive");
         }
         Ok(())
+    }
+
+    /// Returns the materializer settings.
+    pub fn materialize(&self) -> MaterializeSettings {
+        MaterializeSettings {
+            ahead: self.recurring_ahead.min(self.lookahead),
+            grace: self.catch_up_grace,
+            tick: Duration::from_millis(500),
+        }
     }
 
     /// Returns the request limits.

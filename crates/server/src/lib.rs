@@ -38,6 +38,7 @@ use crate::api::{SchedulerApi, StatusApi};
 use crate::app::{Recorder, RecurringService, ReportService, TaskService};
 use crate::bus::{Bus, StreamSettings};
 use crate::engine::dispatcher::Dispatcher;
+use crate::engine::materializer::Materializer;
 use crate::store::claims::Claims;
 
 /// Runs one replica on an already-bound listener until `shutdown` fires, then
@@ -83,6 +84,14 @@ pub async fn run(
         width_ms,
     );
     let reports = ReportService::new(store.clone(), claims.clone(), recorder.clone(), width_ms);
+    let recurring = RecurringService::new(
+        store.clone(),
+        tasks.clone(),
+        config.limits(),
+        config.min_recurrence_interval,
+    );
+    let materializer = Materializer::new(store.clone(), tasks.clone(), config.materialize());
+    let materializer_handle = AbortOnDropHandle::new(tokio::spawn(materializer.run(work.clone())));
     let dispatcher = Dispatcher::new(
         bus.clone(),
         claims.clone(),
@@ -109,13 +118,10 @@ pub async fn run(
         .build_v1alpha()
         .context("failed to build reflection v1alpha")?;
 
-    let scheduler = SchedulerServiceServer::new(SchedulerApi::new(
-        tasks,
-        RecurringService::new(config.min_recurrence_interval),
-    ))
-    .max_decoding_message_size(config.max_message_bytes)
-    .accept_compressed(CompressionEncoding::Gzip)
-    .send_compressed(CompressionEncoding::Gzip);
+    let scheduler = SchedulerServiceServer::new(SchedulerApi::new(tasks, recurring))
+        .max_decoding_message_size(config.max_message_bytes)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip);
     let status = StatusServiceServer::new(StatusApi::new(reports, shutdown.clone()))
         .max_decoding_message_size(config.max_message_bytes);
 
@@ -144,6 +150,7 @@ pub async fn run(
     work.cancel();
     let drain = async {
         let _ = (&mut dispatcher_handle).await;
+        let _ = materializer_handle.await;
         drop(recorder);
         let _ = recorder_handle.await;
         let _ = bus.client().flush().await;

@@ -4,12 +4,14 @@
 use chrono::{DateTime, Utc};
 use kairos_proto::v1 as pb;
 
-use crate::app::{AppError, AttemptEnd, AttemptStart, PreviewQuery, TaskDetail, TaskPage};
-use crate::domain::{
-    AttemptOutcome, AttemptRecord, MissingDay, ScheduleSpec, TaskId, TaskRecord, TaskState,
-    ValidationError,
+use crate::app::{
+    AppError, AttemptEnd, AttemptStart, PreviewQuery, SchedulePage, TaskDetail, TaskPage,
 };
-use crate::store::TaskFilter;
+use crate::domain::{
+    AttemptOutcome, AttemptRecord, CatchUp, MissingDay, RecurringSpec, Schedule, ScheduleSpec,
+    TaskId, TaskRecord, TaskState, ValidationError,
+};
+use crate::store::{ScheduleFilter, TaskFilter};
 
 /// Largest page ListTasks returns.
 pub(crate) const MAX_PAGE: u32 = 1000;
@@ -126,6 +128,11 @@ impl From<TaskRecord> for pb::Task {
             content_type: t.content_type,
             payload_size: u32::try_from(t.payload_size).unwrap_or(u32::MAX),
             last_error: t.last_error.unwrap_or_default(),
+            schedule_id: t
+                .occurrence
+                .map(|o| o.schedule_id.to_string())
+                .unwrap_or_default(),
+            fire_at: t.occurrence.map(|o| timestamp(o.fire_at)),
         }
     }
 }
@@ -182,10 +189,16 @@ pub(crate) fn task_filter(req: pb::ListTasksRequest) -> Result<TaskFilter, AppEr
     } else {
         Some(task_id("page_token", &req.page_token)?)
     };
+    let schedule = if req.schedule_id.is_empty() {
+        None
+    } else {
+        Some(task_id("schedule_id", &req.schedule_id)?)
+    };
     Ok(TaskFilter {
         queue: (!req.queue.is_empty()).then_some(req.queue),
         state: state_from_pb(req.state)?,
         before,
+        schedule,
         limit: if req.page_size == 0 {
             DEFAULT_PAGE
         } else {
@@ -238,16 +251,7 @@ pub(crate) fn preview_query(
         Some(t) => from_timestamp("from", t)?,
         None => Utc::now(),
     };
-    let missing_day = match pb::MissingDayPolicy::try_from(req.missing_day) {
-        Ok(pb::MissingDayPolicy::Unspecified | pb::MissingDayPolicy::Skip) => MissingDay::Skip,
-        Ok(pb::MissingDayPolicy::LastDay) => MissingDay::LastDay,
-        Err(_) => {
-            return Err(ValidationError::invalid(
-                "missing_day",
-                format!("unknown policy {}", req.missing_day),
-            ));
-        }
-    };
+    let missing_day = missing_day_from_pb(req.missing_day)?;
     Ok(PreviewQuery {
         spec: req.spec,
         time_zone: req.time_zone,
@@ -255,4 +259,167 @@ pub(crate) fn preview_query(
         count: req.count,
         missing_day,
     })
+}
+
+fn missing_day_from_pb(value: i32) -> Result<MissingDay, ValidationError> {
+    match pb::MissingDayPolicy::try_from(value) {
+        Ok(pb::MissingDayPolicy::Unspecified | pb::MissingDayPolicy::Skip) => Ok(MissingDay::Skip),
+        Ok(pb::MissingDayPolicy::LastDay) => Ok(MissingDay::LastDay),
+        Err(_) => Err(ValidationError::invalid(
+            "missing_day",
+            format!("unknown policy {value}"),
+        )),
+    }
+}
+
+fn missing_day_to_pb(policy: MissingDay) -> pb::MissingDayPolicy {
+    match policy {
+        MissingDay::Skip => pb::MissingDayPolicy::Skip,
+        MissingDay::LastDay => pb::MissingDayPolicy::LastDay,
+    }
+}
+
+fn std_duration(
+    field: &str,
+    d: Option<&prost_types::Duration>,
+) -> Result<std::time::Duration, ValidationError> {
+    match d {
+        None => Ok(std::time::Duration::ZERO),
+        Some(d) => {
+            let ms = duration_ms(field, d)?;
+            u64::try_from(ms)
+                .map(std::time::Duration::from_millis)
+                .map_err(|_| ValidationError::invalid(field, "must not be negative"))
+        }
+    }
+}
+
+fn prost_duration(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+impl TryFrom<pb::CreateRecurringRequest> for RecurringSpec {
+    type Error = ValidationError;
+
+    fn try_from(req: pb::CreateRecurringRequest) -> Result<Self, Self::Error> {
+        let catch_up = match pb::CatchUpPolicy::try_from(req.catch_up) {
+            Ok(pb::CatchUpPolicy::Unspecified | pb::CatchUpPolicy::Skip) => CatchUp::Skip,
+            Ok(pb::CatchUpPolicy::One) => CatchUp::One,
+            Ok(pb::CatchUpPolicy::All) => CatchUp::All,
+            Err(_) => {
+                return Err(ValidationError::invalid(
+                    "catch_up",
+                    format!("unknown policy {}", req.catch_up),
+                ));
+            }
+        };
+        Ok(RecurringSpec {
+            queue: req.queue,
+            payload: req.payload.into(),
+            content_type: req.content_type,
+            headers: req.headers.into_iter().collect(),
+            spec: req.spec,
+            time_zone: req.time_zone,
+            missing_day: missing_day_from_pb(req.missing_day)?,
+            start_at: req
+                .start_at
+                .as_ref()
+                .map(|t| from_timestamp("start_at", t))
+                .transpose()?,
+            end_at: req
+                .end_at
+                .as_ref()
+                .map(|t| from_timestamp("end_at", t))
+                .transpose()?,
+            max_occurrences: req.max_occurrences,
+            jitter: std_duration("jitter", req.jitter.as_ref())?,
+            catch_up,
+            catch_up_limit: req.catch_up_limit,
+            expire_after_ms: req
+                .expire_after
+                .as_ref()
+                .map(|d| duration_ms("expire_after", d))
+                .transpose()?,
+            max_attempts: req.max_attempts,
+            idempotency_key: req.idempotency_key,
+        })
+    }
+}
+
+impl From<Schedule> for pb::RecurringSchedule {
+    fn from(s: Schedule) -> Self {
+        let next_fire_times = s.upcoming(5).into_iter().map(timestamp).collect();
+        pb::RecurringSchedule {
+            id: s.id.to_string(),
+            queue: s.queue,
+            payload: s.payload.to_vec(),
+            content_type: s.content_type,
+            headers: s.headers.into_iter().collect(),
+            spec: s.spec,
+            time_zone: s.time_zone,
+            missing_day: missing_day_to_pb(s.missing_day).into(),
+            start_at: Some(timestamp(s.start_at)),
+            end_at: s.end_at.map(timestamp),
+            max_occurrences: s.max_occurrences,
+            jitter: (!s.jitter.is_zero()).then(|| prost_duration(s.jitter)),
+            catch_up: match s.catch_up {
+                CatchUp::Skip => pb::CatchUpPolicy::Skip,
+                CatchUp::One => pb::CatchUpPolicy::One,
+                CatchUp::All => pb::CatchUpPolicy::All,
+            }
+            .into(),
+            catch_up_limit: s.catch_up_limit,
+            expire_after: s.expire_after_ms.map(|ms| {
+                prost_duration(std::time::Duration::from_millis(
+                    u64::try_from(ms).unwrap_or(0),
+                ))
+            }),
+            max_attempts: s.max_attempts,
+            idempotency_key: s.idempotency_key.unwrap_or_default(),
+            paused: s.paused,
+            occurrences: s.occurrences,
+            next_fire_times,
+            created_at: Some(timestamp(s.created_at)),
+            updated_at: Some(timestamp(s.updated_at)),
+        }
+    }
+}
+
+/// Converts a ListRecurring request into a store filter.
+pub(crate) fn schedule_filter(req: pb::ListRecurringRequest) -> Result<ScheduleFilter, AppError> {
+    if !req.queue.is_empty() && !kairos_proto::wire::is_valid_queue(&req.queue) {
+        return Err(ValidationError::invalid("queue", "is not a valid queue name").into());
+    }
+    if req.page_size > MAX_PAGE {
+        return Err(
+            ValidationError::invalid("page_size", format!("must be at most {MAX_PAGE}")).into(),
+        );
+    }
+    let before = if req.page_token.is_empty() {
+        None
+    } else {
+        Some(task_id("page_token", &req.page_token)?)
+    };
+    Ok(ScheduleFilter {
+        queue: (!req.queue.is_empty()).then_some(req.queue),
+        paused: req.paused,
+        before,
+        limit: if req.page_size == 0 {
+            DEFAULT_PAGE
+        } else {
+            req.page_size
+        },
+    })
+}
+
+impl From<SchedulePage> for pb::ListRecurringResponse {
+    fn from(page: SchedulePage) -> Self {
+        pb::ListRecurringResponse {
+            schedules: page.schedules.into_iter().map(Into::into).collect(),
+            next_page_token: page.next.map(|id| id.to_string()).unwrap_or_default(),
+        }
+    }
 }

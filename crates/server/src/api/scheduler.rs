@@ -8,7 +8,7 @@ use tracing::instrument;
 use super::convert;
 use super::error::item_error;
 use crate::app::{AppError, RecurringService, TaskService};
-use crate::domain::{ScheduleSpec, ValidationError};
+use crate::domain::{RecurringSpec, ScheduleSpec, ValidationError};
 
 /// Most tasks one ScheduleBatch call may carry.
 pub const MAX_BATCH: usize = 1000;
@@ -116,5 +116,74 @@ impl SchedulerService for SchedulerApi {
         Ok(Response::new(pb::PreviewRecurringResponse {
             fire_times: times.into_iter().map(convert::timestamp).collect(),
         }))
+    }
+
+    #[instrument(skip_all)]
+    async fn create_recurring(
+        &self,
+        request: Request<pb::CreateRecurringRequest>,
+    ) -> Result<Response<pb::CreateRecurringResponse>, Status> {
+        let spec = RecurringSpec::try_from(request.into_inner()).map_err(AppError::from)?;
+        let schedule = self.recurring.create(spec).await?;
+        Ok(Response::new(pb::CreateRecurringResponse {
+            schedule: Some(schedule.into()),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn get_recurring(
+        &self,
+        request: Request<pb::GetRecurringRequest>,
+    ) -> Result<Response<pb::GetRecurringResponse>, Status> {
+        let id = convert::task_id("id", &request.into_inner().id)?;
+        let schedule = self.recurring.get(id).await?;
+        Ok(Response::new(pb::GetRecurringResponse {
+            schedule: Some(schedule.into()),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn list_recurring(
+        &self,
+        request: Request<pb::ListRecurringRequest>,
+    ) -> Result<Response<pb::ListRecurringResponse>, Status> {
+        let filter = convert::schedule_filter(request.into_inner())?;
+        let page = self.recurring.list(filter).await?;
+        Ok(Response::new(page.into()))
+    }
+
+    #[instrument(skip_all)]
+    async fn pause_recurring(
+        &self,
+        request: Request<pb::PauseRecurringRequest>,
+    ) -> Result<Response<pb::PauseRecurringResponse>, Status> {
+        let id = convert::task_id("id", &request.into_inner().id)?;
+        let schedule = self.recurring.pause(id).await?;
+        Ok(Response::new(pb::PauseRecurringResponse {
+            schedule: Some(schedule.into()),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn resume_recurring(
+        &self,
+        request: Request<pb::ResumeRecurringRequest>,
+    ) -> Result<Response<pb::ResumeRecurringResponse>, Status> {
+        let id = convert::task_id("id", &request.into_inner().id)?;
+        let schedule = self.recurring.resume(id).await?;
+        Ok(Response::new(pb::ResumeRecurringResponse {
+            schedule: Some(schedule.into()),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn delete_recurring(
+        &self,
+        request: Request<pb::DeleteRecurringRequest>,
+    ) -> Result<Response<pb::DeleteRecurringResponse>, Status> {
+        let request = request.into_inner();
+        let id = convert::task_id("id", &request.id)?;
+        let cancelled = self.recurring.delete(id, request.cancel_pending).await?;
+        Ok(Response::new(pb::DeleteRecurringResponse { cancelled }))
     }
 }

@@ -14,7 +14,7 @@ use crate::store::claims::ClaimError;
 
 pub use inserter::Inserter;
 pub use recorder::Recorder;
-pub use recurring::{MAX_PREVIEW, PreviewQuery, RecurringService};
+pub use recurring::{MAX_PREVIEW, PreviewQuery, RecurringService, SchedulePage};
 pub use reports::{AttemptEnd, AttemptStart, ReportService, StartOutcome};
 pub use tasks::{TaskDetail, TaskPage, TaskService};
 

@@ -158,6 +158,55 @@ impl TaskService {
             .collect())
     }
 
+    /// Books one occurrence of a recurring schedule. Its idempotency key
+    /// makes a repeat (another replica, or a retry after a crash between
+    /// booking and advancing the schedule) find the same task; one still
+    /// SCHEDULED is published again, which the JetStream duplicate window
+    /// (message id = task id) and the Redis start claim make harmless.
+    #[instrument(skip_all, fields(queue = %task.queue))]
+    pub async fn materialize(&self, mut task: NewTask) -> AppResult<TaskRecord> {
+        let inner = &self.inner;
+        let now_ms = Utc::now().timestamp_millis();
+        let bucket = bucket_of(task.due_at.timestamp_millis().max(now_ms), inner.width_ms);
+        let outcome = inner
+            .inserter
+            .insert(vec![task.clone()], vec![bucket])
+            .await?
+            .pop()
+            .ok_or_else(|| AppError::Internal("no insert outcome".into()))?;
+        let (bucket, record, fresh) = match outcome {
+            InsertOutcome::Inserted => {
+                let mut record = task.record();
+                record.bucket_ms = bucket;
+                (bucket, record, true)
+            }
+            InsertOutcome::Existing(record) if record.state == TaskState::Scheduled => {
+                task.id = record.id;
+                (record.bucket_ms, record, false)
+            }
+            InsertOutcome::Existing(record) => return Ok(record),
+            InsertOutcome::Conflict { key } => return Err(AppError::AlreadyExists { key }),
+        };
+        let undo = |err: AppError| async move {
+            if fresh {
+                self.forget(&[(bucket, task.id)]).await;
+            }
+            Err(err)
+        };
+        if let Err(err) = inner
+            .claims
+            .seed(&[(bucket, task.id)], inner.width_ms)
+            .await
+        {
+            return undo(err.into()).await;
+        }
+        match inner.bus.publish_tasks(&[(bucket, &task)]).await.pop() {
+            Some(Ok(())) => Ok(record),
+            Some(Err(err)) => undo(err.into()).await,
+            None => undo(AppError::Internal("no publish outcome".into())).await,
+        }
+    }
+
     /// Undoes tasks whose publish failed or is in doubt: the claim is marked
     /// cancelled (so a copy JetStream did store never runs) and the row goes.
     async fn forget(&self, tasks: &[(i64, TaskId)]) {

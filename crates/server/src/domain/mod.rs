@@ -2,12 +2,14 @@
 //! bucket arithmetic. No I/O and no generated proto types here.
 
 mod recurrence;
+mod schedule;
 mod task;
 mod validate;
 
 pub use recurrence::{MissingDay, Recurrence};
+pub use schedule::{CatchUp, RecurringSpec, Schedule, validate_schedule};
 pub use task::{
-    AttemptOutcome, AttemptRecord, NewTask, StatusWrite, TaskId, TaskRecord, TaskState, bucket_of,
-    content_hash, version_of,
+    AttemptOutcome, AttemptRecord, NewTask, Occurrence, StatusWrite, TaskId, TaskRecord, TaskState,
+    bucket_of, content_hash, version_of,
 };
 pub use validate::{Limits, ScheduleSpec, ValidationError, ValidationKind, validate};

@@ -184,6 +184,17 @@ pub struct NewTask {
     pub content_hash: String,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
+    /// The recurring schedule and nominal fire time it is an occurrence of.
+    pub occurrence: Option<Occurrence>,
+}
+
+/// Where an occurrence of a recurring schedule comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Occurrence {
+    /// The schedule.
+    pub schedule_id: TaskId,
+    /// Its nominal fire time (before jitter).
+    pub fire_at: DateTime<Utc>,
 }
 
 impl NewTask {
@@ -204,6 +215,7 @@ impl NewTask {
             last_error: None,
             created_at: self.created_at,
             updated_at: self.created_at,
+            occurrence: self.occurrence,
         }
     }
 }
@@ -239,6 +251,8 @@ pub struct TaskRecord {
     pub created_at: DateTime<Utc>,
     /// Last state change.
     pub updated_at: DateTime<Utc>,
+    /// The recurring schedule it is an occurrence of, if any.
+    pub occurrence: Option<Occurrence>,
 }
 
 /// How an attempt ended.

@@ -222,6 +222,7 @@ pub fn validate(
         idempotency_key: spec.idempotency_key,
         content_hash,
         created_at: now,
+        occurrence: None,
     })
 }
 

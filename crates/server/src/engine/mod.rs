@@ -1,3 +1,4 @@
 //! Background loops of a replica.
 
 pub mod dispatcher;
+pub mod materializer;

@@ -2,6 +2,7 @@
 //! SQLite and a Postgres implementation (see [`sql`]).
 
 pub mod claims;
+mod schedules;
 mod sql;
 
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::{AttemptRecord, NewTask, StatusWrite, TaskId, TaskRecord, TaskState};
 
+pub use schedules::{ScheduleFilter, ScheduleInsert, ScheduleStore};
 pub use sql::{PG_MIGRATOR, PgStore, SQLITE_MIGRATOR, SqliteStore, connect};
 
 /// Errors of the SQL store.
@@ -57,13 +59,15 @@ pub struct TaskFilter {
     pub state: Option<TaskState>,
     /// Only ids below this one (the page token: newest first).
     pub before: Option<TaskId>,
+    /// Only occurrences of this recurring schedule.
+    pub schedule: Option<TaskId>,
     /// Page size.
     pub limit: u32,
 }
 
 /// The SQL task index and run log.
 #[tonic::async_trait]
-pub trait TaskStore: std::fmt::Debug + Send + Sync + 'static {
+pub trait TaskStore: ScheduleStore + std::fmt::Debug + Send + Sync + 'static {
     /// Stores new tasks in state SCHEDULED, each in its own right: one
     /// transaction for all, one outcome per task in order.
     async fn insert_tasks(

@@ -12,7 +12,8 @@ use sqlx::{Pool, Postgres, Row, Sqlite};
 
 use super::{DynStore, InsertOutcome, StoreError, StoreResult, TaskFilter, TaskStore, ms_to_time};
 use crate::domain::{
-    AttemptOutcome, AttemptRecord, NewTask, StatusWrite, TaskId, TaskRecord, TaskState, version_of,
+    AttemptOutcome, AttemptRecord, NewTask, Occurrence, StatusWrite, TaskId, TaskRecord, TaskState,
+    version_of,
 };
 
 /// Migrations of the SQLite backend.
@@ -23,13 +24,13 @@ pub static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migratio
 /// The SQLite store (the default: one file, WAL, synchronous=FULL).
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    pool: Pool<Sqlite>,
+    pub(super) pool: Pool<Sqlite>,
 }
 
 /// The Postgres store (for several replicas).
 #[derive(Debug, Clone)]
 pub struct PgStore {
-    pool: Pool<Postgres>,
+    pub(super) pool: Pool<Postgres>,
 }
 
 /// Connects to `url` (`sqlite://…` or `postgres://…`), applies migrations and
@@ -66,7 +67,8 @@ pub async fn connect(url: &str) -> StoreResult<DynStore> {
 }
 
 const TASK_COLUMNS: &str = "id, queue, state, due_at_ms, bucket_ms, expire_at_ms, max_attempts, \
-     attempts, idempotency_key, content_type, payload_size, last_error, created_at_ms, updated_at_ms";
+     attempts, idempotency_key, content_type, payload_size, last_error, created_at_ms, updated_at_ms, \
+     schedule_id, fire_at_ms";
 
 fn task_from_row<R: Row>(row: &R) -> StoreResult<TaskRecord>
 where
@@ -81,6 +83,16 @@ where
     let id: String = row.try_get("id")?;
     let state: String = row.try_get("state")?;
     let expire_at_ms: Option<i64> = row.try_get("expire_at_ms")?;
+    let schedule_id: Option<String> = row.try_get("schedule_id")?;
+    let fire_at_ms: Option<i64> = row.try_get("fire_at_ms")?;
+    let occurrence = match (schedule_id, fire_at_ms) {
+        (Some(schedule), Some(ms)) => Some(Occurrence {
+            schedule_id: TaskId::from_str(&schedule)
+                .map_err(|e| corrupt(format!("bad schedule id `{schedule}`: {e}")))?,
+            fire_at: ms_to_time("tasks", ms)?,
+        }),
+        _ => None,
+    };
     Ok(TaskRecord {
         id: TaskId::from_str(&id).map_err(|e| corrupt(format!("bad id `{id}`: {e}")))?,
         queue: row.try_get("queue")?,
@@ -96,6 +108,7 @@ where
         last_error: row.try_get("last_error")?,
         created_at: ms_to_time("tasks", row.try_get("created_at_ms")?)?,
         updated_at: ms_to_time("tasks", row.try_get("updated_at_ms")?)?,
+        occurrence,
     })
 }
 
@@ -293,9 +306,10 @@ macro_rules! impl_task_store {
                     let sql = format!(
                         "INSERT INTO tasks (id, queue, state, version, due_at_ms, bucket_ms, \
                          expire_at_ms, max_attempts, attempts, idempotency_key, content_hash, \
-                         content_type, payload_size, last_error, created_at_ms, updated_at_ms) VALUES {} \
+                         content_type, payload_size, last_error, created_at_ms, updated_at_ms, \
+                         schedule_id, fire_at_ms) VALUES {} \
                          ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-                        rows(chunk.len(), 16, $placeholder)
+                        rows(chunk.len(), 18, $placeholder)
                     );
                     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
                     for (task, bucket) in chunk {
@@ -316,7 +330,9 @@ macro_rules! impl_task_store {
                             .bind(task.payload.len() as i64)
                             .bind(None::<String>)
                             .bind(created)
-                            .bind(created);
+                            .bind(created)
+                            .bind(task.occurrence.map(|o| o.schedule_id.to_string()))
+                            .bind(task.occurrence.map(|o| o.fire_at.timestamp_millis()));
                     }
                     for row in query.fetch_all(&mut *tx).await? {
                         inserted.insert(row.try_get::<String, _>("id")?);
@@ -385,12 +401,13 @@ macro_rules! impl_task_store {
                 let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
                     "SELECT {TASK_COLUMNS} FROM tasks \
                      WHERE ($1 = '' OR queue = $1) AND ($2 = '' OR state = $2) \
-                       AND ($3 = '' OR id < $3) \
-                     ORDER BY id DESC LIMIT $4"
+                       AND ($3 = '' OR id < $3) AND ($4 = '' OR schedule_id = $4) \
+                     ORDER BY id DESC LIMIT $5"
                 )))
                 .bind(filter.queue.clone().unwrap_or_default())
                 .bind(filter.state.map(TaskState::as_str).unwrap_or_default())
                 .bind(filter.before.map(|id| id.to_string()).unwrap_or_default())
+                .bind(filter.schedule.map(|id| id.to_string()).unwrap_or_default())
                 .bind(i64::from(filter.limit))
                 .fetch_all(&self.pool)
                 .await?;

@@ -1,0 +1,367 @@
+//! Recurring schedules end to end: fire times become ordinary tasks on every
+//! replica exactly once, missed fire times follow the catch-up policy, and
+//! pause, resume and delete do what they say.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use kairos_client::{CatchUp, Client, NewRecurring, Task, TaskState};
+use kairos_tests::stack::client;
+use kairos_tests::{Backend, RunLog, Stack, backend_tests};
+
+/// Every occurrence of a schedule, oldest fire time first.
+async fn occurrences(client: &mut Client, schedule_id: &str) -> Vec<Task> {
+    let mut all = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = client
+            .list_occurrences(schedule_id, 1000, token.as_deref())
+            .await
+            .expect("list occurrences");
+        all.extend(page.tasks);
+        match page.next_page_token {
+            Some(next) => token = Some(next),
+            None => break,
+        }
+    }
+    all.sort_by_key(|t| t.occurrence.as_ref().map(|o| o.1));
+    all
+}
+
+fn fire_at(task: &Task) -> DateTime<Utc> {
+    task.occurrence.as_ref().expect("an occurrence").1
+}
+
+/// The next whole second at least `ahead` from now.
+fn whole_second_in(ahead: Duration) -> DateTime<Utc> {
+    let t = Utc::now() + chrono::Duration::from_std(ahead).expect("small");
+    DateTime::from_timestamp(t.timestamp() + 1, 0).expect("valid")
+}
+
+/// A per-second schedule for 60 s, on two replicas that both materialize:
+/// 60 occurrences, one per second, each run exactly once.
+async fn per_second_schedule_on_two_replicas_runs_each_second_once(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let mut config = stack.config();
+    // A short horizon, so both replicas keep materializing while it runs.
+    config.recurring_ahead = Duration::from_secs(2);
+    let a = stack.server_with(config.clone()).await;
+    let b = stack.server_with(config).await;
+    let log = RunLog::default();
+    let _wa = stack.worker(&a, "ticks", 8, log.handler());
+    let _wb = stack.worker(&b, "ticks", 8, log.handler());
+    let mut client = client(&a).await;
+
+    let start = whole_second_in(Duration::from_secs(2));
+    let end = start + chrono::Duration::seconds(59);
+    let schedule = client
+        .create_recurring(
+            NewRecurring::new("ticks", "* * * * * *")
+                .start_at(start)
+                .end_at(end),
+        )
+        .await
+        .expect("create");
+    assert_eq!(schedule.next_fire_times.first(), Some(&start));
+
+    log.wait_for(60, Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let runs = log.runs();
+    let tasks = occurrences(&mut client, &schedule.id).await;
+    let fires: Vec<DateTime<Utc>> = tasks.iter().map(fire_at).collect();
+    let expected: Vec<DateTime<Utc>> = (0..60)
+        .map(|s| start + chrono::Duration::seconds(s))
+        .collect();
+    assert_eq!(
+        fires, expected,
+        "one occurrence per second, no more, no fewer"
+    );
+    let ran: HashMap<String, usize> = log.counts();
+    assert_eq!(runs.len(), 60, "each occurrence ran once: {ran:?}");
+    assert!(ran.values().all(|&n| n == 1));
+    for task in &tasks {
+        assert!(
+            ran.contains_key(&task.id),
+            "occurrence {} never ran",
+            task.id
+        );
+    }
+    for run in &runs {
+        assert!(run.at >= run.due_at, "ran before its fire time");
+    }
+    let done = client.get_recurring(&schedule.id).await.expect("get");
+    assert_eq!(done.occurrences, 60);
+    assert!(done.next_fire_times.is_empty(), "finished at end_at");
+}
+
+/// All replicas stop for 8 s while three per-second schedules run; on
+/// restart SKIP runs none of the missed fire times, ONE the latest, ALL every one.
+async fn missed_fire_times_follow_the_catch_up_policy(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let mut config = stack.config();
+    config.recurring_ahead = Duration::from_secs(1);
+    config.catch_up_grace = Duration::from_secs(1);
+    let mut server = stack.server_with(config.clone()).await;
+    let mut client = client(&server).await;
+    let start = whole_second_in(Duration::from_secs(1));
+    let mut ids = HashMap::new();
+    for policy in [CatchUp::Skip, CatchUp::One, CatchUp::All] {
+        let schedule = client
+            .create_recurring(
+                NewRecurring::new("catchup", "* * * * * *")
+                    .start_at(start)
+                    .catch_up(policy),
+            )
+            .await
+            .expect("create");
+        ids.insert(format!("{policy:?}"), schedule.id);
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    server.stop().await.expect("stop");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let server = stack.server_with(config).await;
+    let mut client = kairos_tests::stack::client(&server).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let grace = chrono::Duration::seconds(1);
+    for (policy, id) in &ids {
+        let tasks = occurrences(&mut client, id).await;
+        let fires: Vec<DateTime<Utc>> = tasks.iter().map(fire_at).collect();
+        let present: HashSet<DateTime<Utc>> = fires.iter().copied().collect();
+        let last = *fires.last().expect("occurrences");
+        let gaps = (0..)
+            .map(|s| start + chrono::Duration::seconds(s))
+            .take_while(|t| *t <= last)
+            .filter(|t| !present.contains(t))
+            .count();
+        // An occurrence booked after its fire time (plus grace) was caught up.
+        let caught_up = tasks
+            .iter()
+            .filter(|t| t.created_at > fire_at(t) + grace)
+            .count();
+        match policy.as_str() {
+            "Skip" => {
+                assert!(gaps >= 4, "SKIP leaves the missed seconds out: {gaps} gaps");
+                assert_eq!(caught_up, 0, "SKIP runs no missed fire time");
+            }
+            "One" => {
+                assert!(gaps >= 3, "ONE leaves all but one out: {gaps} gaps");
+                assert_eq!(caught_up, 1, "ONE runs the latest missed fire time once");
+            }
+            _ => {
+                assert_eq!(gaps, 0, "ALL runs every missed fire time");
+                assert!(caught_up >= 4, "ALL caught up {caught_up}");
+            }
+        }
+    }
+}
+
+/// Pause stops new occurrences, resume continues from now, delete with
+/// `cancel_pending` cancels what is booked and nothing more runs.
+async fn pause_resume_and_delete(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let mut config = stack.config();
+    config.recurring_ahead = Duration::from_secs(1);
+    config.catch_up_grace = Duration::from_secs(1);
+    let server = stack.server_with(config).await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "pulse", 4, log.handler());
+    let mut client = client(&server).await;
+    let schedule = client
+        .create_recurring(NewRecurring::new("pulse", "* * * * * *"))
+        .await
+        .expect("create");
+    log.wait_for(2, Duration::from_secs(10)).await;
+
+    let paused = client.pause_recurring(&schedule.id).await.expect("pause");
+    assert!(paused.paused);
+    let paused_at = Utc::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during: Vec<DateTime<Utc>> = occurrences(&mut client, &schedule.id)
+        .await
+        .iter()
+        .map(fire_at)
+        .filter(|f| *f > paused_at + chrono::Duration::seconds(2))
+        .collect();
+    assert!(during.is_empty(), "occurrences while paused: {during:?}");
+    let (listed, _) = client
+        .list_recurring(Some("pulse"), Some(true), 10, None)
+        .await
+        .expect("list");
+    assert_eq!(listed.len(), 1);
+
+    let resumed_at = Utc::now();
+    let resumed = client.resume_recurring(&schedule.id).await.expect("resume");
+    assert!(!resumed.paused);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after: Vec<DateTime<Utc>> = occurrences(&mut client, &schedule.id)
+        .await
+        .iter()
+        .map(fire_at)
+        .filter(|f| *f >= resumed_at - chrono::Duration::seconds(1))
+        .collect();
+    assert!(after.len() >= 2, "resumed: {after:?}");
+
+    // One occurrence can be cancelled on its own, like any task.
+    let tasks = occurrences(&mut client, &schedule.id).await;
+    let pending: Vec<&Task> = tasks
+        .iter()
+        .filter(|t| t.state == TaskState::Scheduled)
+        .collect();
+    if let Some(one) = pending.first() {
+        let cancelled = client.cancel(&one.id).await.expect("cancel one occurrence");
+        assert_eq!(cancelled.state, TaskState::Cancelled);
+    }
+
+    client
+        .delete_recurring(&schedule.id, true)
+        .await
+        .expect("delete");
+    let deleted_at = Utc::now();
+    let err = client
+        .get_recurring(&schedule.id)
+        .await
+        .expect_err("deleted");
+    assert_eq!(err.code, tonic::Code::NotFound);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let late: Vec<String> = log
+        .runs()
+        .iter()
+        .filter(|r| r.at > deleted_at + chrono::Duration::milliseconds(500))
+        .map(|r| r.task_id.clone())
+        .collect();
+    assert!(late.is_empty(), "ran after delete: {late:?}");
+    let tasks = occurrences(&mut client, &schedule.id).await;
+    assert!(
+        tasks.iter().all(|t| matches!(
+            t.state,
+            TaskState::Succeeded | TaskState::Cancelled | TaskState::Running
+        )),
+        "every occurrence either ran or was cancelled"
+    );
+}
+
+/// A replica that booked an occurrence and died before moving the
+/// schedule on (staged by moving `next_fire_at` back, then killing the
+/// replica): the next replica books that fire time again and finds the same
+/// task, so each fire time still runs once.
+async fn crash_between_booking_and_advancing_makes_one_occurrence(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let mut config = stack.config();
+    config.recurring_ahead = Duration::from_secs(1);
+    let mut first = stack.server_with(config.clone()).await;
+    let log = RunLog::default();
+    let mut client = client(&first).await;
+    let start = whole_second_in(Duration::from_secs(2));
+    let schedule = client
+        .create_recurring(
+            NewRecurring::new("crashy", "every 2s")
+                .start_at(start)
+                .end_at(start + chrono::Duration::seconds(10)),
+        )
+        .await
+        .expect("create");
+    // Wait for two occurrences, then undo the last advance as a crash would have.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let made = occurrences(&mut client, &schedule.id).await;
+        if made.len() >= 2 {
+            let last = fire_at(made.last().expect("two")).timestamp_millis();
+            let next = last + 2000;
+            let undone = stack
+                .execute_sql(
+                    "UPDATE schedules SET next_fire_at_ms = $1, occurrences = occurrences - 1 \
+                     WHERE next_fire_at_ms = $2",
+                    &[last, next],
+                )
+                .await;
+            if undone == 1 {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no occurrences");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    first.kill().await;
+    let second = stack.server_with(config).await;
+    let _worker = stack.worker(&second, "crashy", 4, log.handler());
+    let mut client = kairos_tests::stack::client(&second).await;
+    log.wait_for(6, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let tasks = occurrences(&mut client, &schedule.id).await;
+    let fires: Vec<DateTime<Utc>> = tasks.iter().map(fire_at).collect();
+    let expected: Vec<DateTime<Utc>> = (0..6)
+        .map(|k| start + chrono::Duration::seconds(2 * k))
+        .collect();
+    assert_eq!(fires, expected, "one task per fire time");
+    let counts = log.counts();
+    assert_eq!(log.len(), 6, "each ran once: {counts:?}");
+    assert!(counts.values().all(|&n| n == 1));
+    let done = client.get_recurring(&schedule.id).await.expect("get");
+    assert_eq!(done.occurrences, 6);
+}
+
+/// Bad schedules are refused with the field, and nothing is stored.
+async fn bad_schedules_are_rejected(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let server = stack.server().await;
+    let mut client = client(&server).await;
+    let now = Utc::now();
+    let cases: Vec<(NewRecurring, &str)> = vec![
+        (NewRecurring::new("q", "61 * * * *"), "spec"),
+        (
+            NewRecurring::new("q", "0 9 * * *").time_zone("Nowhere/Atlantis"),
+            "time_zone",
+        ),
+        (NewRecurring::new("bad.queue", "0 9 * * *"), "queue"),
+        (
+            NewRecurring::new("q", "0 9 * * *")
+                .start_at(now + chrono::Duration::days(2))
+                .end_at(now + chrono::Duration::days(1)),
+            "end_at",
+        ),
+        (NewRecurring::new("q", "0 0 30 2 *"), "spec"),
+        (
+            NewRecurring::new("q", "0 9 * * *").max_attempts(0),
+            "max_attempts",
+        ),
+    ];
+    for (new, field) in cases {
+        let err = client
+            .create_recurring(new.clone())
+            .await
+            .expect_err(&format!("{new:?} must be refused"));
+        assert_eq!(err.code, tonic::Code::InvalidArgument, "{err}");
+        assert_eq!(err.field.as_deref(), Some(field), "{err}");
+    }
+    let (listed, _) = client
+        .list_recurring(None, None, 100, None)
+        .await
+        .expect("list");
+    assert!(listed.is_empty(), "nothing stored");
+    // The same idempotency key and content returns the same schedule.
+    let first = client
+        .create_recurring(NewRecurring::new("q", "@daily").idempotency_key("daily-report"))
+        .await
+        .expect("create");
+    let again = client
+        .create_recurring(NewRecurring::new("q", "@daily").idempotency_key("daily-report"))
+        .await
+        .expect("create again");
+    assert_eq!(first.id, again.id);
+    let conflict = client
+        .create_recurring(NewRecurring::new("q", "@hourly").idempotency_key("daily-report"))
+        .await
+        .expect_err("other content");
+    assert_eq!(conflict.code, tonic::Code::AlreadyExists);
+}
+
+backend_tests!(
+    per_second_schedule_on_two_replicas_runs_each_second_once,
+    missed_fire_times_follow_the_catch_up_policy,
+    crash_between_booking_and_advancing_makes_one_occurrence,
+    pause_resume_and_delete,
+    bad_schedules_are_rejected,
+);

@@ -138,7 +138,11 @@ impl Bench {
             .get_multiplexed_async_connection()
             .await
             .context("redis")?;
-        let () = redis::cmd("FLUSHALL").query_async(&mut redis).await?;
+        // ASYNC: freeing millions of claims can outlast the response timeout.
+        let () = redis::cmd("FLUSHALL")
+            .arg("ASYNC")
+            .query_async(&mut redis)
+            .await?;
         self.run += 1;
         let name = format!("kairos_bench_{}_{}", std::process::id(), self.run);
         let database_url = match &self.args.postgres_url {

@@ -10,6 +10,9 @@ use kairos_client::{CatchUp, Client, NewRecurring, Task, TaskState};
 use kairos_tests::stack::client;
 use kairos_tests::{Backend, RunLog, Stack, backend_tests};
 
+/// Due time and payload of every run a test handler saw.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(DateTime<Utc>, String)>>>;
+
 /// Every occurrence of a schedule, oldest fire time first.
 async fn occurrences(client: &mut Client, schedule_id: &str) -> Vec<Task> {
     let mut all = Vec::new();
@@ -303,6 +306,160 @@ async fn crash_between_booking_and_advancing_makes_one_occurrence(backend: Backe
     assert_eq!(done.occurrences, 6);
 }
 
+/// UpdateRecurring: a zone or spec change moves the next fire times; payload
+/// and spec changes reach the occurrences booked after the update; bad
+/// updates change nothing.
+async fn update_takes_effect_from_the_next_fire_time(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let mut config = stack.config();
+    config.recurring_ahead = Duration::from_secs(1);
+    let server = stack.server_with(config).await;
+    let mut client = client(&server).await;
+
+    // Zone and spec changes, seen in the next fire times.
+    let daily = client
+        .create_recurring(NewRecurring::new("daily", "0 9 * * *"))
+        .await
+        .expect("create");
+    let hour_in =
+        |t: &DateTime<Utc>, zone: chrono_tz::Tz| t.with_timezone(&zone).format("%H:%M").to_string();
+    assert_eq!(hour_in(&daily.next_fire_times[0], chrono_tz::UTC), "09:00");
+    let seoul = client
+        .update_recurring(
+            &daily.id,
+            NewRecurring::default().time_zone("Asia/Seoul"),
+            &["time_zone"],
+        )
+        .await
+        .expect("update zone");
+    assert_eq!(seoul.time_zone, "Asia/Seoul");
+    assert!(
+        seoul
+            .next_fire_times
+            .iter()
+            .all(|t| hour_in(t, chrono_tz::Asia::Seoul) == "09:00"),
+        "{:?}",
+        seoul.next_fire_times
+    );
+    let evening = client
+        .update_recurring(&daily.id, NewRecurring::new("", "0 18 * * *"), &["spec"])
+        .await
+        .expect("update spec");
+    assert!(
+        evening
+            .next_fire_times
+            .iter()
+            .all(|t| hour_in(t, chrono_tz::Asia::Seoul) == "18:00")
+    );
+    for (changes, fields, field) in [
+        (NewRecurring::default(), vec![], "update_mask"),
+        (
+            NewRecurring::new("other", "0 9 * * *"),
+            vec!["queue"],
+            "update_mask",
+        ),
+        (NewRecurring::new("", "61 * * * *"), vec!["spec"], "spec"),
+        (
+            NewRecurring::default().time_zone("Mars/Base"),
+            vec!["time_zone"],
+            "time_zone",
+        ),
+    ] {
+        let err = client
+            .update_recurring(&daily.id, changes, &fields)
+            .await
+            .expect_err("bad update");
+        assert_eq!(err.code, tonic::Code::InvalidArgument, "{err}");
+        assert_eq!(err.field.as_deref(), Some(field), "{err}");
+    }
+    let unchanged = client.get_recurring(&daily.id).await.expect("get");
+    assert_eq!(
+        (unchanged.spec.as_str(), unchanged.time_zone.as_str()),
+        ("0 18 * * *", "Asia/Seoul")
+    );
+
+    // A live schedule: the payload and spec change for what is booked afterwards.
+    let seen: Seen = Seen::default();
+    let handler = {
+        let seen = seen.clone();
+        kairos_worker::handler_fn(move |task| {
+            let seen = seen.clone();
+            async move {
+                let payload = String::from_utf8_lossy(task.payload()).into_owned();
+                seen.lock().expect("seen").push((task.due_at(), payload));
+                Ok::<(), kairos_worker::HandlerError>(())
+            }
+        })
+    };
+    let _worker = stack.worker(&server, "live", 4, handler);
+    let live = client
+        .create_recurring(NewRecurring::new("live", "* * * * * *").payload("v1"))
+        .await
+        .expect("create live");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let updated_at = Utc::now();
+    client
+        .update_recurring(
+            &live.id,
+            NewRecurring::new("", "*/2 * * * * *").payload("v2"),
+            &["spec", "payload"],
+        )
+        .await
+        .expect("update live");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let seen = seen.lock().expect("seen").clone();
+    assert!(seen.iter().any(|(_, p)| p == "v1"), "ran before the update");
+    // Booked up to 1 s ahead: anything due 2 s after the update follows the new rule.
+    let after: Vec<&(DateTime<Utc>, String)> = seen
+        .iter()
+        .filter(|(due, _)| *due > updated_at + chrono::Duration::seconds(2))
+        .collect();
+    assert!(after.len() >= 2, "ran after the update: {seen:?}");
+    for (due, payload) in after {
+        assert_eq!(payload, "v2", "payload after the update");
+        assert_eq!(
+            due.timestamp() % 2,
+            0,
+            "every other second after the update: {due}"
+        );
+    }
+}
+
+/// The billing example, live and short: a renewal schedule charges through
+/// the `billing` queue; each occurrence is charged once, and the schedule ends
+/// after its occurrence limit.
+async fn billing_schedule_charges_each_occurrence_once(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let mut config = stack.config();
+    config.recurring_ahead = Duration::from_secs(1);
+    let server = stack.server_with(config).await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "billing", 2, log.handler());
+    let mut client = client(&server).await;
+    let schedule = client
+        .create_recurring(
+            NewRecurring::new("billing", "every 1s")
+                .payload(r#"{"subscription":"sub-42","amount":990}"#)
+                .max_occurrences(5)
+                .max_attempts(3),
+        )
+        .await
+        .expect("create");
+    log.wait_for(5, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let counts = log.counts();
+    assert_eq!(log.len(), 5, "five charges: {counts:?}");
+    assert!(counts.values().all(|&n| n == 1), "each charged once");
+    let tasks = occurrences(&mut client, &schedule.id).await;
+    assert_eq!(tasks.len(), 5);
+    assert!(tasks.iter().all(|t| t.state == TaskState::Succeeded));
+    let fires: HashSet<DateTime<Utc>> = tasks.iter().map(fire_at).collect();
+    assert_eq!(fires.len(), 5, "distinct fire times");
+    let done = client.get_recurring(&schedule.id).await.expect("get");
+    assert_eq!(done.occurrences, 5);
+    assert!(done.next_fire_times.is_empty(), "finished after 5");
+}
+
 /// Bad schedules are refused with the field, and nothing is stored.
 async fn bad_schedules_are_rejected(backend: Backend) {
     let stack = Stack::start(backend).await;
@@ -363,5 +520,7 @@ backend_tests!(
     missed_fire_times_follow_the_catch_up_policy,
     crash_between_booking_and_advancing_makes_one_occurrence,
     pause_resume_and_delete,
+    update_takes_effect_from_the_next_fire_time,
+    billing_schedule_charges_each_occurrence_once,
     bad_schedules_are_rejected,
 );

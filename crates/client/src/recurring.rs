@@ -263,6 +263,31 @@ impl Client {
         ))
     }
 
+    /// Changes the fields of a schedule named in `fields` (for example
+    /// `["spec", "time_zone"]`), taking the values from `changes`. The change
+    /// takes effect from the next fire time not yet made into a task.
+    pub async fn update_recurring(
+        &mut self,
+        id: &str,
+        changes: NewRecurring,
+        fields: &[&str],
+    ) -> Result<Recurring, ClientError> {
+        let request = pb::UpdateRecurringRequest {
+            id: id.to_owned(),
+            schedule: Some(changes.into_pb()),
+            update_mask: Some(prost_types::FieldMask {
+                paths: fields.iter().map(|f| (*f).to_owned()).collect(),
+            }),
+        };
+        schedule(
+            self.inner
+                .update_recurring(request)
+                .await?
+                .into_inner()
+                .schedule,
+        )
+    }
+
     /// Stops new occurrences.
     pub async fn pause_recurring(&mut self, id: &str) -> Result<Recurring, ClientError> {
         let request = pb::PauseRecurringRequest { id: id.to_owned() };

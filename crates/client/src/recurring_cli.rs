@@ -54,6 +54,38 @@ pub(crate) enum RecurringCommand {
         #[arg(long)]
         key: Option<String>,
     },
+    /// Change a schedule from its next fire time not yet booked; only the options given change.
+    Update {
+        /// Schedule id.
+        id: String,
+        /// New cron spec or `every <duration>`.
+        #[arg(long = "cron", alias = "spec")]
+        spec: Option<String>,
+        /// New IANA time zone.
+        #[arg(long)]
+        tz: Option<String>,
+        /// New payload text.
+        #[arg(long)]
+        payload: Option<String>,
+        /// New catch-up policy: skip, one, all.
+        #[arg(long, value_parser = parse_catch_up)]
+        catch_up: Option<CatchUp>,
+        /// New missing-day policy: skip or last.
+        #[arg(long, value_parser = parse_missing_day)]
+        missing_day: Option<MissingDay>,
+        /// New end (RFC 3339).
+        #[arg(long)]
+        end: Option<DateTime<Utc>>,
+        /// New occurrence limit (0 for none).
+        #[arg(long)]
+        max_occurrences: Option<u32>,
+        /// New jitter (e.g. 30s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        jitter: Option<Duration>,
+        /// New attempts per occurrence.
+        #[arg(long)]
+        max_attempts: Option<u32>,
+    },
     /// Show when a spec would fire, storing nothing.
     Preview {
         /// Cron spec or `every 90s`.
@@ -225,6 +257,60 @@ pub(crate) async fn run(
             }
             let schedule = client.create_recurring(new).await?;
             print_schedule(&schedule, json, "created ");
+        }
+        RecurringCommand::Update {
+            id,
+            spec,
+            tz,
+            payload,
+            catch_up,
+            missing_day,
+            end,
+            max_occurrences,
+            jitter,
+            max_attempts,
+        } => {
+            let mut changes = NewRecurring::default();
+            let mut fields = Vec::new();
+            if let Some(spec) = spec {
+                changes.spec = spec;
+                fields.push("spec");
+            }
+            if let Some(tz) = tz {
+                changes.time_zone = tz;
+                fields.push("time_zone");
+            }
+            if let Some(text) = payload {
+                changes.payload = text.into();
+                fields.push("payload");
+            }
+            if let Some(policy) = catch_up {
+                changes.catch_up = policy;
+                fields.push("catch_up");
+            }
+            if let Some(policy) = missing_day {
+                changes.missing_day = policy;
+                fields.push("missing_day");
+            }
+            if let Some(at) = end {
+                changes.end_at = Some(at);
+                fields.push("end_at");
+            }
+            if let Some(n) = max_occurrences {
+                changes.max_occurrences = n;
+                fields.push("max_occurrences");
+            }
+            if let Some(d) = jitter {
+                changes.jitter = d;
+                fields.push("jitter");
+            }
+            if let Some(n) = max_attempts {
+                changes.max_attempts = Some(n);
+                fields.push("max_attempts");
+            }
+            anyhow::ensure!(!fields.is_empty(), "give at least one option to change");
+            let schedule = client.update_recurring(&id, changes, &fields).await?;
+            print_schedule(&schedule, json, "updated ");
         }
         RecurringCommand::Preview {
             spec,

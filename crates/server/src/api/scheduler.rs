@@ -153,6 +153,22 @@ impl SchedulerService for SchedulerApi {
     }
 
     #[instrument(skip_all)]
+    async fn update_recurring(
+        &self,
+        request: Request<pb::UpdateRecurringRequest>,
+    ) -> Result<Response<pb::UpdateRecurringResponse>, Status> {
+        let request = request.into_inner();
+        let id = convert::task_id("id", &request.id)?;
+        let mask = request.update_mask.map(|m| m.paths).unwrap_or_default();
+        let changes = RecurringSpec::try_from(request.schedule.unwrap_or_default())
+            .map_err(AppError::from)?;
+        let schedule = self.recurring.update(id, changes, &mask).await?;
+        Ok(Response::new(pb::UpdateRecurringResponse {
+            schedule: Some(schedule.into()),
+        }))
+    }
+
+    #[instrument(skip_all)]
     async fn pause_recurring(
         &self,
         request: Request<pb::PauseRecurringRequest>,

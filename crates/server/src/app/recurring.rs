@@ -9,7 +9,7 @@ use tracing::instrument;
 use super::{AppError, AppResult, TaskService};
 use crate::domain::{
     Limits, MissingDay, Recurrence, RecurringSpec, Schedule, TaskId, TaskState, ValidationError,
-    validate_schedule,
+    apply_update, validate_schedule,
 };
 use crate::store::{DynStore, ScheduleFilter, ScheduleInsert, TaskFilter};
 
@@ -98,6 +98,40 @@ impl RecurringService {
             None
         };
         Ok(SchedulePage { schedules, next })
+    }
+
+    /// Changes the fields named in `mask`; the change takes effect from the
+    /// next fire time not yet made into a task.
+    #[instrument(skip_all, fields(%id))]
+    pub async fn update(
+        &self,
+        id: TaskId,
+        changes: RecurringSpec,
+        mask: &[String],
+    ) -> AppResult<Schedule> {
+        // The materializer may move the schedule on meanwhile: read it again and retry.
+        for _ in 0..5 {
+            let current = self.get(id).await?;
+            let updated = apply_update(
+                &current,
+                changes.clone(),
+                mask,
+                Utc::now(),
+                &self.limits,
+                self.min_interval,
+            )?;
+            if self
+                .store
+                .update_schedule(&updated, current.next_fire_at)
+                .await?
+            {
+                return Ok(updated);
+            }
+        }
+        Err(AppError::Unavailable {
+            backend: "database",
+            cause: "the schedule kept moving; retry".into(),
+        })
     }
 
     /// Stops new occurrences; those already made stay (cancel them by id).

@@ -370,3 +370,109 @@ pub fn validate_schedule(
     }
     Ok(schedule)
 }
+
+/// Fields UpdateRecurring may change.
+const UPDATABLE: [&str; 13] = [
+    "payload",
+    "content_type",
+    "headers",
+    "spec",
+    "time_zone",
+    "missing_day",
+    "end_at",
+    "max_occurrences",
+    "jitter",
+    "catch_up",
+    "catch_up_limit",
+    "expire_after",
+    "max_attempts",
+];
+
+/// Applies the fields of `changes` named in `mask` to `current`, checks the
+/// result as a new schedule would be checked, and returns it. The new rule
+/// takes over from the next fire time not yet made into a task.
+pub fn apply_update(
+    current: &Schedule,
+    changes: RecurringSpec,
+    mask: &[String],
+    now: DateTime<Utc>,
+    limits: &Limits,
+    min_interval: Duration,
+) -> Result<Schedule, ValidationError> {
+    if mask.is_empty() {
+        return Err(ValidationError::invalid(
+            "update_mask",
+            "name the fields to change",
+        ));
+    }
+    let mut merged = RecurringSpec {
+        queue: current.queue.clone(),
+        payload: current.payload.clone(),
+        content_type: current.content_type.clone(),
+        headers: current.headers.clone(),
+        spec: current.spec.clone(),
+        time_zone: current.time_zone.clone(),
+        missing_day: current.missing_day,
+        start_at: Some(current.start_at),
+        end_at: current.end_at,
+        max_occurrences: current.max_occurrences,
+        jitter: current.jitter,
+        catch_up: current.catch_up,
+        catch_up_limit: current.catch_up_limit,
+        expire_after_ms: current.expire_after_ms,
+        max_attempts: Some(current.max_attempts),
+        idempotency_key: None,
+    };
+    for path in mask {
+        match path.as_str() {
+            "payload" => merged.payload = changes.payload.clone(),
+            "content_type" => merged.content_type = changes.content_type.clone(),
+            "headers" => merged.headers = changes.headers.clone(),
+            "spec" => merged.spec = changes.spec.clone(),
+            "time_zone" => merged.time_zone = changes.time_zone.clone(),
+            "missing_day" => merged.missing_day = changes.missing_day,
+            "end_at" => merged.end_at = changes.end_at,
+            "max_occurrences" => merged.max_occurrences = changes.max_occurrences,
+            "jitter" => merged.jitter = changes.jitter,
+            "catch_up" => merged.catch_up = changes.catch_up,
+            "catch_up_limit" => merged.catch_up_limit = changes.catch_up_limit,
+            "expire_after" => merged.expire_after_ms = changes.expire_after_ms,
+            "max_attempts" => merged.max_attempts = changes.max_attempts,
+            other => {
+                return Err(ValidationError::invalid(
+                    "update_mask",
+                    format!(
+                        "`{other}` cannot be changed; the fields that can are {}",
+                        UPDATABLE.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    let checked = validate_schedule(merged, now, limits, min_interval)?;
+    let mut updated = current.clone();
+    updated.payload = checked.payload;
+    updated.content_type = checked.content_type;
+    updated.headers = checked.headers;
+    updated.spec = checked.spec;
+    updated.time_zone = checked.time_zone;
+    updated.missing_day = checked.missing_day;
+    updated.end_at = checked.end_at;
+    updated.max_occurrences = checked.max_occurrences;
+    updated.jitter = checked.jitter;
+    updated.catch_up = checked.catch_up;
+    updated.catch_up_limit = checked.catch_up_limit;
+    updated.expire_after_ms = checked.expire_after_ms;
+    updated.max_attempts = checked.max_attempts;
+    updated.updated_at = now;
+    // Fire times before the next one not yet made stay as they were; a stale
+    // one (paused, or Kairos down) keeps its place so catch-up still applies.
+    let boundary = current.next_fire_at.unwrap_or(now);
+    let rule = updated.rule()?;
+    updated.next_fire_at = updated.next_after(
+        &rule,
+        boundary - chrono::TimeDelta::milliseconds(1),
+        updated.occurrences,
+    );
+    Ok(updated)
+}

@@ -61,6 +61,14 @@ pub trait ScheduleStore: Send + Sync {
         now: DateTime<Utc>,
     ) -> StoreResult<Option<Schedule>>;
 
+    /// Replaces a schedule's definition and next fire time, only if its next
+    /// fire time is still `expected` (the materializer did not move it meanwhile).
+    async fn update_schedule(
+        &self,
+        schedule: &Schedule,
+        expected: Option<DateTime<Utc>>,
+    ) -> StoreResult<bool>;
+
     /// Deletes a schedule; false when unknown.
     async fn delete_schedule(&self, id: TaskId) -> StoreResult<bool>;
 
@@ -242,6 +250,48 @@ macro_rules! impl_schedule_store {
                     .execute(&self.pool)
                     .await?;
                 self.get_schedule(id).await
+            }
+
+            async fn update_schedule(
+                &self,
+                s: &Schedule,
+                expected: Option<DateTime<Utc>>,
+            ) -> StoreResult<bool> {
+                let headers = serde_json::to_string(&s.headers).map_err(|e| {
+                    StoreError::Corrupt {
+                        table: "schedules",
+                        reason: format!("headers: {e}"),
+                    }
+                })?;
+                let updated = sqlx::query(
+                    "UPDATE schedules SET payload = $1, content_type = $2, headers = $3, spec = $4, \
+                     time_zone = $5, missing_day = $6, end_at_ms = $7, max_occurrences = $8, \
+                     jitter_ms = $9, catch_up = $10, catch_up_limit = $11, expire_after_ms = $12, \
+                     max_attempts = $13, next_fire_at_ms = $14, updated_at_ms = $15 \
+                     WHERE id = $16 AND (next_fire_at_ms = $17 OR (next_fire_at_ms IS NULL AND $18 = 1))",
+                )
+                .bind(s.payload.to_vec())
+                .bind(s.content_type.clone())
+                .bind(headers)
+                .bind(s.spec.clone())
+                .bind(s.time_zone.clone())
+                .bind(s.missing_day.as_str())
+                .bind(s.end_at.map(|t| t.timestamp_millis()))
+                .bind(i64::from(s.max_occurrences))
+                .bind(s.jitter.as_millis() as i64)
+                .bind(s.catch_up.as_str())
+                .bind(i64::from(s.catch_up_limit))
+                .bind(s.expire_after_ms)
+                .bind(i64::from(s.max_attempts))
+                .bind(s.next_fire_at.map(|t| t.timestamp_millis()))
+                .bind(s.updated_at.timestamp_millis())
+                .bind(s.id.to_string())
+                .bind(expected.map_or(-1, |t| t.timestamp_millis()))
+                .bind(i64::from(expected.is_none()))
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                Ok(updated == 1)
             }
 
             async fn delete_schedule(&self, id: TaskId) -> StoreResult<bool> {

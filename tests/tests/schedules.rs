@@ -460,6 +460,74 @@ async fn billing_schedule_charges_each_occurrence_once(backend: Backend) {
     assert!(done.next_fire_times.is_empty(), "finished after 5");
 }
 
+/// Overlap SKIP with a handler slower than the interval: occurrences due
+/// while the previous one runs are SKIPPED, and two never run at once.
+async fn overlap_skip_never_runs_two_at_once(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let mut config = stack.config();
+    config.recurring_ahead = Duration::from_secs(1);
+    let server = stack.server_with(config).await;
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler = {
+        let (running, most, runs) = (running.clone(), most.clone(), runs.clone());
+        kairos_worker::handler_fn(move |_task| {
+            let (running, most, runs) = (running.clone(), most.clone(), runs.clone());
+            async move {
+                use std::sync::atomic::Ordering;
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                runs.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok::<(), kairos_worker::HandlerError>(())
+            }
+        })
+    };
+    // Plenty of local concurrency: only the overlap policy keeps them apart.
+    let _worker = stack.worker(&server, "slow", 8, handler);
+    let mut client = client(&server).await;
+    let schedule = client
+        .create_recurring(
+            NewRecurring::new("slow", "* * * * * *")
+                .overlap(kairos_client::Overlap::Skip)
+                .max_occurrences(8),
+        )
+        .await
+        .expect("create");
+    tokio::time::sleep(Duration::from_secs(14)).await;
+
+    let tasks = occurrences(&mut client, &schedule.id).await;
+    assert_eq!(tasks.len(), 8);
+    let skipped = tasks
+        .iter()
+        .filter(|t| t.state == TaskState::Skipped)
+        .count();
+    let succeeded = tasks
+        .iter()
+        .filter(|t| t.state == TaskState::Succeeded)
+        .count();
+    assert_eq!(
+        most.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "never two at once"
+    );
+    assert!(
+        skipped >= 4,
+        "occurrences due while one ran are skipped: {skipped}"
+    );
+    assert!(succeeded >= 2, "the others ran: {succeeded}");
+    assert_eq!(skipped + succeeded, 8, "each occurrence ran or was skipped");
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), succeeded);
+    let listed = client
+        .list_tasks(Some("slow"), Some(TaskState::Skipped), 100, None)
+        .await
+        .expect("list skipped")
+        .tasks;
+    assert_eq!(listed.len(), skipped, "ListTasks by state SKIPPED");
+}
+
 /// Bad schedules are refused with the field, and nothing is stored.
 async fn bad_schedules_are_rejected(backend: Backend) {
     let stack = Stack::start(backend).await;
@@ -522,5 +590,6 @@ backend_tests!(
     pause_resume_and_delete,
     update_takes_effect_from_the_next_fire_time,
     billing_schedule_charges_each_occurrence_once,
+    overlap_skip_never_runs_two_at_once,
     bad_schedules_are_rejected,
 );

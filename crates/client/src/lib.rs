@@ -33,7 +33,7 @@ use tonic_types::StatusExt;
 
 /// Generated protocol types, for callers that need them.
 pub use kairos_proto::v1 as pb_types;
-pub use recurring::{CatchUp, MissingDay, NewRecurring, Recurring};
+pub use recurring::{CatchUp, MissingDay, NewRecurring, Overlap, Recurring};
 
 mod recurring;
 
@@ -122,6 +122,8 @@ pub enum TaskState {
     Cancelled,
     /// Missed its start deadline; never runs.
     Expired,
+    /// A recurring occurrence skipped while the previous one ran; never runs.
+    Skipped,
     /// A state this client does not know.
     Unknown,
 }
@@ -131,7 +133,7 @@ impl TaskState {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            Self::Succeeded | Self::Dead | Self::Cancelled | Self::Expired
+            Self::Succeeded | Self::Dead | Self::Cancelled | Self::Expired | Self::Skipped
         )
     }
 
@@ -146,6 +148,7 @@ impl TaskState {
             Self::Dead => "dead",
             Self::Cancelled => "cancelled",
             Self::Expired => "expired",
+            Self::Skipped => "skipped",
             Self::Unknown => "unknown",
         }
     }
@@ -160,6 +163,7 @@ impl TaskState {
             Ok(pb::TaskState::Dead) => Self::Dead,
             Ok(pb::TaskState::Cancelled) => Self::Cancelled,
             Ok(pb::TaskState::Expired) => Self::Expired,
+            Ok(pb::TaskState::Skipped) => Self::Skipped,
             _ => Self::Unknown,
         }
     }
@@ -174,6 +178,7 @@ impl TaskState {
             Self::Dead => pb::TaskState::Dead,
             Self::Cancelled => pb::TaskState::Cancelled,
             Self::Expired => pb::TaskState::Expired,
+            Self::Skipped => pb::TaskState::Skipped,
             Self::Unknown => pb::TaskState::Unspecified,
         }
     }
@@ -192,6 +197,7 @@ impl std::str::FromStr for TaskState {
             Self::Dead,
             Self::Cancelled,
             Self::Expired,
+            Self::Skipped,
         ]
         .into_iter()
         .find(|state| state.as_str().eq_ignore_ascii_case(s))

@@ -41,6 +41,16 @@ pub enum CatchUp {
     All,
 }
 
+/// Whether an occurrence may start while the previous one has not finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overlap {
+    /// Occurrences run whatever the previous one is doing.
+    #[default]
+    Allow,
+    /// An occurrence due while the previous one runs (or waits to retry) is SKIPPED.
+    Skip,
+}
+
 /// A recurring schedule to create. Build it with [`NewRecurring::new`].
 #[derive(Debug, Clone, Default)]
 pub struct NewRecurring {
@@ -70,6 +80,8 @@ pub struct NewRecurring {
     pub catch_up: CatchUp,
     /// Most missed fire times run under [`CatchUp::All`]; 0 for the server default.
     pub catch_up_limit: u32,
+    /// Whether an occurrence may start while the previous one has not finished.
+    pub overlap: Overlap,
     /// Start deadline of each occurrence after its due time.
     pub expire_after: Option<Duration>,
     /// Attempts of each occurrence.
@@ -136,6 +148,12 @@ impl NewRecurring {
         self
     }
 
+    /// Sets the overlap policy.
+    pub fn overlap(mut self, policy: Overlap) -> Self {
+        self.overlap = policy;
+        self
+    }
+
     /// Sets the attempts of each occurrence.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = Some(n);
@@ -168,6 +186,11 @@ impl NewRecurring {
             }
             .into(),
             catch_up_limit: self.catch_up_limit,
+            overlap: match self.overlap {
+                Overlap::Allow => pb::OverlapPolicy::Allow,
+                Overlap::Skip => pb::OverlapPolicy::Skip,
+            }
+            .into(),
             expire_after: self.expire_after.map(duration),
             max_attempts: self.max_attempts,
             idempotency_key: self.idempotency_key,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
-use kairos_client::{CatchUp, Client, MissingDay, NewRecurring, Recurring};
+use kairos_client::{CatchUp, Client, MissingDay, NewRecurring, Overlap, Recurring};
 use serde_json::json;
 
 /// Recurring-schedule commands.
@@ -35,6 +35,9 @@ pub(crate) enum RecurringCommand {
         /// A day of month the month lacks: skip that month, or use its last day.
         #[arg(long, default_value = "skip", value_parser = parse_missing_day)]
         missing_day: MissingDay,
+        /// An occurrence due while the previous one runs: allow, or skip it.
+        #[arg(long, default_value = "allow", value_parser = parse_overlap)]
+        overlap: Overlap,
         /// No fire time before this (RFC 3339).
         #[arg(long)]
         start: Option<DateTime<Utc>>,
@@ -151,6 +154,14 @@ fn parse_missing_day(s: &str) -> Result<MissingDay, String> {
     }
 }
 
+fn parse_overlap(s: &str) -> Result<Overlap, String> {
+    match s {
+        "allow" => Ok(Overlap::Allow),
+        "skip" => Ok(Overlap::Skip),
+        _ => Err(format!("`{s}`: use allow or skip")),
+    }
+}
+
 fn parse_catch_up(s: &str) -> Result<CatchUp, String> {
     match s {
         "skip" => Ok(CatchUp::Skip),
@@ -218,6 +229,7 @@ pub(crate) async fn run(
             payload_file,
             catch_up,
             missing_day,
+            overlap,
             start,
             end,
             max_occurrences,
@@ -228,7 +240,8 @@ pub(crate) async fn run(
             let mut new = NewRecurring::new(queue, spec)
                 .time_zone(tz)
                 .catch_up(catch_up)
-                .missing_day(missing_day);
+                .missing_day(missing_day)
+                .overlap(overlap);
             if let Some(text) = payload {
                 new = new.payload(text);
             }

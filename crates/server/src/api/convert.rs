@@ -8,8 +8,8 @@ use crate::app::{
     AppError, AttemptEnd, AttemptStart, PreviewQuery, SchedulePage, TaskDetail, TaskPage,
 };
 use crate::domain::{
-    AttemptOutcome, AttemptRecord, CatchUp, MissingDay, RecurringSpec, Schedule, ScheduleSpec,
-    TaskId, TaskRecord, TaskState, ValidationError,
+    AttemptOutcome, AttemptRecord, CatchUp, MissingDay, Overlap, RecurringSpec, Schedule,
+    ScheduleSpec, TaskId, TaskRecord, TaskState, ValidationError,
 };
 use crate::store::{ScheduleFilter, TaskFilter};
 
@@ -94,6 +94,7 @@ pub(crate) fn state_to_pb(state: TaskState) -> pb::TaskState {
         TaskState::Dead => pb::TaskState::Dead,
         TaskState::Cancelled => pb::TaskState::Cancelled,
         TaskState::Expired => pb::TaskState::Expired,
+        TaskState::Skipped => pb::TaskState::Skipped,
     }
 }
 
@@ -108,6 +109,7 @@ fn state_from_pb(value: i32) -> Result<Option<TaskState>, ValidationError> {
         Ok(pb::TaskState::Dead) => Some(TaskState::Dead),
         Ok(pb::TaskState::Cancelled) => Some(TaskState::Cancelled),
         Ok(pb::TaskState::Expired) => Some(TaskState::Expired),
+        Ok(pb::TaskState::Skipped) => Some(TaskState::Skipped),
         Err(_) => return Err(ValidationError::invalid("state", "unknown task state")),
     })
 }
@@ -316,7 +318,18 @@ impl TryFrom<pb::CreateRecurringRequest> for RecurringSpec {
                 ));
             }
         };
+        let overlap = match pb::OverlapPolicy::try_from(req.overlap) {
+            Ok(pb::OverlapPolicy::Unspecified | pb::OverlapPolicy::Allow) => Overlap::Allow,
+            Ok(pb::OverlapPolicy::Skip) => Overlap::Skip,
+            Err(_) => {
+                return Err(ValidationError::invalid(
+                    "overlap",
+                    format!("unknown policy {}", req.overlap),
+                ));
+            }
+        };
         Ok(RecurringSpec {
+            overlap,
             queue: req.queue,
             payload: req.payload.into(),
             content_type: req.content_type,
@@ -384,6 +397,11 @@ impl From<Schedule> for pb::RecurringSchedule {
             next_fire_times,
             created_at: Some(timestamp(s.created_at)),
             updated_at: Some(timestamp(s.updated_at)),
+            overlap: match s.overlap {
+                Overlap::Allow => pb::OverlapPolicy::Allow,
+                Overlap::Skip => pb::OverlapPolicy::Skip,
+            }
+            .into(),
         }
     }
 }

@@ -101,7 +101,7 @@ impl ReportService {
             .await?
             .into_iter();
         let mut outcomes = Vec::with_capacity(starts.len());
-        let mut expired = Vec::new();
+        let mut closed = Vec::new();
         for (start, id) in starts.into_iter().zip(ids) {
             let Some(id) = id else {
                 outcomes.push(StartOutcome::Skip("malformed task id".into()));
@@ -146,19 +146,27 @@ impl ReportService {
                     StartOutcome::Run
                 }
                 StartClaim::Expired => {
-                    expired.push(self.recorder.record(StatusWrite::Closed {
+                    closed.push(self.recorder.record(StatusWrite::Closed {
                         id,
                         state: TaskState::Expired,
                         at: now,
                     }));
                     StartOutcome::Skip("expired".into())
                 }
+                StartClaim::Skipped => {
+                    closed.push(self.recorder.record(StatusWrite::Closed {
+                        id,
+                        state: TaskState::Skipped,
+                        at: now,
+                    }));
+                    StartOutcome::Skip("the previous occurrence has not finished".into())
+                }
                 StartClaim::Cancelled => StartOutcome::Skip("cancelled".into()),
                 StartClaim::Duplicate(claim) => StartOutcome::Skip(format!("duplicate ({claim})")),
                 StartClaim::Missing => StartOutcome::Skip("claim missing".into()),
             });
         }
-        futures::future::try_join_all(expired).await?;
+        futures::future::try_join_all(closed).await?;
         Ok(outcomes)
     }
 

@@ -164,7 +164,11 @@ impl TaskService {
     /// SCHEDULED is published again, which the JetStream duplicate window
     /// (message id = task id) and the Redis start claim make harmless.
     #[instrument(skip_all, fields(queue = %task.queue))]
-    pub async fn materialize(&self, mut task: NewTask) -> AppResult<TaskRecord> {
+    pub async fn materialize(
+        &self,
+        mut task: NewTask,
+        skip_overlap: bool,
+    ) -> AppResult<TaskRecord> {
         let inner = &self.inner;
         let now_ms = Utc::now().timestamp_millis();
         let bucket = bucket_of(task.due_at.timestamp_millis().max(now_ms), inner.width_ms);
@@ -193,9 +197,13 @@ impl TaskService {
             }
             Err(err)
         };
+        let overlap_of = task
+            .occurrence
+            .filter(|_| skip_overlap)
+            .map(|o| o.schedule_id);
         if let Err(err) = inner
             .claims
-            .seed(&[(bucket, task.id)], inner.width_ms)
+            .seed_occurrence(bucket, task.id, inner.width_ms, overlap_of)
             .await
         {
             return undo(err.into()).await;
@@ -305,6 +313,7 @@ fn claim_state(claim: &str) -> TaskState {
         "X" => TaskState::Dead,
         "C" => TaskState::Cancelled,
         "E" => TaskState::Expired,
+        "K" => TaskState::Skipped,
         c if c.starts_with('Y') => TaskState::Retrying,
         _ => TaskState::Running,
     }

@@ -7,7 +7,7 @@ mod task;
 mod validate;
 
 pub use recurrence::{MissingDay, Recurrence};
-pub use schedule::{CatchUp, RecurringSpec, Schedule, apply_update, validate_schedule};
+pub use schedule::{CatchUp, Overlap, RecurringSpec, Schedule, apply_update, validate_schedule};
 pub use task::{
     AttemptOutcome, AttemptRecord, NewTask, Occurrence, StatusWrite, TaskId, TaskRecord, TaskState,
     bucket_of, content_hash, version_of,

@@ -45,6 +45,35 @@ impl CatchUp {
     }
 }
 
+/// Whether an occurrence may start while the previous one has not finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overlap {
+    /// Occurrences run whatever the previous one is doing.
+    #[default]
+    Allow,
+    /// An occurrence due while the previous one runs or waits to retry is SKIPPED.
+    Skip,
+}
+
+impl Overlap {
+    /// Returns the stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Skip => "skip",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "allow" => Some(Self::Allow),
+            "skip" => Some(Self::Skip),
+            _ => None,
+        }
+    }
+}
+
 impl MissingDay {
     /// Returns the stored name.
     pub fn as_str(self) -> &'static str {
@@ -100,6 +129,8 @@ pub struct RecurringSpec {
     pub catch_up: CatchUp,
     /// Most missed fire times run under [`CatchUp::All`]; 0 for the default.
     pub catch_up_limit: u32,
+    /// Whether an occurrence may start while the previous one has not finished.
+    pub overlap: Overlap,
     /// Start deadline of each occurrence after its due time, in ms.
     pub expire_after_ms: Option<i64>,
     /// Attempts of each occurrence.
@@ -139,6 +170,8 @@ pub struct Schedule {
     pub catch_up: CatchUp,
     /// Most missed fire times run under [`CatchUp::All`].
     pub catch_up_limit: u32,
+    /// Whether an occurrence may start while the previous one has not finished.
+    pub overlap: Overlap,
     /// Start deadline of each occurrence after its due time, in ms.
     pub expire_after_ms: Option<i64>,
     /// Attempts of each occurrence.
@@ -330,6 +363,7 @@ pub fn validate_schedule(
         &spec.jitter.as_millis().to_string(),
         spec.catch_up.as_str(),
         &catch_up_limit.to_string(),
+        spec.overlap.as_str(),
     ] {
         hasher.update((part.len() as u64).to_le_bytes());
         hasher.update(part.as_bytes());
@@ -350,6 +384,7 @@ pub fn validate_schedule(
         jitter: spec.jitter,
         catch_up: spec.catch_up,
         catch_up_limit,
+        overlap: spec.overlap,
         expire_after_ms: spec.expire_after_ms,
         max_attempts: template.max_attempts,
         idempotency_key: spec.idempotency_key,
@@ -372,7 +407,7 @@ pub fn validate_schedule(
 }
 
 /// Fields UpdateRecurring may change.
-const UPDATABLE: [&str; 13] = [
+const UPDATABLE: [&str; 14] = [
     "payload",
     "content_type",
     "headers",
@@ -384,6 +419,7 @@ const UPDATABLE: [&str; 13] = [
     "jitter",
     "catch_up",
     "catch_up_limit",
+    "overlap",
     "expire_after",
     "max_attempts",
 ];
@@ -419,6 +455,7 @@ pub fn apply_update(
         jitter: current.jitter,
         catch_up: current.catch_up,
         catch_up_limit: current.catch_up_limit,
+        overlap: current.overlap,
         expire_after_ms: current.expire_after_ms,
         max_attempts: Some(current.max_attempts),
         idempotency_key: None,
@@ -436,6 +473,7 @@ pub fn apply_update(
             "jitter" => merged.jitter = changes.jitter,
             "catch_up" => merged.catch_up = changes.catch_up,
             "catch_up_limit" => merged.catch_up_limit = changes.catch_up_limit,
+            "overlap" => merged.overlap = changes.overlap,
             "expire_after" => merged.expire_after_ms = changes.expire_after_ms,
             "max_attempts" => merged.max_attempts = changes.max_attempts,
             other => {
@@ -462,6 +500,7 @@ pub fn apply_update(
     updated.jitter = checked.jitter;
     updated.catch_up = checked.catch_up;
     updated.catch_up_limit = checked.catch_up_limit;
+    updated.overlap = checked.overlap;
     updated.expire_after_ms = checked.expire_after_ms;
     updated.max_attempts = checked.max_attempts;
     updated.updated_at = now;

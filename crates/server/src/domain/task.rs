@@ -59,11 +59,13 @@ pub enum TaskState {
     Cancelled,
     /// Could not start before its deadline.
     Expired,
+    /// An occurrence skipped because the previous one had not finished.
+    Skipped,
 }
 
 impl TaskState {
     /// Every state, in life-cycle order.
-    pub const ALL: [TaskState; 8] = [
+    pub const ALL: [TaskState; 9] = [
         Self::Scheduled,
         Self::Dispatched,
         Self::Running,
@@ -72,6 +74,7 @@ impl TaskState {
         Self::Dead,
         Self::Cancelled,
         Self::Expired,
+        Self::Skipped,
     ];
 
     /// Returns the name stored in SQL.
@@ -85,6 +88,7 @@ impl TaskState {
             Self::Dead => "dead",
             Self::Cancelled => "cancelled",
             Self::Expired => "expired",
+            Self::Skipped => "skipped",
         }
     }
 
@@ -97,7 +101,7 @@ impl TaskState {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            Self::Succeeded | Self::Dead | Self::Cancelled | Self::Expired
+            Self::Succeeded | Self::Dead | Self::Cancelled | Self::Expired | Self::Skipped
         )
     }
 }
@@ -118,9 +122,11 @@ pub fn version_of(state: TaskState, attempt: u32) -> i64 {
         TaskState::Dispatched => 1,
         TaskState::Running => attempt * 10 + 2,
         TaskState::Retrying => attempt * 10 + 3,
-        TaskState::Succeeded | TaskState::Dead | TaskState::Cancelled | TaskState::Expired => {
-            i64::MAX
-        }
+        TaskState::Succeeded
+        | TaskState::Dead
+        | TaskState::Cancelled
+        | TaskState::Expired
+        | TaskState::Skipped => i64::MAX,
     }
 }
 

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::app::{AppError, AppResult, TaskService};
-use crate::domain::{CatchUp, Recurrence, Schedule};
+use crate::domain::{CatchUp, Overlap, Recurrence, Schedule};
 use crate::store::DynStore;
 
 /// Schedules looked at per round.
@@ -109,8 +109,9 @@ impl Materializer {
             let limit = u64::from(schedule.max_occurrences);
             let next = next.filter(|_| limit == 0 || schedule.occurrences + made < limit);
             if let Some(at) = run {
+                let skip_overlap = schedule.overlap == Overlap::Skip;
                 self.tasks
-                    .materialize(schedule.occurrence(at, Utc::now()))
+                    .materialize(schedule.occurrence(at, Utc::now()), skip_overlap)
                     .await?;
             }
             if !self

@@ -4,7 +4,15 @@
 //!
 //! Claim values: `S` scheduled, `D` dispatched, `R<n>` running attempt n,
 //! `Y<n>` retrying after attempt n, `OK` succeeded, `X` dead, `C` cancelled,
-//! `E` expired.
+//! `E` expired, `K` skipped (overlap).
+//!
+//! An occurrence of a schedule with overlap SKIP also has the field
+//! `<id>:o` = schedule id in its bucket hash. Its start claim then checks the
+//! schedule's overlap marker `kairos:overlap:{<schedule id>}`, which names the
+//! last occurrence that started (`<bucket key>|<task id>`): while that one is
+//! running or waiting to retry, this one is skipped. The marker key is not
+//! passed in KEYS: a clustered Redis would need the schedule's occurrences in
+//! one slot, which one Redis (what Kairos uses) does not care about.
 
 use std::time::Duration;
 
@@ -62,6 +70,8 @@ pub enum StartClaim {
     Expired,
     /// This attempt (or a later one) already started, or the task ended: skip.
     Duplicate(String),
+    /// The previous occurrence of its schedule (overlap SKIP) has not finished: now SKIPPED.
+    Skipped,
     /// Redis has no claim (data loss): check SQL first.
     Missing,
 }
@@ -157,7 +167,7 @@ for k = 1, #KEYS do
     out[k] = 'missing'
   elseif s == 'C' then
     out[k] = 'cancelled'
-  elseif s == 'OK' or s == 'X' or s == 'E' then
+  elseif s == 'OK' or s == 'X' or s == 'E' or s == 'K' then
     out[k] = 'final:' .. s
   elseif (c == 'R' or c == 'Y') and tonumber(string.sub(s, 2)) >= n then
     out[k] = 'duplicate:' .. s
@@ -165,9 +175,32 @@ for k = 1, #KEYS do
     redis.call('HSET', key, id, 'E')
     out[k] = 'expired'
   else
-    redis.call('HSET', key, id, 'R' .. n)
+    local busy = false
+    local schedule = redis.call('HGET', key, id .. ':o')
+    if schedule then
+      local marker = 'kairos:overlap:{' .. schedule .. '}'
+      local holder = redis.call('GET', marker)
+      if holder then
+        local sep = string.find(holder, '|', 1, true)
+        local hid = string.sub(holder, sep + 1)
+        if hid ~= id then
+          local hs = redis.call('HGET', string.sub(holder, 1, sep - 1), hid)
+          local hc = hs and string.sub(hs, 1, 1)
+          busy = hc == 'R' or hc == 'Y'
+        end
+      end
+      if not busy then
+        redis.call('SET', marker, key .. '|' .. id, 'PXAT', ARGV[b + 4])
+      end
+    end
+    if busy then
+      redis.call('HSET', key, id, 'K')
+      out[k] = 'skipped'
+    else
+      redis.call('HSET', key, id, 'R' .. n)
+      out[k] = 'run'
+    end
     redis.call('PEXPIREAT', key, ARGV[b + 4])
-    out[k] = 'run'
   end
 end
 return out
@@ -182,7 +215,7 @@ for k = 1, #KEYS do
   local key, id = KEYS[k], ARGV[b]
   local s = redis.call('HGET', key, id)
   local c = s and string.sub(s, 1, 1)
-  if s == 'C' or s == 'OK' or s == 'X' or s == 'E' then
+  if s == 'C' or s == 'OK' or s == 'X' or s == 'E' or s == 'K' then
     out[k] = 'final'
   elseif (c == 'R' or c == 'Y') and tonumber(string.sub(s, 2)) > tonumber(ARGV[b + 1]) then
     out[k] = 'stale'
@@ -278,6 +311,29 @@ impl Claims {
                 .pexpire_at(claims_key(*bucket), self.expire_at(*bucket, width_ms))
                 .ignore();
         }
+        let mut conn = self.conn.clone();
+        let () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Records one new occurrence as scheduled; with `overlap_of`, its start
+    /// claim will skip it while the schedule's previous occurrence runs.
+    pub async fn seed_occurrence(
+        &self,
+        bucket_ms: i64,
+        id: TaskId,
+        width_ms: i64,
+        overlap_of: Option<TaskId>,
+    ) -> ClaimResult<()> {
+        let key = claims_key(bucket_ms);
+        let mut pipe = redis::pipe();
+        pipe.hset_nx(&key, id.to_string(), "S").ignore();
+        if let Some(schedule) = overlap_of {
+            pipe.hset(&key, format!("{id}:o"), schedule.to_string())
+                .ignore();
+        }
+        pipe.pexpire_at(&key, self.expire_at(bucket_ms, width_ms))
+            .ignore();
         let mut conn = self.conn.clone();
         let () = pipe.query_async(&mut conn).await?;
         Ok(())
@@ -379,6 +435,7 @@ impl Claims {
                 "cancelled" => StartClaim::Cancelled,
                 "expired" => StartClaim::Expired,
                 "missing" => StartClaim::Missing,
+                "skipped" => StartClaim::Skipped,
                 _ => StartClaim::Duplicate(answer),
             })
             .collect())

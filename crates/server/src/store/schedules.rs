@@ -12,7 +12,7 @@ use sqlx::Row;
 
 use super::sql::{PgStore, SqliteStore};
 use super::{StoreError, StoreResult, ms_to_time};
-use crate::domain::{CatchUp, MissingDay, Schedule, TaskId};
+use crate::domain::{CatchUp, MissingDay, Overlap, Schedule, TaskId};
 
 /// What inserting a schedule did.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,7 +91,7 @@ pub trait ScheduleStore: Send + Sync {
 const COLUMNS: &str = "id, queue, payload, content_type, headers, spec, time_zone, missing_day, \
      start_at_ms, end_at_ms, max_occurrences, jitter_ms, catch_up, catch_up_limit, \
      expire_after_ms, max_attempts, idempotency_key, content_hash, paused, occurrences, \
-     next_fire_at_ms, created_at_ms, updated_at_ms";
+     next_fire_at_ms, created_at_ms, updated_at_ms, overlap";
 
 fn schedule_from_row<R: Row>(row: &R) -> StoreResult<Schedule>
 where
@@ -110,6 +110,7 @@ where
     let headers: String = row.try_get("headers")?;
     let missing_day: String = row.try_get("missing_day")?;
     let catch_up: String = row.try_get("catch_up")?;
+    let overlap: String = row.try_get("overlap")?;
     let count = |name: &str| -> StoreResult<i64> { Ok(row.try_get::<i64, _>(name)?) };
     Ok(Schedule {
         id: TaskId::from_str(&id).map_err(|e| corrupt(format!("bad id `{id}`: {e}")))?,
@@ -132,6 +133,8 @@ where
         catch_up: CatchUp::parse(&catch_up)
             .ok_or_else(|| corrupt(format!("bad catch_up `{catch_up}`")))?,
         catch_up_limit: u32::try_from(count("catch_up_limit")?).unwrap_or(u32::MAX),
+        overlap: Overlap::parse(&overlap)
+            .ok_or_else(|| corrupt(format!("bad overlap `{overlap}`")))?,
         expire_after_ms: row.try_get("expire_after_ms")?,
         max_attempts: u32::try_from(count("max_attempts")?).unwrap_or(u32::MAX),
         idempotency_key: row.try_get("idempotency_key")?,
@@ -161,7 +164,7 @@ macro_rules! impl_schedule_store {
                 let mut tx = self.pool.begin().await?;
                 let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
                     "INSERT INTO schedules ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
-                     $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23) \
+                     $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24) \
                      ON CONFLICT (idempotency_key) DO NOTHING"
                 )))
                 .bind(s.id.to_string())
@@ -187,6 +190,7 @@ macro_rules! impl_schedule_store {
                 .bind(s.next_fire_at.map(|t| t.timestamp_millis()))
                 .bind(s.created_at.timestamp_millis())
                 .bind(s.updated_at.timestamp_millis())
+                .bind(s.overlap.as_str())
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
@@ -267,8 +271,8 @@ macro_rules! impl_schedule_store {
                     "UPDATE schedules SET payload = $1, content_type = $2, headers = $3, spec = $4, \
                      time_zone = $5, missing_day = $6, end_at_ms = $7, max_occurrences = $8, \
                      jitter_ms = $9, catch_up = $10, catch_up_limit = $11, expire_after_ms = $12, \
-                     max_attempts = $13, next_fire_at_ms = $14, updated_at_ms = $15 \
-                     WHERE id = $16 AND (next_fire_at_ms = $17 OR (next_fire_at_ms IS NULL AND $18 = 1))",
+                     max_attempts = $13, next_fire_at_ms = $14, updated_at_ms = $15, overlap = $16 \
+                     WHERE id = $17 AND (next_fire_at_ms = $18 OR (next_fire_at_ms IS NULL AND $19 = 1))",
                 )
                 .bind(s.payload.to_vec())
                 .bind(s.content_type.clone())
@@ -285,6 +289,7 @@ macro_rules! impl_schedule_store {
                 .bind(i64::from(s.max_attempts))
                 .bind(s.next_fire_at.map(|t| t.timestamp_millis()))
                 .bind(s.updated_at.timestamp_millis())
+                .bind(s.overlap.as_str())
                 .bind(s.id.to_string())
                 .bind(expected.map_or(-1, |t| t.timestamp_millis()))
                 .bind(i64::from(expected.is_none()))

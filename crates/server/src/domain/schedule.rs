@@ -515,3 +515,70 @@ pub fn apply_update(
     );
     Ok(updated)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_payload_bytes: 1024,
+            max_horizon: Duration::from_secs(3600 * 24 * 400),
+            default_max_attempts: 3,
+            max_attempts_limit: 100,
+        }
+    }
+
+    #[test]
+    fn jitter_is_bounded_and_the_same_on_every_replica() {
+        let now = Utc::now();
+        let spec = RecurringSpec {
+            queue: "q".into(),
+            spec: "* * * * *".into(),
+            jitter: Duration::from_secs(30),
+            ..RecurringSpec::default()
+        };
+        let schedule =
+            validate_schedule(spec, now, &limits(), Duration::from_secs(1)).expect("valid");
+        let mut offsets = std::collections::HashSet::new();
+        for minute in 0..50 {
+            let fire = now + chrono::TimeDelta::minutes(minute);
+            let first = schedule.occurrence(fire, now);
+            let again = schedule.occurrence(fire, now + chrono::TimeDelta::seconds(5));
+            assert_eq!(first.due_at, again.due_at, "retries agree");
+            assert_eq!(first.idempotency_key, again.idempotency_key);
+            let offset = first.due_at - fire;
+            assert!(offset >= chrono::TimeDelta::zero());
+            assert!(offset <= chrono::TimeDelta::seconds(30));
+            offsets.insert(offset);
+        }
+        assert!(offsets.len() > 10, "offsets vary between occurrences");
+    }
+
+    #[test]
+    fn occurrence_limit_and_end_stop_the_schedule() {
+        let now = DateTime::from_timestamp(1_800_000_000, 0).expect("valid");
+        let spec = RecurringSpec {
+            queue: "q".into(),
+            spec: "every 10s".into(),
+            start_at: Some(now),
+            end_at: Some(now + chrono::TimeDelta::seconds(25)),
+            max_occurrences: 2,
+            ..RecurringSpec::default()
+        };
+        let schedule =
+            validate_schedule(spec, now, &limits(), Duration::from_secs(1)).expect("valid");
+        assert_eq!(schedule.next_fire_at, Some(now));
+        // Two occurrences allowed: the third fire time is refused by the limit.
+        assert_eq!(
+            schedule.upcoming(5),
+            vec![now, now + chrono::TimeDelta::seconds(10)]
+        );
+        let rule = schedule.rule().expect("rule");
+        assert_eq!(
+            schedule.next_after(&rule, now + chrono::TimeDelta::seconds(20), 0),
+            None,
+            "30 s is after end_at"
+        );
+    }
+}

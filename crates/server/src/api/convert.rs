@@ -176,36 +176,52 @@ impl From<TaskPage> for pb::ListTasksResponse {
     }
 }
 
-/// Converts a ListTasks request into a store filter.
-pub(crate) fn task_filter(req: pb::ListTasksRequest) -> Result<TaskFilter, AppError> {
-    if !req.queue.is_empty() && !kairos_proto::wire::is_valid_queue(&req.queue) {
+/// What every listing request carries, checked: queue filter, page token, page size.
+struct Listing {
+    queue: Option<String>,
+    before: Option<TaskId>,
+    limit: u32,
+}
+
+fn listing(queue: String, page_size: u32, page_token: &str) -> Result<Listing, AppError> {
+    if !queue.is_empty() && !kairos_proto::wire::is_valid_queue(&queue) {
         return Err(ValidationError::invalid("queue", "is not a valid queue name").into());
     }
-    if req.page_size > MAX_PAGE {
+    if page_size > MAX_PAGE {
         return Err(
             ValidationError::invalid("page_size", format!("must be at most {MAX_PAGE}")).into(),
         );
     }
-    let before = if req.page_token.is_empty() {
+    let before = if page_token.is_empty() {
         None
     } else {
-        Some(task_id("page_token", &req.page_token)?)
+        Some(task_id("page_token", page_token)?)
     };
+    Ok(Listing {
+        queue: (!queue.is_empty()).then_some(queue),
+        before,
+        limit: if page_size == 0 {
+            DEFAULT_PAGE
+        } else {
+            page_size
+        },
+    })
+}
+
+/// Converts a ListTasks request into a store filter.
+pub(crate) fn task_filter(req: pb::ListTasksRequest) -> Result<TaskFilter, AppError> {
+    let list = listing(req.queue, req.page_size, &req.page_token)?;
     let schedule = if req.schedule_id.is_empty() {
         None
     } else {
         Some(task_id("schedule_id", &req.schedule_id)?)
     };
     Ok(TaskFilter {
-        queue: (!req.queue.is_empty()).then_some(req.queue),
+        queue: list.queue,
         state: state_from_pb(req.state)?,
-        before,
+        before: list.before,
         schedule,
-        limit: if req.page_size == 0 {
-            DEFAULT_PAGE
-        } else {
-            req.page_size
-        },
+        limit: list.limit,
     })
 }
 
@@ -408,28 +424,12 @@ impl From<Schedule> for pb::RecurringSchedule {
 
 /// Converts a ListRecurring request into a store filter.
 pub(crate) fn schedule_filter(req: pb::ListRecurringRequest) -> Result<ScheduleFilter, AppError> {
-    if !req.queue.is_empty() && !kairos_proto::wire::is_valid_queue(&req.queue) {
-        return Err(ValidationError::invalid("queue", "is not a valid queue name").into());
-    }
-    if req.page_size > MAX_PAGE {
-        return Err(
-            ValidationError::invalid("page_size", format!("must be at most {MAX_PAGE}")).into(),
-        );
-    }
-    let before = if req.page_token.is_empty() {
-        None
-    } else {
-        Some(task_id("page_token", &req.page_token)?)
-    };
+    let list = listing(req.queue, req.page_size, &req.page_token)?;
     Ok(ScheduleFilter {
-        queue: (!req.queue.is_empty()).then_some(req.queue),
+        queue: list.queue,
         paused: req.paused,
-        before,
-        limit: if req.page_size == 0 {
-            DEFAULT_PAGE
-        } else {
-            req.page_size
-        },
+        before: list.before,
+        limit: list.limit,
     })
 }
 

@@ -92,3 +92,15 @@ impl From<BusError> for AppError {
 
 /// Result of a use case.
 pub type AppResult<T> = Result<T, AppError>;
+
+/// Cuts a listing fetched with one row more than `limit` down to `limit`
+/// and returns the id to continue after when that extra row was there.
+fn page<T>(mut rows: Vec<T>, limit: u32, id: impl Fn(&T) -> TaskId) -> (Vec<T>, Option<TaskId>) {
+    if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        let next = rows.last().map(id);
+        (rows, next)
+    } else {
+        (rows, None)
+    }
+}

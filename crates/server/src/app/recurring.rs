@@ -90,13 +90,8 @@ impl RecurringService {
         let limit = filter.limit;
         // One extra row tells whether another page follows.
         filter.limit = limit + 1;
-        let mut schedules = self.store.list_schedules(&filter).await?;
-        let next = if schedules.len() > limit as usize {
-            schedules.truncate(limit as usize);
-            schedules.last().map(|s| s.id)
-        } else {
-            None
-        };
+        let rows = self.store.list_schedules(&filter).await?;
+        let (schedules, next) = super::page(rows, limit, |s| s.id);
         Ok(SchedulePage { schedules, next })
     }
 

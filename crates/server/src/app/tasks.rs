@@ -285,13 +285,8 @@ impl TaskService {
         let limit = filter.limit;
         // One extra row tells whether another page follows.
         filter.limit = limit + 1;
-        let mut tasks = self.inner.store.list_tasks(&filter).await?;
-        let next = if tasks.len() > limit as usize {
-            tasks.truncate(limit as usize);
-            tasks.last().map(|t| t.id)
-        } else {
-            None
-        };
+        let rows = self.inner.store.list_tasks(&filter).await?;
+        let (tasks, next) = super::page(rows, limit, |t| t.id);
         Ok(TaskPage { tasks, next })
     }
 

@@ -487,23 +487,18 @@ pub fn apply_update(
             }
         }
     }
-    let checked = validate_schedule(merged, now, limits, min_interval)?;
-    let mut updated = current.clone();
-    updated.payload = checked.payload;
-    updated.content_type = checked.content_type;
-    updated.headers = checked.headers;
-    updated.spec = checked.spec;
-    updated.time_zone = checked.time_zone;
-    updated.missing_day = checked.missing_day;
-    updated.end_at = checked.end_at;
-    updated.max_occurrences = checked.max_occurrences;
-    updated.jitter = checked.jitter;
-    updated.catch_up = checked.catch_up;
-    updated.catch_up_limit = checked.catch_up_limit;
-    updated.overlap = checked.overlap;
-    updated.expire_after_ms = checked.expire_after_ms;
-    updated.max_attempts = checked.max_attempts;
-    updated.updated_at = now;
+    // The checked definition, with the identity and progress of the current one.
+    let mut updated = Schedule {
+        id: current.id,
+        start_at: current.start_at,
+        idempotency_key: current.idempotency_key.clone(),
+        content_hash: current.content_hash.clone(),
+        paused: current.paused,
+        occurrences: current.occurrences,
+        created_at: current.created_at,
+        updated_at: now,
+        ..validate_schedule(merged, now, limits, min_interval)?
+    };
     // Fire times before the next one not yet made stay as they were; a stale
     // one (paused, or Kairos down) keeps its place so catch-up still applies.
     let boundary = current.next_fire_at.unwrap_or(now);

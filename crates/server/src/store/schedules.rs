@@ -150,17 +150,20 @@ where
     })
 }
 
+/// The headers column: a JSON object.
+fn headers_json(s: &Schedule) -> StoreResult<String> {
+    serde_json::to_string(&s.headers).map_err(|e| StoreError::Corrupt {
+        table: "schedules",
+        reason: format!("headers: {e}"),
+    })
+}
+
 macro_rules! impl_schedule_store {
     ($store:ty) => {
         #[tonic::async_trait]
         impl ScheduleStore for $store {
             async fn insert_schedule(&self, s: &Schedule) -> StoreResult<ScheduleInsert> {
-                let headers = serde_json::to_string(&s.headers).map_err(|e| {
-                    StoreError::Corrupt {
-                        table: "schedules",
-                        reason: format!("headers: {e}"),
-                    }
-                })?;
+                let headers = headers_json(s)?;
                 let mut tx = self.pool.begin().await?;
                 let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
                     "INSERT INTO schedules ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
@@ -261,12 +264,7 @@ macro_rules! impl_schedule_store {
                 s: &Schedule,
                 expected: Option<DateTime<Utc>>,
             ) -> StoreResult<bool> {
-                let headers = serde_json::to_string(&s.headers).map_err(|e| {
-                    StoreError::Corrupt {
-                        table: "schedules",
-                        reason: format!("headers: {e}"),
-                    }
-                })?;
+                let headers = headers_json(s)?;
                 let updated = sqlx::query(
                     "UPDATE schedules SET payload = $1, content_type = $2, headers = $3, spec = $4, \
                      time_zone = $5, missing_day = $6, end_at_ms = $7, max_occurrences = $8, \

@@ -528,6 +528,45 @@ async fn overlap_skip_never_runs_two_at_once(backend: Backend) {
     assert_eq!(listed.len(), skipped, "ListTasks by state SKIPPED");
 }
 
+/// 200 schedules due at the same instants, on two replicas that book them side
+/// by side: each fire time of each schedule is booked exactly once.
+async fn many_schedules_due_together_are_each_booked_once(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let mut config = stack.config();
+    config.recurring_ahead = Duration::from_secs(2);
+    let a = stack.server_with(config.clone()).await;
+    let _b = stack.server_with(config).await;
+    let mut client = client(&a).await;
+    let start = whole_second_in(Duration::from_secs(3));
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        let schedule = client
+            .create_recurring(
+                NewRecurring::new("fleet", "every 1s")
+                    .start_at(start)
+                    .max_occurrences(3)
+                    .payload(format!("member {i}")),
+            )
+            .await
+            .expect("create");
+        ids.push(schedule.id);
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let expected: Vec<DateTime<Utc>> = (0..3)
+        .map(|s| start + chrono::Duration::seconds(s))
+        .collect();
+    for id in &ids {
+        let fires: Vec<DateTime<Utc>> = occurrences(&mut client, id)
+            .await
+            .iter()
+            .map(fire_at)
+            .collect();
+        assert_eq!(fires, expected, "schedule {id}");
+        let schedule = client.get_recurring(id).await.expect("get");
+        assert_eq!(schedule.occurrences, 3, "schedule {id}");
+    }
+}
+
 /// Bad schedules are refused with the field, and nothing is stored.
 async fn bad_schedules_are_rejected(backend: Backend) {
     let stack = Stack::start(backend).await;
@@ -591,5 +630,6 @@ backend_tests!(
     update_takes_effect_from_the_next_fire_time,
     billing_schedule_charges_each_occurrence_once,
     overlap_skip_never_runs_two_at_once,
+    many_schedules_due_together_are_each_booked_once,
     bad_schedules_are_rejected,
 );

@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -18,7 +19,11 @@ use crate::domain::{CatchUp, Overlap, Recurrence, Schedule};
 use crate::store::DynStore;
 
 /// Schedules looked at per round.
-const SCHEDULES_PER_ROUND: u32 = 100;
+const SCHEDULES_PER_ROUND: u32 = 1000;
+/// Schedules advanced at once: each occurrence waits for a SQL commit and a
+/// publish acknowledgement, so many schedules due at the same minute (daily
+/// billing at 09:00) are booked side by side rather than one after another.
+const SCHEDULES_AT_ONCE: usize = 32;
 /// Occurrences one schedule may make per round, so one busy schedule cannot
 /// hold up the others.
 const OCCURRENCES_PER_ROUND: usize = 1000;
@@ -74,11 +79,13 @@ impl Materializer {
             .store
             .due_schedules(now + ahead, SCHEDULES_PER_ROUND)
             .await?;
-        for schedule in due {
-            if let Err(err) = self.advance(schedule, now + ahead, now).await {
-                warn!(error = %err, "could not materialize a recurring schedule");
-            }
-        }
+        futures::stream::iter(due)
+            .for_each_concurrent(SCHEDULES_AT_ONCE, |schedule| async move {
+                if let Err(err) = self.advance(schedule, now + ahead, now).await {
+                    warn!(error = %err, "could not materialize a recurring schedule");
+                }
+            })
+            .await;
         Ok(())
     }
 

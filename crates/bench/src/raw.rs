@@ -29,24 +29,36 @@ async fn fresh_stream(
         .await?)
 }
 
+/// Times `publish` of `n` messages into a fresh stream on `subject`; returns msgs/s.
+async fn timed_publish<F, Fut>(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &'static str,
+    n: usize,
+    publish: F,
+) -> anyhow::Result<f64>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    fresh_stream(js, stream, subject, stream::RetentionPolicy::Limits).await?;
+    let started = Instant::now();
+    publish().await?;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    js.delete_stream(stream).await?;
+    Ok(rate)
+}
+
 /// Publishes `n` messages with acknowledgements, `IN_FLIGHT` at a time; returns msgs/s.
 pub(crate) async fn publish_rate(
     js: &jetstream::Context,
     n: usize,
     payload: Bytes,
 ) -> anyhow::Result<f64> {
-    fresh_stream(
-        js,
-        "BENCH_RAW",
-        "bench.raw",
-        stream::RetentionPolicy::Limits,
-    )
-    .await?;
-    let started = Instant::now();
-    publish_n(js, "bench.raw", n, payload).await?;
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    js.delete_stream("BENCH_RAW").await?;
-    Ok(rate)
+    timed_publish(js, "BENCH_RAW", "bench.raw", n, || {
+        publish_n(js, "bench.raw", n, payload)
+    })
+    .await
 }
 
 /// Publishes `n` messages one at a time, each waiting for its acknowledgement
@@ -56,20 +68,13 @@ pub(crate) async fn publish_sequential_rate(
     n: usize,
     payload: Bytes,
 ) -> anyhow::Result<f64> {
-    fresh_stream(
-        js,
-        "BENCH_SEQ",
-        "bench.seq",
-        stream::RetentionPolicy::Limits,
-    )
-    .await?;
-    let started = Instant::now();
-    for _ in 0..n {
-        js.publish("bench.seq", payload.clone()).await?.await?;
-    }
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    js.delete_stream("BENCH_SEQ").await?;
-    Ok(rate)
+    timed_publish(js, "BENCH_SEQ", "bench.seq", n, || async {
+        for _ in 0..n {
+            js.publish("bench.seq", payload.clone()).await?.await?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// Publishes `n` messages as JetStream atomic batches of `batch` messages

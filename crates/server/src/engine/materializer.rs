@@ -137,7 +137,8 @@ impl Materializer {
 }
 
 /// Decides what a missed fire time does: returns the fire time to run now
-/// (if any) and the next fire time to store.
+/// (if any) and the next fire time to store. The occurrence limit is the
+/// caller's to apply, once the number made is known.
 fn catch_up(
     schedule: &Schedule,
     rule: &Recurrence,
@@ -164,7 +165,7 @@ fn catch_up(
                 // Only the latest `limit` run: jump to the first of them.
                 (None, Some(missed[missed.len() - limit]))
             } else {
-                (Some(fire), schedule.next_after(rule, fire, made + 1))
+                (Some(fire), schedule.next_after(rule, fire, made))
             }
         }
     }

@@ -88,11 +88,6 @@ pub trait ScheduleStore: Send + Sync {
     ) -> StoreResult<bool>;
 }
 
-const COLUMNS: &str = "id, queue, payload, content_type, headers, spec, time_zone, missing_day, \
-     start_at_ms, end_at_ms, max_occurrences, jitter_ms, catch_up, catch_up_limit, \
-     expire_after_ms, max_attempts, idempotency_key, content_hash, paused, occurrences, \
-     next_fire_at_ms, created_at_ms, updated_at_ms, overlap";
-
 fn schedule_from_row<R: Row>(row: &R) -> StoreResult<Schedule>
 where
     for<'a> &'a str: sqlx::ColumnIndex<R>,
@@ -158,6 +153,102 @@ fn headers_json(s: &Schedule) -> StoreResult<String> {
     })
 }
 
+/// Columns that describe what a schedule does (UpdateRecurring rewrites
+/// them), in the order `bind_definition!` binds them.
+const DEFINITION: [&str; 16] = [
+    "payload",
+    "content_type",
+    "headers",
+    "spec",
+    "time_zone",
+    "missing_day",
+    "end_at_ms",
+    "max_occurrences",
+    "jitter_ms",
+    "catch_up",
+    "catch_up_limit",
+    "expire_after_ms",
+    "max_attempts",
+    "overlap",
+    "next_fire_at_ms",
+    "updated_at_ms",
+];
+
+/// Every column, as SELECT lists them.
+static COLUMNS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    IDENTITY
+        .iter()
+        .chain(&DEFINITION)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ")
+});
+
+/// Identity and progress columns, bound first on insert.
+const IDENTITY: [&str; 8] = [
+    "id",
+    "queue",
+    "start_at_ms",
+    "idempotency_key",
+    "content_hash",
+    "paused",
+    "occurrences",
+    "created_at_ms",
+];
+
+static INSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let values: Vec<String> = (1..=IDENTITY.len() + DEFINITION.len())
+        .map(|n| format!("${n}"))
+        .collect();
+    format!(
+        "INSERT INTO schedules ({}) VALUES ({}) ON CONFLICT (idempotency_key) DO NOTHING",
+        COLUMNS.as_str(),
+        values.join(", ")
+    )
+});
+
+// The definition is rewritten only while `next_fire_at_ms` is still what the
+// caller read (a compare-and-set against the materializer).
+static UPDATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let n = DEFINITION.len();
+    let set: Vec<String> = DEFINITION
+        .iter()
+        .enumerate()
+        .map(|(i, column)| format!("{column} = ${}", i + 1))
+        .collect();
+    format!(
+        "UPDATE schedules SET {} WHERE id = ${} AND (next_fire_at_ms = ${} \
+         OR (next_fire_at_ms IS NULL AND ${} = 1))",
+        set.join(", "),
+        n + 1,
+        n + 2,
+        n + 3
+    )
+});
+
+/// Binds the `DEFINITION` columns of schedule `$s` to `$query`, in order.
+macro_rules! bind_definition {
+    ($query:expr, $s:expr, $headers:expr) => {
+        $query
+            .bind($s.payload.to_vec())
+            .bind($s.content_type.clone())
+            .bind($headers)
+            .bind($s.spec.clone())
+            .bind($s.time_zone.clone())
+            .bind($s.missing_day.as_str())
+            .bind($s.end_at.map(|t| t.timestamp_millis()))
+            .bind(i64::from($s.max_occurrences))
+            .bind($s.jitter.as_millis() as i64)
+            .bind($s.catch_up.as_str())
+            .bind(i64::from($s.catch_up_limit))
+            .bind($s.expire_after_ms)
+            .bind(i64::from($s.max_attempts))
+            .bind($s.overlap.as_str())
+            .bind($s.next_fire_at.map(|t| t.timestamp_millis()))
+            .bind($s.updated_at.timestamp_millis())
+    };
+}
+
 macro_rules! impl_schedule_store {
     ($store:ty) => {
         #[tonic::async_trait]
@@ -165,35 +256,19 @@ macro_rules! impl_schedule_store {
             async fn insert_schedule(&self, s: &Schedule) -> StoreResult<ScheduleInsert> {
                 let headers = headers_json(s)?;
                 let mut tx = self.pool.begin().await?;
-                let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO schedules ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
-                     $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24) \
-                     ON CONFLICT (idempotency_key) DO NOTHING"
-                )))
-                .bind(s.id.to_string())
-                .bind(s.queue.clone())
-                .bind(s.payload.to_vec())
-                .bind(s.content_type.clone())
-                .bind(headers)
-                .bind(s.spec.clone())
-                .bind(s.time_zone.clone())
-                .bind(s.missing_day.as_str())
-                .bind(s.start_at.timestamp_millis())
-                .bind(s.end_at.map(|t| t.timestamp_millis()))
-                .bind(i64::from(s.max_occurrences))
-                .bind(s.jitter.as_millis() as i64)
-                .bind(s.catch_up.as_str())
-                .bind(i64::from(s.catch_up_limit))
-                .bind(s.expire_after_ms)
-                .bind(i64::from(s.max_attempts))
-                .bind(s.idempotency_key.clone())
-                .bind(s.content_hash.clone())
-                .bind(s.paused)
-                .bind(s.occurrences as i64)
-                .bind(s.next_fire_at.map(|t| t.timestamp_millis()))
-                .bind(s.created_at.timestamp_millis())
-                .bind(s.updated_at.timestamp_millis())
-                .bind(s.overlap.as_str())
+                let inserted = bind_definition!(
+                    sqlx::query(sqlx::AssertSqlSafe(INSERT.as_str()))
+                        .bind(s.id.to_string())
+                        .bind(s.queue.clone())
+                        .bind(s.start_at.timestamp_millis())
+                        .bind(s.idempotency_key.clone())
+                        .bind(s.content_hash.clone())
+                        .bind(s.paused)
+                        .bind(s.occurrences as i64)
+                        .bind(s.created_at.timestamp_millis()),
+                    s,
+                    headers
+                )
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
@@ -202,7 +277,8 @@ macro_rules! impl_schedule_store {
                 } else {
                     let key = s.idempotency_key.clone().unwrap_or_default();
                     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "SELECT {COLUMNS} FROM schedules WHERE idempotency_key = $1"
+                        "SELECT {columns} FROM schedules WHERE idempotency_key = $1",
+                        columns = COLUMNS.as_str()
                     )))
                     .bind(key.clone())
                     .fetch_one(&mut *tx)
@@ -220,7 +296,8 @@ macro_rules! impl_schedule_store {
 
             async fn get_schedule(&self, id: TaskId) -> StoreResult<Option<Schedule>> {
                 let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {COLUMNS} FROM schedules WHERE id = $1"
+                    "SELECT {columns} FROM schedules WHERE id = $1",
+                    columns = COLUMNS.as_str()
                 )))
                 .bind(id.to_string())
                 .fetch_optional(&self.pool)
@@ -230,10 +307,11 @@ macro_rules! impl_schedule_store {
 
             async fn list_schedules(&self, filter: &ScheduleFilter) -> StoreResult<Vec<Schedule>> {
                 let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {COLUMNS} FROM schedules \
+                    "SELECT {columns} FROM schedules \
                      WHERE ($1 = '' OR queue = $1) AND ($2 = -1 OR paused = ($2 = 1)) \
                        AND ($3 = '' OR id < $3) \
-                     ORDER BY id DESC LIMIT $4"
+                     ORDER BY id DESC LIMIT $4",
+                    columns = COLUMNS.as_str()
                 )))
                 .bind(filter.queue.clone().unwrap_or_default())
                 .bind(filter.paused.map_or(-1_i64, i64::from))
@@ -265,29 +343,11 @@ macro_rules! impl_schedule_store {
                 expected: Option<DateTime<Utc>>,
             ) -> StoreResult<bool> {
                 let headers = headers_json(s)?;
-                let updated = sqlx::query(
-                    "UPDATE schedules SET payload = $1, content_type = $2, headers = $3, spec = $4, \
-                     time_zone = $5, missing_day = $6, end_at_ms = $7, max_occurrences = $8, \
-                     jitter_ms = $9, catch_up = $10, catch_up_limit = $11, expire_after_ms = $12, \
-                     max_attempts = $13, next_fire_at_ms = $14, updated_at_ms = $15, overlap = $16 \
-                     WHERE id = $17 AND (next_fire_at_ms = $18 OR (next_fire_at_ms IS NULL AND $19 = 1))",
+                let updated = bind_definition!(
+                    sqlx::query(sqlx::AssertSqlSafe(UPDATE.as_str())),
+                    s,
+                    headers
                 )
-                .bind(s.payload.to_vec())
-                .bind(s.content_type.clone())
-                .bind(headers)
-                .bind(s.spec.clone())
-                .bind(s.time_zone.clone())
-                .bind(s.missing_day.as_str())
-                .bind(s.end_at.map(|t| t.timestamp_millis()))
-                .bind(i64::from(s.max_occurrences))
-                .bind(s.jitter.as_millis() as i64)
-                .bind(s.catch_up.as_str())
-                .bind(i64::from(s.catch_up_limit))
-                .bind(s.expire_after_ms)
-                .bind(i64::from(s.max_attempts))
-                .bind(s.next_fire_at.map(|t| t.timestamp_millis()))
-                .bind(s.updated_at.timestamp_millis())
-                .bind(s.overlap.as_str())
                 .bind(s.id.to_string())
                 .bind(expected.map_or(-1, |t| t.timestamp_millis()))
                 .bind(i64::from(expected.is_none()))
@@ -312,9 +372,10 @@ macro_rules! impl_schedule_store {
                 limit: u32,
             ) -> StoreResult<Vec<Schedule>> {
                 let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {COLUMNS} FROM schedules \
+                    "SELECT {columns} FROM schedules \
                      WHERE paused = $1 AND next_fire_at_ms IS NOT NULL AND next_fire_at_ms <= $2 \
-                     ORDER BY next_fire_at_ms LIMIT $3"
+                     ORDER BY next_fire_at_ms LIMIT $3",
+                    columns = COLUMNS.as_str()
                 )))
                 .bind(false)
                 .bind(until.timestamp_millis())

@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(
         [
             "kairos/v1/task.proto",
+            "kairos/v1/events.proto",
             "kairos/v1/recurring.proto",
             "kairos/v1/scheduler.proto",
             "kairos/v1/status.proto",

@@ -18,6 +18,14 @@ pub const TASK_ID_HEADER: &str = "Kairos-Task-Id";
 pub const QUEUE_HEADER: &str = "Kairos-Queue";
 /// Header with the task's start deadline in ms since the epoch, when it has one.
 pub const EXPIRE_HEADER: &str = "Kairos-Expire-Ms";
+/// Core NATS subject (nothing stored) on which a replica says it committed
+/// new task events; every replica with subscribers then reads them from SQL.
+pub const EVENTS_SUBJECT: &str = "kairos.events";
+/// Metadata of a Subscribe stream with the cursor to pass as `after_cursor`
+/// to resume without a gap: in the headers, the cursor the stream starts
+/// after; in the trailers of a stream that ended (ABORTED, UNAVAILABLE), the
+/// last cursor delivered.
+pub const RESUME_TRAILER: &str = "kairos-resume-after";
 /// Longest queue name; queue names become NATS subject tokens and consumer names.
 pub const MAX_QUEUE_LEN: usize = 64;
 

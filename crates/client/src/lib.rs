@@ -31,10 +31,12 @@ use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt;
 
+pub use events::{EventStream, Subscribe, TaskEvent};
 /// Generated protocol types, for callers that need them.
 pub use kairos_proto::v1 as pb_types;
 pub use recurring::{CatchUp, MissingDay, NewRecurring, Overlap, Recurring};
 
+mod events;
 mod recurring;
 
 /// An error from the server or the connection.

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use kairos_client::{Attempt, Client, NewTask, Task, TaskState};
 
 mod recurring_cli;
+mod watch_cli;
 use serde_json::json;
 
 /// Kairos command-line tool.
@@ -64,7 +65,15 @@ enum Command {
         /// Attempts allowed.
         #[arg(long)]
         max_attempts: Option<u32>,
+        /// Wait for the task to finish, printing its events; exit non-zero unless it succeeds.
+        #[arg(long)]
+        wait: bool,
+        /// Longest wait with --wait.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        wait_timeout: Duration,
     },
+    /// Print task events as they happen (Ctrl-C to stop).
+    Watch(watch_cli::WatchArgs),
     /// Cancel a task that has not started.
     Cancel {
         /// Task id.
@@ -174,6 +183,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             headers,
             expire_after,
             max_attempts,
+            wait,
+            wait_timeout,
         } => {
             let mut task = NewTask::new(queue).content_type(content_type);
             task = match (at, delay) {
@@ -206,6 +217,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", task_json(&task));
             } else {
                 println!("scheduled {}", task_line(&task));
+            }
+            if wait {
+                watch_cli::wait_for(&client, &task.id, cli.json, wait_timeout).await?;
             }
         }
         Command::Cancel { id } => {
@@ -276,6 +290,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Watch(args) => watch_cli::watch(&client, args, cli.json).await?,
         Command::Recurring(command) => recurring_cli::run(&mut client, command, cli.json).await?,
     }
     Ok(())

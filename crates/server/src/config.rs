@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::app::EventSettings;
 use crate::domain::Limits;
 use crate::engine::dispatcher::DispatchSettings;
 use crate::engine::materializer::MaterializeSettings;
@@ -97,6 +98,14 @@ pub struct ServerConfig {
     #[arg(long, env = "KAIROS_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    /// Events one Subscribe stream may have waiting before it is cut off (ABORTED, resumable).
+    #[arg(long, env = "KAIROS_SUBSCRIBE_BUFFER", default_value_t = 10_000)]
+    pub subscribe_buffer: usize,
+
+    /// How long task events are kept for Subscribe to replay.
+    #[arg(long, env = "KAIROS_EVENT_RETENTION", default_value = "3days", value_parser = humantime::parse_duration)]
+    pub event_retention: Duration,
+
     /// How long shutdown waits for in-flight RPCs.
     #[arg(long, env = "KAIROS_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
@@ -133,10 +142,22 @@ impl ServerConfig {
                 "must be between 1 and KAIROS_MAX_ATTEMPTS_LIMIT",
             );
         }
+        if self.subscribe_buffer == 0 {
+            return bad("KAIROS_SUBSCRIBE_BUFFER", "must be positive");
+        }
         if self.max_payload_bytes == 0 {
             return bad("KAIROS_MAX_PAYLOAD_BYTES", "must be positive");
         }
         Ok(())
+    }
+
+    /// Returns the event log and Subscribe settings.
+    pub fn events(&self) -> EventSettings {
+        EventSettings {
+            buffer: self.subscribe_buffer,
+            poll: Duration::from_secs(1),
+            retention: self.event_retention,
+        }
     }
 
     /// Returns the materializer settings.

@@ -35,7 +35,7 @@ use tracing::info;
 pub use config::ServerConfig;
 
 use crate::api::{SchedulerApi, StatusApi};
-use crate::app::{Recorder, RecurringService, ReportService, TaskService};
+use crate::app::{EventService, Recorder, RecurringService, ReportService, TaskService};
 use crate::bus::{Bus, StreamSettings};
 use crate::engine::dispatcher::Dispatcher;
 use crate::engine::materializer::Materializer;
@@ -74,7 +74,7 @@ pub async fn run(
     // Background work stops on `work`, which fires only after the gRPC server
     // has drained, so in-flight RPCs can still record their results.
     let work = CancellationToken::new();
-    let (recorder, recorder_handle) = Recorder::spawn(store.clone(), work.clone());
+    let (recorder, recorder_handle) = Recorder::spawn(store.clone(), bus.clone(), work.clone());
     let tasks = TaskService::new(
         store.clone(),
         claims.clone(),
@@ -90,6 +90,11 @@ pub async fn run(
         config.limits(),
         config.min_recurrence_interval,
     );
+    // Subscribe streams end on `shutdown`, before the server drains, or the
+    // drain would wait for them.
+    let events = EventService::new(store.clone(), config.events(), shutdown.clone());
+    let events_handle =
+        AbortOnDropHandle::new(tokio::spawn(events.clone().run(bus.clone(), work.clone())));
     let materializer = Materializer::new(store.clone(), tasks.clone(), config.materialize());
     let materializer_handle = AbortOnDropHandle::new(tokio::spawn(materializer.run(work.clone())));
     let dispatcher = Dispatcher::new(
@@ -118,7 +123,7 @@ pub async fn run(
         .build_v1alpha()
         .context("failed to build reflection v1alpha")?;
 
-    let scheduler = SchedulerServiceServer::new(SchedulerApi::new(tasks, recurring))
+    let scheduler = SchedulerServiceServer::new(SchedulerApi::new(tasks, recurring, events))
         .max_decoding_message_size(config.max_message_bytes)
         .accept_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Gzip);
@@ -151,6 +156,7 @@ pub async fn run(
     let drain = async {
         let _ = (&mut dispatcher_handle).await;
         let _ = materializer_handle.await;
+        let _ = events_handle.await;
         drop(recorder);
         let _ = recorder_handle.await;
         let _ = bus.client().flush().await;

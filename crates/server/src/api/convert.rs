@@ -8,8 +8,9 @@ use crate::app::{
     AppError, AttemptEnd, AttemptStart, PreviewQuery, SchedulePage, TaskDetail, TaskPage,
 };
 use crate::domain::{
-    AttemptOutcome, AttemptRecord, CatchUp, MissingDay, Overlap, RecurringSpec, Schedule,
-    ScheduleSpec, TaskId, TaskRecord, TaskState, ValidationError,
+    AttemptOutcome, AttemptRecord, CatchUp, EventFilter, MissingDay, Overlap, RecurringSpec,
+    Schedule, ScheduleSpec, StartAt, Subscription, TaskEvent, TaskId, TaskRecord, TaskState,
+    ValidationError,
 };
 use crate::store::{ScheduleFilter, TaskFilter};
 
@@ -223,6 +224,71 @@ pub(crate) fn task_filter(req: pb::ListTasksRequest) -> Result<TaskFilter, AppEr
         schedule,
         limit: list.limit,
     })
+}
+
+/// Converts and checks a Subscribe request.
+pub(crate) fn subscription(req: pb::SubscribeRequest) -> Result<Subscription, AppError> {
+    // Counted before parsing, so an oversized list costs nothing.
+    Subscription::check_task_count(req.task_ids.len())?;
+    let task_ids = req
+        .task_ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| task_id(&format!("task_ids[{i}]"), id))
+        .collect::<Result<Vec<_>, _>>()?;
+    let schedule_id = if req.schedule_id.is_empty() {
+        None
+    } else {
+        Some(task_id("schedule_id", &req.schedule_id)?)
+    };
+    let mut states = Vec::with_capacity(req.states.len());
+    for (i, value) in req.states.iter().enumerate() {
+        let field = format!("states[{i}]");
+        match state_from_pb(*value) {
+            Ok(Some(state)) => states.push(state),
+            Ok(None) => {
+                return Err(ValidationError::invalid(field, "must not be UNSPECIFIED").into());
+            }
+            Err(err) => return Err(ValidationError::invalid(field, err.reason).into()),
+        }
+    }
+    let start = match (req.after_cursor, req.from_beginning) {
+        (Some(_), true) => {
+            return Err(ValidationError::invalid(
+                "after_cursor",
+                "set either after_cursor or from_beginning, not both",
+            )
+            .into());
+        }
+        (Some(cursor), false) => StartAt::After(i64::try_from(cursor).map_err(|_| {
+            AppError::from(ValidationError::invalid("after_cursor", "out of range"))
+        })?),
+        (None, true) => StartAt::Beginning,
+        (None, false) => StartAt::Now,
+    };
+    let filter = EventFilter {
+        task_ids,
+        schedule_id,
+        queue: (!req.queue.is_empty()).then_some(req.queue),
+        states,
+    };
+    Ok(Subscription::new(filter, start)?)
+}
+
+impl From<TaskEvent> for pb::TaskEvent {
+    fn from(e: TaskEvent) -> Self {
+        pb::TaskEvent {
+            cursor: u64::try_from(e.cursor).unwrap_or(0),
+            task_id: e.task_id.to_string(),
+            schedule_id: e.schedule_id.map(|id| id.to_string()).unwrap_or_default(),
+            queue: e.queue,
+            attempt: e.attempt,
+            state: state_to_pb(e.state).into(),
+            time: Some(timestamp(e.at)),
+            worker_id: e.worker_id,
+            error: e.error.unwrap_or_default(),
+        }
+    }
 }
 
 /// Converts a worker's start message.

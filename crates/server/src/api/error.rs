@@ -26,6 +26,7 @@ impl From<AppError> for Status {
             AppError::NotFound { .. } => Status::not_found(err.to_string()),
             AppError::AlreadyExists { .. } => Status::already_exists(err.to_string()),
             AppError::FailedPrecondition { .. } => Status::failed_precondition(err.to_string()),
+            AppError::OutOfRange(reason) => Status::out_of_range(reason),
             AppError::Unavailable { backend, ref cause } => {
                 warn!(backend, cause, "backend unavailable");
                 Status::unavailable(format!("{backend} unavailable, retry later"))

@@ -1,5 +1,8 @@
 //! `kairos.v1.SchedulerService`: unwrap, convert, call, convert back.
 
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
 use kairos_proto::v1 as pb;
 use kairos_proto::v1::scheduler_service_server::SchedulerService;
 use tonic::{Request, Response, Status};
@@ -7,28 +10,98 @@ use tracing::instrument;
 
 use super::convert;
 use super::error::item_error;
-use crate::app::{AppError, RecurringService, TaskService};
+use crate::app::{AppError, EventService, RecurringService, SubscribeEnd, TaskService};
 use crate::domain::{RecurringSpec, ScheduleSpec, ValidationError};
 
 /// Most tasks one ScheduleBatch call may carry.
 pub const MAX_BATCH: usize = 1000;
+
+/// Stream of events to one subscriber.
+pub(crate) type SubscribeStream =
+    Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
 
 /// The SchedulerService implementation.
 #[derive(Debug, Clone)]
 pub struct SchedulerApi {
     tasks: TaskService,
     recurring: RecurringService,
+    events: EventService,
 }
 
 impl SchedulerApi {
-    /// Creates the API over the task and recurring-schedule use cases.
-    pub fn new(tasks: TaskService, recurring: RecurringService) -> Self {
-        Self { tasks, recurring }
+    /// Creates the API over the task, recurring-schedule and event use cases.
+    pub fn new(tasks: TaskService, recurring: RecurringService, events: EventService) -> Self {
+        Self {
+            tasks,
+            recurring,
+            events,
+        }
     }
+}
+
+/// Turns the end of a subscription into the status the subscriber sees,
+/// with the cursor to resume after in a trailer and in the message.
+fn end_status(end: SubscribeEnd) -> Status {
+    let (mut status, after) = match end {
+        SubscribeEnd::Lagged { after, buffer } => (
+            Status::aborted(format!(
+                "subscriber fell more than {buffer} events behind; \
+                 resume with after_cursor={after}"
+            )),
+            after,
+        ),
+        SubscribeEnd::ShuttingDown { after } => (
+            Status::unavailable(format!(
+                "server shutting down; resume on another replica with after_cursor={after}"
+            )),
+            after,
+        ),
+        SubscribeEnd::Unavailable { after, cause } => {
+            tracing::warn!(cause, "event log unavailable");
+            (
+                Status::unavailable(format!(
+                    "database unavailable; resume with after_cursor={after}"
+                )),
+                after,
+            )
+        }
+    };
+    if let Ok(value) = after.to_string().parse() {
+        status
+            .metadata_mut()
+            .insert(kairos_proto::wire::RESUME_TRAILER, value);
+    }
+    status
 }
 
 #[tonic::async_trait]
 impl SchedulerService for SchedulerApi {
+    type SubscribeStream = SubscribeStream;
+
+    #[instrument(skip_all)]
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let subscription = convert::subscription(request.into_inner())?;
+        let (events, start) = self.events.subscribe(subscription).await?;
+        let stream = events.map(|item| match item {
+            Ok(event) => Ok(pb::SubscribeResponse {
+                event: Some(event.into()),
+            }),
+            Err(end) => Err(end_status(end)),
+        });
+        let mut response = Response::new(Box::pin(stream) as Self::SubscribeStream);
+        // The cursor the stream starts after, so that even a subscriber that
+        // sees no event before the stream breaks can resume without a gap.
+        if let Ok(value) = start.to_string().parse() {
+            response
+                .metadata_mut()
+                .insert(kairos_proto::wire::RESUME_TRAILER, value);
+        }
+        Ok(response)
+    }
+
     #[instrument(skip_all)]
     async fn schedule(
         &self,

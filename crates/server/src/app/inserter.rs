@@ -5,6 +5,7 @@
 use tokio::sync::{mpsc, oneshot};
 
 use super::{AppError, AppResult};
+use crate::bus::Bus;
 use crate::domain::NewTask;
 use crate::store::{DynStore, InsertOutcome};
 
@@ -25,9 +26,9 @@ pub struct Inserter {
 
 impl Inserter {
     /// Starts the inserter; it stops when every handle is gone.
-    pub fn spawn(store: DynStore) -> Self {
+    pub fn spawn(store: DynStore, bus: Bus) -> Self {
         let (tx, rx) = mpsc::channel(4 * MAX_GROUP);
-        tokio::spawn(run(store, rx));
+        tokio::spawn(run(store, bus, rx));
         Self { tx }
     }
 
@@ -58,7 +59,7 @@ impl Inserter {
     }
 }
 
-async fn run(store: DynStore, mut rx: mpsc::Receiver<Request>) {
+async fn run(store: DynStore, bus: Bus, mut rx: mpsc::Receiver<Request>) {
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
         let mut size = group[0].0.len();
@@ -81,6 +82,7 @@ async fn run(store: DynStore, mut rx: mpsc::Receiver<Request>) {
         }
         match store.insert_tasks(&tasks, &buckets).await {
             Ok(outcomes) => {
+                bus.signal_events().await;
                 let mut outcomes = outcomes.into_iter();
                 for (n, done) in callers {
                     let _ = done.send(Ok(outcomes.by_ref().take(n).collect()));

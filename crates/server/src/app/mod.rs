@@ -1,6 +1,7 @@
 //! Use cases: they orchestrate the SQL store, the Redis claims and the bus,
 //! and decide what each outcome means. No proto types here.
 
+mod events;
 mod inserter;
 mod recorder;
 mod recurring;
@@ -12,6 +13,7 @@ use crate::domain::{TaskId, ValidationError};
 use crate::store::StoreError;
 use crate::store::claims::ClaimError;
 
+pub use events::{EventService, EventSettings, EventStream, SubscribeEnd};
 pub use inserter::Inserter;
 pub use recorder::Recorder;
 pub use recurring::{MAX_PREVIEW, PreviewQuery, RecurringService, SchedulePage};
@@ -52,6 +54,9 @@ pub enum AppError {
         /// The cause, for logs only.
         cause: String,
     },
+    /// A position outside what is kept (an event cursor already pruned).
+    #[error("{0}")]
+    OutOfRange(String),
     /// A bug or corrupt data.
     #[error("internal error: {0}")]
     Internal(String),

@@ -6,6 +6,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{AppError, AppResult};
+use crate::bus::Bus;
 use crate::domain::StatusWrite;
 use crate::store::DynStore;
 
@@ -28,11 +29,12 @@ impl Recorder {
     /// fires and every handle is gone.
     pub fn spawn(
         store: DynStore,
+        bus: Bus,
         shutdown: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (urgent, urgent_rx) = mpsc::channel(16 * MAX_BATCH);
         let (background, background_rx) = mpsc::channel(16 * MAX_BATCH);
-        let handle = tokio::spawn(run(store, urgent_rx, background_rx, shutdown));
+        let handle = tokio::spawn(run(store, bus, urgent_rx, background_rx, shutdown));
         (Self { urgent, background }, handle)
     }
 
@@ -74,6 +76,7 @@ impl Recorder {
 
 async fn run(
     store: DynStore,
+    bus: Bus,
     mut urgent: mpsc::Receiver<(StatusWrite, Option<Waiter>)>,
     mut background: mpsc::Receiver<(StatusWrite, Option<Waiter>)>,
     shutdown: CancellationToken,
@@ -117,8 +120,9 @@ async fn run(
             }
         }
         let result = store.apply(&writes).await;
-        if let Err(err) = &result {
-            warn!(writes = writes.len(), error = %err, "status batch not recorded");
+        match &result {
+            Ok(()) => bus.signal_events().await,
+            Err(err) => warn!(writes = writes.len(), error = %err, "status batch not recorded"),
         }
         let outcome = result.map_err(|e| e.to_string());
         for waiter in waiters.drain(..) {

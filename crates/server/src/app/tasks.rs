@@ -63,7 +63,7 @@ impl TaskService {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                inserter: Inserter::spawn(store.clone()),
+                inserter: Inserter::spawn(store.clone(), bus.clone()),
                 store,
                 claims,
                 bus,
@@ -225,8 +225,11 @@ impl TaskService {
             }
         }
         let ids: Vec<TaskId> = tasks.iter().map(|(_, id)| *id).collect();
-        if let Err(err) = inner.store.delete_tasks(&ids).await {
-            warn!(count = ids.len(), error = %err, "could not delete unpublished tasks");
+        match inner.store.delete_tasks(&ids).await {
+            Ok(()) => inner.bus.signal_events().await,
+            Err(err) => {
+                warn!(count = ids.len(), error = %err, "could not delete unpublished tasks")
+            }
         }
     }
 

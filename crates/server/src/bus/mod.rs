@@ -310,6 +310,26 @@ impl Bus {
         (len, outcome)
     }
 
+    /// Tells every replica that new task events are committed.
+    pub async fn signal_events(&self) {
+        // Best effort: a lost signal costs a subscriber one poll interval.
+        if let Err(err) = self
+            .client
+            .publish(wire::EVENTS_SUBJECT, Bytes::new())
+            .await
+        {
+            tracing::debug!(error = %err, "event signal not sent");
+        }
+    }
+
+    /// Subscribes to every replica's event signals.
+    pub async fn event_signals(&self) -> BusResult<async_nats::Subscriber> {
+        self.client
+            .subscribe(wire::EVENTS_SUBJECT)
+            .await
+            .map_err(BusError::from_any)
+    }
+
     /// Acknowledges a bucket message: the task has left the bucket for good.
     pub async fn ack(&self, reply: &Subject) -> BusResult<()> {
         self.client

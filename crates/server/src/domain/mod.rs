@@ -1,11 +1,13 @@
 //! Pure domain types and rules: task ids, states, validation of new tasks,
 //! bucket arithmetic. No I/O and no generated proto types here.
 
+mod event;
 mod recurrence;
 mod schedule;
 mod task;
 mod validate;
 
+pub use event::{EventFilter, MAX_SUBSCRIBED_TASKS, StartAt, Subscription, TaskEvent};
 pub use recurrence::{MissingDay, Recurrence};
 pub use schedule::{CatchUp, Overlap, RecurringSpec, Schedule, apply_update, validate_schedule};
 pub use task::{

@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::{AttemptRecord, NewTask, StatusWrite, TaskId, TaskRecord, TaskState};
+use crate::domain::{
+    AttemptRecord, EventFilter, NewTask, StatusWrite, TaskEvent, TaskId, TaskRecord, TaskState,
+};
 
 pub use schedules::{ScheduleFilter, ScheduleInsert, ScheduleStore};
 pub use sql::{PG_MIGRATOR, PgStore, SQLITE_MIGRATOR, SqliteStore, connect};
@@ -88,9 +90,29 @@ pub trait TaskStore: ScheduleStore + std::fmt::Debug + Send + Sync + 'static {
     /// Returns one page of tasks, newest first.
     async fn list_tasks(&self, filter: &TaskFilter) -> StoreResult<Vec<TaskRecord>>;
 
-    /// Applies status changes in one transaction; a change older than the
-    /// stored state is ignored.
+    /// Applies status changes in one transaction and appends each to the
+    /// event log; a change older than the stored state is ignored.
     async fn apply(&self, writes: &[StatusWrite]) -> StoreResult<()>;
+
+    /// Returns up to `limit` events that pass `filter` with a cursor in
+    /// `(after, upto]`, oldest first.
+    async fn read_events(
+        &self,
+        after: i64,
+        upto: i64,
+        filter: &EventFilter,
+        limit: u32,
+    ) -> StoreResult<Vec<TaskEvent>>;
+
+    /// Returns the newest committed cursor: every event up to it is visible.
+    async fn last_event(&self) -> StoreResult<i64>;
+
+    /// Returns the cursor through which events were pruned (0 when none were).
+    async fn pruned_through(&self) -> StoreResult<i64>;
+
+    /// Deletes the oldest events, up to `max` of them, that happened before
+    /// `before_ms`; returns how many went.
+    async fn prune_events(&self, before_ms: i64, max: u32) -> StoreResult<u64>;
 }
 
 /// Shared handle to the configured store.

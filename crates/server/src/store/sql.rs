@@ -12,8 +12,8 @@ use sqlx::{Pool, Postgres, Row, Sqlite};
 
 use super::{DynStore, InsertOutcome, StoreError, StoreResult, TaskFilter, TaskStore, ms_to_time};
 use crate::domain::{
-    AttemptOutcome, AttemptRecord, NewTask, Occurrence, StatusWrite, TaskId, TaskRecord, TaskState,
-    version_of,
+    AttemptOutcome, AttemptRecord, EventFilter, NewTask, Occurrence, StatusWrite, TaskEvent,
+    TaskId, TaskRecord, TaskState, version_of,
 };
 
 /// Migrations of the SQLite backend.
@@ -173,6 +173,20 @@ struct TaskUpdate {
     error_version: i64,
 }
 
+/// One state change to append to the event log, if the task has not moved
+/// past it already.
+#[derive(Debug, Clone, PartialEq)]
+struct EventRow {
+    task_id: TaskId,
+    version: i64,
+    state: TaskState,
+    /// 0 when the change is not about one attempt (the task's count is used).
+    attempt: i64,
+    at_ms: i64,
+    worker_id: String,
+    error: Option<String>,
+}
+
 /// The net effect of a batch on one run-log row.
 #[derive(Debug, Clone, PartialEq)]
 struct RunRow {
@@ -188,8 +202,9 @@ struct RunRow {
 /// per attempt, so a whole batch costs a few statements, not one per write.
 /// Within a task the write with the highest version wins, as it would if the
 /// writes were applied one by one with the version guard.
-fn plan(writes: &[StatusWrite]) -> (Vec<TaskUpdate>, Vec<RunRow>) {
+fn plan(writes: &[StatusWrite]) -> (Vec<TaskUpdate>, Vec<RunRow>, Vec<EventRow>) {
     let mut tasks: Vec<TaskUpdate> = Vec::new();
+    let mut events: Vec<EventRow> = Vec::with_capacity(writes.len());
     let mut task_index: std::collections::HashMap<TaskId, usize> = std::collections::HashMap::new();
     let mut runs: Vec<RunRow> = Vec::new();
     let mut run_index: std::collections::HashMap<(TaskId, i64), usize> =
@@ -211,6 +226,33 @@ fn plan(writes: &[StatusWrite]) -> (Vec<TaskUpdate>, Vec<RunRow>) {
             StatusWrite::Closed { id, state, at } => (*id, *state, 0, None, *at),
         };
         let version = version_of(state, attempt);
+        let worker = match write {
+            StatusWrite::Started { worker_id, .. } | StatusWrite::Finished { worker_id, .. } => {
+                worker_id.as_str()
+            }
+            _ => "",
+        };
+        let event = |state, version, attempt: u32| EventRow {
+            task_id: id,
+            version,
+            state,
+            attempt: i64::from(attempt),
+            at_ms: at.timestamp_millis(),
+            worker_id: worker.to_owned(),
+            error: error.clone(),
+        };
+        if state == TaskState::Running && attempt == 1 {
+            // A first start implies the release: the dispatcher's own write is
+            // informational and may arrive later, when it no longer counts.
+            let mut dispatched = event(
+                TaskState::Dispatched,
+                version_of(TaskState::Dispatched, 0),
+                0,
+            );
+            dispatched.worker_id.clear();
+            events.push(dispatched);
+        }
+        events.push(event(state, version, attempt));
         let update = TaskUpdate {
             id,
             state,
@@ -287,11 +329,95 @@ fn plan(writes: &[StatusWrite]) -> (Vec<TaskUpdate>, Vec<RunRow>) {
     // Every batch locks rows in task-id order, so two replicas' batches never deadlock.
     tasks.sort_by_key(|t| t.id);
     runs.sort_by_key(|r| (r.task_id, r.attempt));
-    (tasks, runs)
+    // Per task in version order, one event per version: the order a
+    // subscriber sees them in, and no duplicate from a report sent twice.
+    // Of two writes for one version the earlier wins: a dispatcher's own
+    // DISPATCHED over the one a first start implies.
+    events.sort_by_key(|e| (e.task_id, e.version, e.at_ms));
+    events.dedup_by_key(|e| (e.task_id, e.version));
+    (tasks, runs, events)
+}
+
+/// Statement that serializes event-log appends on Postgres, taken before a
+/// transaction touches existing task rows or appends events and held to its
+/// commit: ids then commit in id order, so a reader never sees id N+1
+/// before id N, and the version guard reads committed states. SQLite needs
+/// none: it has one writer at a time.
+const PG_EVENT_LOCK: &str = "SELECT pg_advisory_xact_lock(7411000)";
+
+/// Columns of an event row read back.
+const EVENT_COLUMNS: &str =
+    "id, task_id, schedule_id, queue, attempt, state, at_ms, worker_id, error";
+
+fn event_from_row<R: Row>(row: &R) -> StoreResult<TaskEvent>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    let corrupt = |reason: String| StoreError::Corrupt {
+        table: "task_events",
+        reason,
+    };
+    let id = |text: String| {
+        TaskId::from_str(&text).map_err(|e| corrupt(format!("bad id `{text}`: {e}")))
+    };
+    let state: String = row.try_get("state")?;
+    let schedule_id: Option<String> = row.try_get("schedule_id")?;
+    Ok(TaskEvent {
+        cursor: row.try_get("id")?,
+        task_id: id(row.try_get("task_id")?)?,
+        schedule_id: schedule_id.map(id).transpose()?,
+        queue: row.try_get("queue")?,
+        attempt: u32::try_from(row.try_get::<i64, _>("attempt")?).unwrap_or(u32::MAX),
+        state: TaskState::parse(&state).ok_or_else(|| corrupt(format!("bad state `{state}`")))?,
+        at: ms_to_time("task_events", row.try_get("at_ms")?)?,
+        worker_id: row.try_get("worker_id")?,
+        error: row.try_get("error")?,
+    })
+}
+
+/// Returns the WHERE clause of an event read, numbering parameters from 3
+/// (1 and 2 are the cursor bounds; the limit comes last), and the values to
+/// bind, in the order they appear (SQLite's `?` are bound by position).
+fn event_condition(filter: &EventFilter, placeholder: Placeholder) -> (String, Vec<String>) {
+    let mut clause = String::new();
+    let mut binds = Vec::new();
+    let next = |value: String, binds: &mut Vec<String>| {
+        binds.push(value);
+        placeholder(binds.len() + 2)
+    };
+    let mut any_of = |column: &str, values: Vec<String>, binds: &mut Vec<String>| {
+        if !values.is_empty() {
+            let list: Vec<String> = values.into_iter().map(|v| next(v, binds)).collect();
+            clause.push_str(&format!(" AND {column} IN ({})", list.join(", ")));
+        }
+    };
+    any_of(
+        "task_id",
+        filter.task_ids.iter().map(ToString::to_string).collect(),
+        &mut binds,
+    );
+    any_of(
+        "schedule_id",
+        filter.schedule_id.iter().map(ToString::to_string).collect(),
+        &mut binds,
+    );
+    any_of("queue", filter.queue.iter().cloned().collect(), &mut binds);
+    any_of(
+        "state",
+        filter
+            .states
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect(),
+        &mut binds,
+    );
+    (clause, binds)
 }
 
 macro_rules! impl_task_store {
-    ($store:ty, $placeholder:expr) => {
+    ($store:ty, $placeholder:expr, $serialize:expr) => {
         #[tonic::async_trait]
         impl TaskStore for $store {
             async fn insert_tasks(
@@ -338,6 +464,35 @@ macro_rules! impl_task_store {
                         inserted.insert(row.try_get::<String, _>("id")?);
                     }
                 }
+                if !inserted.is_empty() {
+                    if let Some(lock) = $serialize {
+                        sqlx::query(lock).execute(&mut *tx).await?;
+                    }
+                    let fresh: Vec<&NewTask> = tasks
+                        .iter()
+                        .filter(|t| inserted.contains(&t.id.to_string()))
+                        .collect();
+                    for chunk in fresh.chunks(CHUNK) {
+                        let sql = format!(
+                            "INSERT INTO task_events (task_id, schedule_id, queue, attempt, state, \
+                             at_ms, worker_id, error) VALUES {}",
+                            rows(chunk.len(), 8, $placeholder)
+                        );
+                        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                        for task in chunk {
+                            query = query
+                                .bind(task.id.to_string())
+                                .bind(task.occurrence.map(|o| o.schedule_id.to_string()))
+                                .bind(task.queue.clone())
+                                .bind(0_i64)
+                                .bind(TaskState::Scheduled.as_str())
+                                .bind(task.created_at.timestamp_millis())
+                                .bind("")
+                                .bind(None::<String>);
+                        }
+                        query.execute(&mut *tx).await?;
+                    }
+                }
                 let mut outcomes = Vec::with_capacity(tasks.len());
                 for task in tasks {
                     if inserted.contains(&task.id.to_string()) {
@@ -365,7 +520,22 @@ macro_rules! impl_task_store {
 
             async fn delete_tasks(&self, ids: &[TaskId]) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await?;
+                if let Some(lock) = $serialize {
+                    sqlx::query(lock).execute(&mut *tx).await?;
+                }
+                let now_ms = chrono::Utc::now().timestamp_millis();
                 for id in ids {
+                    // Subscribers may have seen it SCHEDULED: the log says it ended.
+                    sqlx::query(
+                        "INSERT INTO task_events (task_id, schedule_id, queue, attempt, state, \
+                         at_ms, worker_id, error) SELECT id, schedule_id, queue, attempts, $2, $3, '', \
+                         'not booked: the task could not be stored' FROM tasks WHERE id = $1",
+                    )
+                    .bind(id.to_string())
+                    .bind(TaskState::Cancelled.as_str())
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
                     sqlx::query("DELETE FROM tasks WHERE id = $1")
                         .bind(id.to_string())
                         .execute(&mut *tx)
@@ -414,9 +584,119 @@ macro_rules! impl_task_store {
                 rows.iter().map(task_from_row).collect()
             }
 
-            async fn apply(&self, writes: &[StatusWrite]) -> StoreResult<()> {
-                let (tasks, runs) = plan(writes);
+            async fn read_events(
+                &self,
+                after: i64,
+                upto: i64,
+                filter: &EventFilter,
+                limit: u32,
+            ) -> StoreResult<Vec<TaskEvent>> {
+                let (condition, binds) = event_condition(filter, $placeholder);
+                let sql = format!(
+                    "SELECT {EVENT_COLUMNS} FROM task_events WHERE id > {} AND id <= {}{condition} \
+                     ORDER BY id LIMIT {}",
+                    $placeholder(1),
+                    $placeholder(2),
+                    $placeholder(binds.len() + 3),
+                );
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(after).bind(upto);
+                for value in binds {
+                    query = query.bind(value);
+                }
+                query = query.bind(i64::from(limit));
+                let rows = query.fetch_all(&self.pool).await?;
+                rows.iter().map(event_from_row).collect()
+            }
+
+            async fn last_event(&self) -> StoreResult<i64> {
+                let row = sqlx::query(
+                    "SELECT COALESCE((SELECT MAX(id) FROM task_events), \
+                     (SELECT pruned_through FROM event_horizon WHERE id = 1), 0) AS last",
+                )
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(row.try_get("last")?)
+            }
+
+            async fn pruned_through(&self) -> StoreResult<i64> {
+                let row = sqlx::query("SELECT pruned_through FROM event_horizon WHERE id = 1")
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.map(|r| r.try_get("pruned_through")).transpose()?.unwrap_or(0))
+            }
+
+            async fn prune_events(&self, before_ms: i64, max: u32) -> StoreResult<u64> {
+                let through = self.pruned_through().await?;
+                let rows = sqlx::query(
+                    "SELECT id, at_ms FROM task_events WHERE id > $1 ORDER BY id LIMIT $2",
+                )
+                .bind(through)
+                .bind(i64::from(max))
+                .fetch_all(&self.pool)
+                .await?;
+                // Only a prefix goes, so the horizon is one cursor below which nothing is left.
+                let mut last = None;
+                for row in &rows {
+                    if row.try_get::<i64, _>("at_ms")? >= before_ms {
+                        break;
+                    }
+                    last = Some(row.try_get::<i64, _>("id")?);
+                }
+                let Some(last) = last else { return Ok(0) };
                 let mut tx = self.pool.begin().await?;
+                let deleted = sqlx::query("DELETE FROM task_events WHERE id > $1 AND id <= $2")
+                    .bind(through)
+                    .bind(last)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                sqlx::query(
+                    "UPDATE event_horizon SET pruned_through = \
+                     CASE WHEN pruned_through < $1 THEN $1 ELSE pruned_through END WHERE id = 1",
+                )
+                .bind(last)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(deleted)
+            }
+
+            async fn apply(&self, writes: &[StatusWrite]) -> StoreResult<()> {
+                let (tasks, runs, events) = plan(writes);
+                let mut tx = self.pool.begin().await?;
+                if let Some(lock) = $serialize {
+                    sqlx::query(lock).execute(&mut *tx).await?;
+                }
+                // Before the tasks move: an event is kept only if its version
+                // is past the stored one, so the log of each task is in order
+                // and a change reported twice is logged once.
+                for chunk in events.chunks(CHUNK) {
+                    let sql = format!(
+                        "WITH v (n, task_id, version, state, attempt, at_ms, worker_id, error) AS \
+                         (VALUES {}) \
+                         INSERT INTO task_events (task_id, schedule_id, queue, attempt, state, at_ms, \
+                         worker_id, error) \
+                         SELECT v.task_id, t.schedule_id, t.queue, \
+                         CASE WHEN v.attempt = 0 THEN t.attempts ELSE v.attempt END, \
+                         v.state, v.at_ms, v.worker_id, v.error \
+                         FROM v JOIN tasks t ON t.id = v.task_id \
+                         WHERE t.version < v.version ORDER BY v.n",
+                        rows(chunk.len(), 8, $placeholder)
+                    );
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for (n, e) in chunk.iter().enumerate() {
+                        query = query
+                            .bind(n as i64)
+                            .bind(e.task_id.to_string())
+                            .bind(e.version)
+                            .bind(e.state.as_str())
+                            .bind(e.attempt)
+                            .bind(e.at_ms)
+                            .bind(e.worker_id.clone())
+                            .bind(e.error.clone());
+                    }
+                    query.execute(&mut *tx).await?;
+                }
                 for chunk in tasks.chunks(CHUNK) {
                     let sql = format!(
                         "WITH v (id, state, version, at_ms, attempts, error) AS (VALUES {}) \
@@ -486,8 +766,8 @@ macro_rules! impl_task_store {
     };
 }
 
-impl_task_store!(SqliteStore, question_mark);
-impl_task_store!(PgStore, dollar);
+impl_task_store!(SqliteStore, question_mark, None::<&str>);
+impl_task_store!(PgStore, dollar, Some(PG_EVENT_LOCK));
 
 #[cfg(test)]
 mod tests {
@@ -522,7 +802,7 @@ mod tests {
                 at: t0 + Duration::seconds(2),
             },
         ];
-        let (tasks, runs) = plan(&writes);
+        let (tasks, runs, _) = plan(&writes);
         assert_eq!(tasks.len(), 1);
         assert_eq!(tasks[0].state, TaskState::Running);
         assert_eq!(tasks[0].attempts, 2);
@@ -540,7 +820,7 @@ mod tests {
     fn plan_orders_rows_by_task_id() {
         let (a, b) = (TaskId::new(), TaskId::new());
         let at = Utc::now();
-        let (tasks, _) = plan(&[
+        let (tasks, _, _) = plan(&[
             StatusWrite::Dispatched { id: b, at },
             StatusWrite::Dispatched { id: a, at },
         ]);

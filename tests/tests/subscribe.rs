@@ -68,6 +68,19 @@ fn assert_cursors_increase(events: &[TaskEvent]) {
     }
 }
 
+/// Connects with small HTTP/2 windows, so little sits in flight to a reader
+/// that stopped (one connection each: unread data holds the connection window).
+async fn small_window_client(url: &str) -> Client {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("url")
+        .initial_stream_window_size(64 * 1024)
+        .initial_connection_window_size(64 * 1024)
+        .connect()
+        .await
+        .expect("connect");
+    Client::from_channel(channel)
+}
+
 /// Books `n` tasks on `queue` due after `delay`, in batches.
 async fn book(client: &mut Client, queue: &str, n: usize, delay: Duration) -> Vec<String> {
     let mut ids = Vec::with_capacity(n);
@@ -270,20 +283,17 @@ async fn slow_subscriber_is_cut_off_and_can_resume(backend: Backend) {
     let server = stack.server_with(config).await;
     let mut producer = client(&server).await;
 
-    // Small HTTP/2 windows, so little sits in flight to a reader that stopped.
-    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
-        .expect("url")
-        .initial_stream_window_size(64 * 1024)
-        .initial_connection_window_size(64 * 1024)
-        .connect()
-        .await
-        .expect("connect");
-    let slow_client = Client::from_channel(channel);
+    let slow_client = small_window_client(&server.url).await;
     let (mut slow, start) = slow_client
         .clone()
         .subscribe_once(&Subscribe::all().queue("flood"))
         .await
         .expect("slow subscriber");
+    let mut auto = small_window_client(&server.url)
+        .await
+        .subscribe(Subscribe::all().queue("flood"), PATIENCE)
+        .await
+        .expect("self-resuming slow subscriber");
     let mut fast = producer
         .subscribe(Subscribe::all().queue("flood"), PATIENCE)
         .await
@@ -296,6 +306,10 @@ async fn slow_subscriber_is_cut_off_and_can_resume(backend: Backend) {
     // Tasks an hour ahead: one SCHEDULED event each, nothing runs.
     let ids = book(&mut producer, "flood", EVENTS, Duration::from_secs(3600)).await;
     let fast_seen = reader.await.expect("fast reader");
+    // A self-resuming subscriber that did not read meanwhile is cut off too,
+    // and reopens after its last event: it still gets all 50,000, once each.
+    let auto_seen = read_n(&mut auto, EVENTS, Duration::from_secs(120)).await;
+    assert_eq!(auto_seen, fast_seen, "self-resumed after ABORTED");
     assert_eq!(fast_seen.len(), EVENTS);
     assert_cursors_increase(&fast_seen);
     let booked: HashSet<&String> = ids.iter().collect();
@@ -449,7 +463,8 @@ async fn hundred_subscribers_each_get_their_filter(backend: Backend) {
 }
 
 /// A graceful shutdown ends the stream with UNAVAILABLE and the cursor to
-/// resume from; the resuming client carries on on another replica.
+/// resume from; a subscriber carries on on another replica from it, and the
+/// Rust client's own stream reopens by itself once the address serves again.
 async fn shutdown_ends_streams_with_a_resumable_error(backend: Backend) {
     let stack = Stack::start(backend).await;
     let mut a = stack.server().await;
@@ -460,6 +475,10 @@ async fn shutdown_ends_streams_with_a_resumable_error(backend: Backend) {
         .subscribe_once(&Subscribe::all().queue("bye"))
         .await
         .expect("subscribe");
+    let mut auto = raw
+        .subscribe(Subscribe::all().queue("bye"), PATIENCE)
+        .await
+        .expect("self-resuming subscribe");
     let first = book(&mut producer, "bye", 3, Duration::from_secs(3600)).await;
     let mut seen = Vec::new();
     while seen.len() < first.len() {
@@ -493,6 +512,24 @@ async fn shutdown_ends_streams_with_a_resumable_error(backend: Backend) {
     let rest = read_n(&mut resumed, second.len(), Duration::from_secs(10)).await;
     let ids: Vec<String> = rest.into_iter().map(|e| e.task_id).collect();
     assert_eq!(ids, second);
+
+    // A replica comes back on A's address: the self-resuming stream, which
+    // read nothing while A was down, delivers all six bookings once each.
+    let address = a.url.trim_start_matches("http://").to_owned();
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .expect("A's port again");
+    let _a_again = stack.server_on(stack.config(), listener).await;
+    let all = read_n(
+        &mut auto,
+        first.len() + second.len(),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_quiet(&mut auto, "self-resumed").await;
+    assert_cursors_increase(&all);
+    let ids: Vec<String> = all.into_iter().map(|e| e.task_id).collect();
+    assert_eq!(ids, [first, second].concat());
 }
 
 /// Bad subscriptions are refused with the field at fault; a cursor older

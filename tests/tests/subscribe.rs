@@ -174,6 +174,50 @@ async fn events_follow_each_task_in_order(backend: Backend) {
     assert_quiet(&mut replay, "replay of one task").await;
 }
 
+/// A schedule filter follows the occurrences of one recurring schedule,
+/// from the beginning of its history, each event naming the schedule.
+async fn schedule_filter_follows_its_occurrences(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let server = stack.server().await;
+    let mut client = client(&server).await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "ticks", 4, log.handler());
+    // Noise on the same queue that the filter must leave out.
+    book(&mut client, "ticks", 5, Duration::from_millis(200)).await;
+    let schedule = client
+        .create_recurring(kairos_client::NewRecurring::new("ticks", "* * * * * *"))
+        .await
+        .expect("create");
+    log.wait_for(5 + 2, Duration::from_secs(15)).await;
+
+    let mut events = client
+        .subscribe(Subscribe::all().schedule(&schedule.id).from_beginning(), PATIENCE)
+        .await
+        .expect("subscribe");
+    let seen = read_until(&mut events, Duration::from_secs(15), |seen| {
+        seen.iter().filter(|e| e.state == Succeeded).count() >= 3
+    })
+    .await;
+    assert!(
+        seen.iter()
+            .all(|e| e.schedule_id.as_deref() == Some(schedule.id.as_str())),
+        "only the schedule's occurrences"
+    );
+    let by_task = states_by_task(&seen);
+    let finished: Vec<&Vec<TaskState>> = by_task
+        .values()
+        .filter(|states| states.contains(&Succeeded))
+        .collect();
+    assert!(finished.len() >= 3);
+    for states in finished {
+        assert_eq!(*states, [Scheduled, Dispatched, Running, Succeeded]);
+    }
+    client
+        .delete_recurring(&schedule.id, true)
+        .await
+        .expect("delete");
+}
+
 /// Three replicas: a task booked through A, dispatched by whichever holds
 /// its bucket, reported through C, shows up on streams held on A, B and C
 /// alike, in the same order.
@@ -600,6 +644,7 @@ fn uuid_like() -> String {
 
 backend_tests!(
     events_follow_each_task_in_order,
+    schedule_filter_follows_its_occurrences,
     events_from_every_replica_reach_every_subscriber,
     resume_on_another_replica_has_no_gap_and_no_duplicate,
     slow_subscriber_is_cut_off_and_can_resume,

@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "kairos/v1/recurring.proto",
             "kairos/v1/scheduler.proto",
             "kairos/v1/status.proto",
+            "kairos/v1/queue.proto",
         ],
         ["proto"],
     )?;

@@ -26,6 +26,17 @@ pub const EVENTS_SUBJECT: &str = "kairos.events";
 /// after; in the trailers of a stream that ended (ABORTED, UNAVAILABLE), the
 /// last cursor delivered.
 pub const RESUME_TRAILER: &str = "kairos-resume-after";
+/// Pending limit of a queue consumer without a concurrency limit.
+pub const UNLIMITED_ACK_PENDING: i64 = 100_000;
+/// Consumer metadata keys through which the server hands a queue's retry
+/// policy to its workers (milliseconds, and decimal numbers).
+pub const RETRY_INITIAL_MS_KEY: &str = "kairos.retry.initial_ms";
+/// See [`RETRY_INITIAL_MS_KEY`].
+pub const RETRY_MAX_MS_KEY: &str = "kairos.retry.max_ms";
+/// See [`RETRY_INITIAL_MS_KEY`].
+pub const RETRY_MULTIPLIER_KEY: &str = "kairos.retry.multiplier";
+/// See [`RETRY_INITIAL_MS_KEY`].
+pub const RETRY_JITTER_KEY: &str = "kairos.retry.jitter";
 /// Longest queue name; queue names become NATS subject tokens and consumer names.
 pub const MAX_QUEUE_LEN: usize = 64;
 

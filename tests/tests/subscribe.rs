@@ -191,7 +191,10 @@ async fn schedule_filter_follows_its_occurrences(backend: Backend) {
     log.wait_for(5 + 2, Duration::from_secs(15)).await;
 
     let mut events = client
-        .subscribe(Subscribe::all().schedule(&schedule.id).from_beginning(), PATIENCE)
+        .subscribe(
+            Subscribe::all().schedule(&schedule.id).from_beginning(),
+            PATIENCE,
+        )
         .await
         .expect("subscribe");
     let seen = read_until(&mut events, Duration::from_secs(15), |seen| {

@@ -26,6 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use kairos_proto::v1 as pb;
+use kairos_proto::v1::queue_service_client::QueueServiceClient;
 use kairos_proto::v1::scheduler_service_client::SchedulerServiceClient;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, Endpoint};
@@ -34,9 +35,11 @@ use tonic_types::StatusExt;
 pub use events::{EventStream, Subscribe, TaskEvent};
 /// Generated protocol types, for callers that need them.
 pub use kairos_proto::v1 as pb_types;
+pub use queue::{Queue, QueueChange, QueueStats};
 pub use recurring::{CatchUp, MissingDay, NewRecurring, Overlap, Recurring};
 
 mod events;
+mod queue;
 mod recurring;
 
 /// An error from the server or the connection.
@@ -433,6 +436,7 @@ fn time(t: Option<prost_types::Timestamp>) -> DateTime<Utc> {
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: SchedulerServiceClient<Channel>,
+    queues: QueueServiceClient<Channel>,
 }
 
 impl Client {
@@ -453,10 +457,11 @@ impl Client {
 
     /// Wraps an existing channel.
     pub fn from_channel(channel: Channel) -> Self {
+        let queues = QueueServiceClient::new(channel.clone());
         let inner = SchedulerServiceClient::new(channel)
             .max_decoding_message_size(64 * 1024 * 1024)
             .max_encoding_message_size(64 * 1024 * 1024);
-        Self { inner }
+        Self { inner, queues }
     }
 
     /// Compresses requests and asks for compressed answers (gzip): worth it

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use kairos_client::{Attempt, Client, NewTask, Task, TaskState};
 
+mod queue_cli;
 mod recurring_cli;
 mod watch_cli;
 use serde_json::json;
@@ -72,6 +73,9 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         wait_timeout: Duration,
     },
+    /// Queues: global concurrency, retries, run timeout, pause.
+    #[command(subcommand)]
+    Queue(queue_cli::QueueCommand),
     /// Print task events as they happen (Ctrl-C to stop).
     Watch(watch_cli::WatchArgs),
     /// Cancel a task that has not started.
@@ -290,6 +294,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Queue(command) => queue_cli::run(&mut client, command, cli.json).await?,
         Command::Watch(args) => watch_cli::watch(&client, args, cli.json).await?,
         Command::Recurring(command) => recurring_cli::run(&mut client, command, cli.json).await?,
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::app::EventSettings;
-use crate::domain::Limits;
+use crate::domain::{Limits, QueueSettings, RetryPolicy};
 use crate::engine::dispatcher::DispatchSettings;
 use crate::engine::materializer::MaterializeSettings;
 
@@ -98,6 +98,30 @@ pub struct ServerConfig {
     #[arg(long, env = "KAIROS_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    /// Global concurrency of a queue created on first use; 0 for no limit.
+    #[arg(long, env = "KAIROS_QUEUE_MAX_CONCURRENCY", default_value_t = 0)]
+    pub queue_max_concurrency: u32,
+
+    /// Run timeout of a queue created on first use (redelivery after this long without a sign of life).
+    #[arg(long, env = "KAIROS_QUEUE_RUN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub queue_run_timeout: Duration,
+
+    /// First retry delay of a queue created on first use.
+    #[arg(long, env = "KAIROS_QUEUE_INITIAL_BACKOFF", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub queue_initial_backoff: Duration,
+
+    /// Longest retry delay of a queue created on first use.
+    #[arg(long, env = "KAIROS_QUEUE_MAX_BACKOFF", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub queue_max_backoff: Duration,
+
+    /// Growth of the retry delay per attempt, for a queue created on first use.
+    #[arg(long, env = "KAIROS_QUEUE_BACKOFF_MULTIPLIER", default_value_t = 2.0)]
+    pub queue_backoff_multiplier: f64,
+
+    /// Random variation of each retry delay (fraction either way), for a queue created on first use.
+    #[arg(long, env = "KAIROS_QUEUE_BACKOFF_JITTER", default_value_t = 0.2)]
+    pub queue_backoff_jitter: f64,
+
     /// Events one Subscribe stream may have waiting before it is cut off (ABORTED, resumable).
     #[arg(long, env = "KAIROS_SUBSCRIBE_BUFFER", default_value_t = 10_000)]
     pub subscribe_buffer: usize,
@@ -142,6 +166,12 @@ impl ServerConfig {
                 "must be between 1 and KAIROS_MAX_ATTEMPTS_LIMIT",
             );
         }
+        if let Err(err) = self.queue_defaults().validate(self.max_attempts_limit) {
+            return Err(ConfigError {
+                setting: "KAIROS_QUEUE_*",
+                reason: err.to_string(),
+            });
+        }
         if self.subscribe_buffer == 0 {
             return bad("KAIROS_SUBSCRIBE_BUFFER", "must be positive");
         }
@@ -149,6 +179,25 @@ impl ServerConfig {
             return bad("KAIROS_MAX_PAYLOAD_BYTES", "must be positive");
         }
         Ok(())
+    }
+
+    /// Returns the settings of a queue created on first use.
+    pub fn queue_defaults(&self) -> QueueSettings {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        QueueSettings {
+            max_concurrency: self.queue_max_concurrency,
+            retry: RetryPolicy {
+                max_attempts: self.default_max_attempts,
+                initial_backoff_ms: ms(self.queue_initial_backoff),
+                max_backoff_ms: ms(self.queue_max_backoff),
+                multiplier: self.queue_backoff_multiplier,
+                jitter: self.queue_backoff_jitter,
+            },
+            run_timeout_ms: ms(self.queue_run_timeout),
+            expire_after_ms: None,
+            rate_per_s: 0.0,
+            rate_burst: 1,
+        }
     }
 
     /// Returns the event log and Subscribe settings.

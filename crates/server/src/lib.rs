@@ -22,6 +22,7 @@ pub mod store;
 pub mod telemetry;
 
 use anyhow::Context as _;
+use kairos_proto::v1::queue_service_server::QueueServiceServer;
 use kairos_proto::v1::scheduler_service_server::SchedulerServiceServer;
 use kairos_proto::v1::status_service_server::StatusServiceServer;
 use tokio::net::TcpListener;
@@ -34,8 +35,10 @@ use tracing::info;
 
 pub use config::ServerConfig;
 
-use crate::api::{SchedulerApi, StatusApi};
-use crate::app::{EventService, Recorder, RecurringService, ReportService, TaskService};
+use crate::api::{QueueApi, SchedulerApi, StatusApi};
+use crate::app::{
+    EventService, QueueService, Recorder, RecurringService, ReportService, TaskService,
+};
 use crate::bus::{Bus, StreamSettings};
 use crate::engine::dispatcher::Dispatcher;
 use crate::engine::materializer::Materializer;
@@ -75,15 +78,30 @@ pub async fn run(
     // has drained, so in-flight RPCs can still record their results.
     let work = CancellationToken::new();
     let (recorder, recorder_handle) = Recorder::spawn(store.clone(), bus.clone(), work.clone());
+    let queues = QueueService::new(
+        store.clone(),
+        bus.clone(),
+        config.queue_defaults(),
+        config.max_attempts_limit,
+    );
+    // Consumers lost, or created by a worker before the queue was, get their settings back.
+    queues.reconcile().await;
     let tasks = TaskService::new(
         store.clone(),
         claims.clone(),
         bus.clone(),
         recorder.clone(),
+        queues.clone(),
         config.limits(),
         width_ms,
     );
-    let reports = ReportService::new(store.clone(), claims.clone(), recorder.clone(), width_ms);
+    let reports = ReportService::new(
+        store.clone(),
+        claims.clone(),
+        recorder.clone(),
+        queues.clone(),
+        width_ms,
+    );
     let recurring = RecurringService::new(
         store.clone(),
         tasks.clone(),
@@ -112,6 +130,7 @@ pub async fn run(
         .set_serving::<SchedulerServiceServer<SchedulerApi>>()
         .await;
     health.set_serving::<StatusServiceServer<StatusApi>>().await;
+    health.set_serving::<QueueServiceServer<QueueApi>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(kairos_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -127,6 +146,7 @@ pub async fn run(
         .max_decoding_message_size(config.max_message_bytes)
         .accept_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Gzip);
+    let queue_api = QueueServiceServer::new(QueueApi::new(queues));
     let status = StatusServiceServer::new(StatusApi::new(reports, shutdown.clone()))
         .max_decoding_message_size(config.max_message_bytes);
 
@@ -140,6 +160,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(scheduler)
+        .add_service(queue_api)
         .add_service(status)
         .serve_with_incoming_shutdown(incoming, async move {
             stop.cancelled().await;

@@ -117,7 +117,9 @@ impl WorkerBuilder {
         self
     }
 
-    /// Sets the retry backoff: `initial * 2^(attempt-1)`, at most `max`, ±20 % jitter.
+    /// Sets the retry backoff used while the queue's consumer carries no
+    /// retry policy (the server sets one on every queue it knows):
+    /// `initial * 2^(attempt-1)`, at most `max`, ±20 % jitter.
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.backoff_initial = initial;
         self.backoff_max = max;
@@ -164,8 +166,13 @@ impl WorkerBuilder {
                 worker_id,
                 concurrency: self.concurrency,
                 ack_wait: self.ack_wait,
-                backoff_initial: self.backoff_initial,
-                backoff_max: self.backoff_max,
+                policy: std::sync::RwLock::new(Policy {
+                    ack_wait: self.ack_wait,
+                    initial: self.backoff_initial,
+                    max: self.backoff_max,
+                    multiplier: 2.0,
+                    jitter: 0.2,
+                }),
                 shutdown_timeout: self.shutdown_timeout,
             }),
         })
@@ -195,9 +202,59 @@ struct Inner {
     worker_id: String,
     concurrency: usize,
     ack_wait: Duration,
-    backoff_initial: Duration,
-    backoff_max: Duration,
+    /// The queue's run timeout and retry policy, as its consumer says now.
+    policy: std::sync::RwLock<Policy>,
     shutdown_timeout: Duration,
+}
+
+/// What a worker follows of its queue's settings; the server changes them
+/// on the queue's consumer and workers read them again every few seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Policy {
+    ack_wait: Duration,
+    initial: Duration,
+    max: Duration,
+    multiplier: f64,
+    jitter: f64,
+}
+
+/// How often a worker reads its queue's settings again.
+const POLICY_REFRESH: Duration = Duration::from_secs(2);
+
+impl Inner {
+    fn policy(&self) -> Policy {
+        *self
+            .policy
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes the run timeout and retry policy from the consumer's config.
+    fn follow(&self, config: &consumer::Config) {
+        let mut policy = self.policy();
+        policy.ack_wait = config.ack_wait;
+        let meta = |key: &str| config.metadata.get(key).and_then(|v| v.parse::<f64>().ok());
+        if let Some(ms) = meta(wire::RETRY_INITIAL_MS_KEY) {
+            policy.initial = Duration::from_secs_f64(ms.max(0.0) / 1000.0);
+        }
+        if let Some(ms) = meta(wire::RETRY_MAX_MS_KEY) {
+            policy.max = Duration::from_secs_f64(ms.max(0.0) / 1000.0);
+        }
+        if let Some(m) = meta(wire::RETRY_MULTIPLIER_KEY) {
+            policy.multiplier = m.clamp(1.0, 10.0);
+        }
+        if let Some(j) = meta(wire::RETRY_JITTER_KEY) {
+            policy.jitter = j.clamp(0.0, 1.0);
+        }
+        let mut current = self
+            .policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *current != policy {
+            debug!(?policy, "queue settings changed");
+            *current = policy;
+        }
+    }
 }
 
 impl Worker {
@@ -225,7 +282,25 @@ impl Worker {
         let Some(consumer) = queue_consumer(&js, inner, &shutdown).await? else {
             return Ok(());
         };
+        inner.follow(&consumer.cached_info().config);
+        // Settings changed on the server reach this worker without a restart.
+        let _refresh = {
+            let (mut consumer, inner) = (consumer.clone(), self.inner.clone());
+            AbortOnDropHandle::new(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(POLICY_REFRESH).await;
+                    match consumer.info().await {
+                        Ok(info) => inner.follow(&info.config),
+                        Err(err) => debug!(error = %err, "queue settings not read"),
+                    }
+                }
+            }))
+        };
         let abort = CancellationToken::new();
+        // Dropping this future (a killed worker) stops its running tasks too:
+        // no more in-progress acks, so JetStream delivers them again after
+        // the run timeout, as it would after the process died.
+        let _abort_on_drop = abort.clone().drop_guard();
         let (reporter, reporter_task) = Reporter::spawn(
             inner.endpoint.clone(),
             inner.worker_id.clone(),
@@ -281,10 +356,17 @@ impl Worker {
                     let _ = msg.ack_with(AckKind::Nak(None)).await;
                     continue;
                 };
-                let (inner, reporter, cancelled) =
-                    (self.inner.clone(), reporter.clone(), shutdown.clone());
+                let (inner, reporter, cancelled, abort) = (
+                    self.inner.clone(),
+                    reporter.clone(),
+                    shutdown.clone(),
+                    abort.clone(),
+                );
                 tracker.spawn(async move {
-                    process(&inner, &reporter, cancelled, msg, permit).await;
+                    tokio::select! {
+                        () = process(&inner, &reporter, cancelled, msg, permit) => {}
+                        () = abort.cancelled() => {}
+                    }
                 });
             }
             if shutdown.is_cancelled() {
@@ -354,14 +436,19 @@ async fn queue_consumer(
     Ok(Some(consumer))
 }
 
-/// Returns the delay before attempt `attempt + 1`.
-fn backoff(inner: &Inner, attempt: u32) -> Duration {
-    let exp = inner
-        .backoff_initial
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-    let base = exp.min(inner.backoff_max);
-    let jitter = rand::rng().random_range(0.8..1.2);
-    base.mul_f64(jitter).min(inner.backoff_max)
+/// Returns the delay before attempt `attempt + 1`: `initial *
+/// multiplier^(attempt-1)`, at most `max`, varied by the jitter.
+fn backoff(policy: &Policy, attempt: u32) -> Duration {
+    let growth = policy
+        .multiplier
+        .powi(i32::try_from(attempt.saturating_sub(1).min(60)).unwrap_or(60));
+    let base = (policy.initial.as_secs_f64() * growth).min(policy.max.as_secs_f64());
+    let factor = if policy.jitter > 0.0 {
+        rand::rng().random_range(1.0 - policy.jitter..=1.0 + policy.jitter)
+    } else {
+        1.0
+    };
+    Duration::from_secs_f64((base * factor).max(0.0)).min(policy.max)
 }
 
 fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
@@ -388,7 +475,7 @@ async fn process(
     let msg = Arc::new(msg);
     let keepalive = {
         let msg = Arc::clone(&msg);
-        let every = inner.ack_wait / 3;
+        let every = inner.policy().ack_wait / 3;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
@@ -424,15 +511,40 @@ async fn process(
         return;
     }
 
-    let started = pb::report_request::Event::Started(pb::AttemptStarted {
-        task_id: id.clone(),
-        attempt,
-        bucket_ms: envelope.bucket_ms,
-        at: Some(timestamp(Utc::now())),
-        expire_at_ms: envelope.expire_at_ms,
-    });
-    let Ok(decision) = reporter.send(started).await else {
-        return;
+    let decision = loop {
+        let started = pb::report_request::Event::Started(pb::AttemptStarted {
+            task_id: id.clone(),
+            attempt,
+            bucket_ms: envelope.bucket_ms,
+            at: Some(timestamp(Utc::now())),
+            expire_at_ms: envelope.expire_at_ms,
+            queue: envelope.queue.clone(),
+        });
+        let Ok(decision) = reporter.send(started).await else {
+            return;
+        };
+        if decision.decision != i32::from(pb::StartDecision::Wait) {
+            break decision;
+        }
+        // Over the queue's rate: hold the task (kept alive) and ask again.
+        let wait = decision
+            .wait
+            .and_then(|d| {
+                Some(Duration::new(
+                    u64::try_from(d.seconds).ok()?,
+                    u32::try_from(d.nanos).ok()?,
+                ))
+            })
+            .unwrap_or(Duration::from_millis(100))
+            .max(Duration::from_millis(1));
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shutdown.cancelled() => {
+                // Hand it back so it starts elsewhere, or here after a restart.
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                return;
+            }
+        }
     };
     if decision.decision != i32::from(pb::StartDecision::Run) {
         debug!(
@@ -478,7 +590,7 @@ async fn process(
                     retry_after: Some(d),
                     ..
                 } => *d,
-                _ => backoff(inner, attempt),
+                _ => backoff(&inner.policy(), attempt),
             };
             let retry_at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
             (

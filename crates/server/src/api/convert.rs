@@ -33,7 +33,7 @@ fn from_timestamp(
         .ok_or_else(|| ValidationError::invalid(field, "timestamp out of range"))
 }
 
-fn duration_ms(field: &str, d: &prost_types::Duration) -> Result<i64, ValidationError> {
+pub(crate) fn duration_ms(field: &str, d: &prost_types::Duration) -> Result<i64, ValidationError> {
     if d.nanos.abs() >= 1_000_000_000
         || (d.seconds > 0 && d.nanos < 0)
         || (d.seconds < 0 && d.nanos > 0)
@@ -298,6 +298,7 @@ pub(crate) fn attempt_start(worker_id: String, s: pb::AttemptStarted) -> Attempt
         attempt: s.attempt,
         bucket_ms: s.bucket_ms,
         expire_at_ms: s.expire_at_ms,
+        queue: s.queue,
         worker_id,
     }
 }
@@ -378,7 +379,7 @@ fn std_duration(
     }
 }
 
-fn prost_duration(d: std::time::Duration) -> prost_types::Duration {
+pub(crate) fn prost_duration(d: std::time::Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),

@@ -24,7 +24,9 @@ impl From<AppError> for Status {
                 Status::with_error_details(code, format!("{field}: {reason}"), details)
             }
             AppError::NotFound { .. } => Status::not_found(err.to_string()),
-            AppError::AlreadyExists { .. } => Status::already_exists(err.to_string()),
+            AppError::AlreadyExists { .. } | AppError::Exists { .. } => {
+                Status::already_exists(err.to_string())
+            }
             AppError::FailedPrecondition { .. } => Status::failed_precondition(err.to_string()),
             AppError::OutOfRange(reason) => Status::out_of_range(reason),
             AppError::Unavailable { backend, ref cause } => {

@@ -2,8 +2,10 @@
 
 mod convert;
 mod error;
+mod queue;
 mod scheduler;
 mod status;
 
+pub use queue::QueueApi;
 pub use scheduler::{MAX_BATCH, SchedulerApi};
 pub use status::StatusApi;

@@ -105,6 +105,15 @@ async fn answer_batch(
                         reason,
                         ..response(seq)
                     },
+                    StartOutcome::Wait(ms) => pb::ReportResponse {
+                        decision: pb::StartDecision::Wait.into(),
+                        reason: "queue rate limit".into(),
+                        wait: Some(prost_types::Duration {
+                            seconds: ms / 1000,
+                            nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+                        }),
+                        ..response(seq)
+                    },
                 });
             }
         }

@@ -3,6 +3,7 @@
 
 mod events;
 mod inserter;
+mod queues;
 mod recorder;
 mod recurring;
 mod reports;
@@ -15,6 +16,7 @@ use crate::store::claims::ClaimError;
 
 pub use events::{EventService, EventSettings, EventStream, SubscribeEnd};
 pub use inserter::Inserter;
+pub use queues::{QueueDetail, QueueService};
 pub use recorder::Recorder;
 pub use recurring::{MAX_PREVIEW, PreviewQuery, RecurringService, SchedulePage};
 pub use reports::{AttemptEnd, AttemptStart, ReportService, StartOutcome};
@@ -26,11 +28,21 @@ pub enum AppError {
     /// The request is malformed or too large.
     #[error(transparent)]
     Invalid(#[from] ValidationError),
-    /// No task has this id.
-    #[error("task `{id}` not found")]
+    /// Nothing of this kind has this id or name.
+    #[error("{what} `{id}` not found")]
     NotFound {
-        /// The id asked for.
+        /// What was looked for: task, schedule, queue.
+        what: &'static str,
+        /// The id or name asked for.
         id: String,
+    },
+    /// Something of this kind and name exists already.
+    #[error("{what} `{name}` already exists")]
+    Exists {
+        /// What: queue.
+        what: &'static str,
+        /// Its name.
+        name: String,
     },
     /// The idempotency key was used with other content.
     #[error("idempotency key `{key}` was already used with different content")]

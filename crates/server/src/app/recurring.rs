@@ -82,7 +82,10 @@ impl RecurringService {
         self.store
             .get_schedule(id)
             .await?
-            .ok_or_else(|| AppError::NotFound { id: id.to_string() })
+            .ok_or_else(|| AppError::NotFound {
+                what: "schedule",
+                id: id.to_string(),
+            })
     }
 
     /// Returns one page of schedules, newest first.
@@ -143,7 +146,10 @@ impl RecurringService {
         self.store
             .set_paused(id, paused, Utc::now())
             .await?
-            .ok_or_else(|| AppError::NotFound { id: id.to_string() })
+            .ok_or_else(|| AppError::NotFound {
+                what: "schedule",
+                id: id.to_string(),
+            })
     }
 
     /// Deletes a schedule; with `cancel_pending`, also cancels its occurrences
@@ -151,7 +157,10 @@ impl RecurringService {
     #[instrument(skip_all, fields(%id))]
     pub async fn delete(&self, id: TaskId, cancel_pending: bool) -> AppResult<u32> {
         if !self.store.delete_schedule(id).await? {
-            return Err(AppError::NotFound { id: id.to_string() });
+            return Err(AppError::NotFound {
+                what: "schedule",
+                id: id.to_string(),
+            });
         }
         if !cancel_pending {
             return Ok(0);

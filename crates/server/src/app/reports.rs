@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use tracing::instrument;
 
-use super::{AppError, AppResult, Recorder};
+use super::{AppError, AppResult, QueueService, Recorder};
 use crate::domain::{StatusWrite, TaskId, TaskState};
 use crate::store::DynStore;
 use crate::store::claims::{Claims, FinishClaim, FinishRequest, StartClaim, StartRequest};
@@ -19,6 +19,8 @@ pub struct AttemptStart {
     pub bucket_ms: i64,
     /// Start deadline, ms since epoch, 0 when none.
     pub expire_at_ms: i64,
+    /// Queue, for its rate limit (empty from workers that do not send it).
+    pub queue: String,
     /// Worker identity.
     pub worker_id: String,
 }
@@ -49,6 +51,8 @@ pub enum StartOutcome {
     Run,
     /// Skip it, for this reason.
     Skip(String),
+    /// Ask again after this many milliseconds: the queue's rate limit is reached.
+    Wait(i64),
 }
 
 /// Returns the claim request for a start.
@@ -67,18 +71,52 @@ pub struct ReportService {
     store: DynStore,
     claims: Claims,
     recorder: Recorder,
+    queues: QueueService,
     width_ms: i64,
 }
 
 impl ReportService {
     /// Creates the service over its backends.
-    pub fn new(store: DynStore, claims: Claims, recorder: Recorder, width_ms: i64) -> Self {
+    pub fn new(
+        store: DynStore,
+        claims: Claims,
+        recorder: Recorder,
+        queues: QueueService,
+        width_ms: i64,
+    ) -> Self {
         Self {
             store,
             claims,
             recorder,
+            queues,
             width_ms,
         }
+    }
+
+    /// Returns, per start, how long it must wait under its queue's rate
+    /// limit (0: it may start). One Redis call for every limited start.
+    async fn rate_waits(&self, starts: &[AttemptStart], now_ms: i64) -> AppResult<Vec<i64>> {
+        let mut waits = vec![0; starts.len()];
+        let mut limited: Vec<(usize, f64, u32)> = Vec::new();
+        for (i, start) in starts.iter().enumerate() {
+            if !kairos_proto::wire::is_valid_queue(&start.queue) {
+                continue;
+            }
+            if let Some(queue) = self.queues.lookup(&start.queue).await?
+                && queue.settings.rate_per_s > 0.0
+            {
+                limited.push((i, queue.settings.rate_per_s, queue.settings.rate_burst));
+            }
+        }
+        let requests: Vec<(&str, f64, u32)> = limited
+            .iter()
+            .map(|&(i, per_s, burst)| (starts[i].queue.as_str(), per_s, burst))
+            .collect();
+        let answers = self.claims.rate(now_ms, &requests).await?;
+        for ((i, _, _), wait) in limited.iter().zip(answers) {
+            waits[*i] = wait;
+        }
+        Ok(waits)
     }
 
     /// Moves tasks to RUNNING for one attempt each, atomically against cancel,
@@ -86,6 +124,34 @@ impl ReportService {
     /// Answers are in the order of `starts`.
     #[instrument(skip_all, fields(starts = starts.len()))]
     pub async fn start(&self, starts: Vec<AttemptStart>) -> AppResult<Vec<StartOutcome>> {
+        let now_ms = Utc::now().timestamp_millis();
+        // Over its queue's rate, a start waits and touches no claim.
+        let waits = self.rate_waits(&starts, now_ms).await?;
+        if waits.iter().all(|&w| w == 0) {
+            return self.claim_starts(starts).await;
+        }
+        let (mut admitted, mut slots) = (Vec::new(), Vec::new());
+        let mut outcomes: Vec<Option<StartOutcome>> = Vec::with_capacity(starts.len());
+        for (start, wait) in starts.into_iter().zip(waits) {
+            if wait > 0 {
+                outcomes.push(Some(StartOutcome::Wait(wait)));
+            } else {
+                slots.push(outcomes.len());
+                outcomes.push(None);
+                admitted.push(start);
+            }
+        }
+        for (slot, outcome) in slots.into_iter().zip(self.claim_starts(admitted).await?) {
+            outcomes[slot] = Some(outcome);
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| StartOutcome::Skip("no answer".into())))
+            .collect())
+    }
+
+    /// Claims starts in Redis and records the RUNNING ones; answers in order.
+    async fn claim_starts(&self, starts: Vec<AttemptStart>) -> AppResult<Vec<StartOutcome>> {
         let now = Utc::now();
         let now_ms = now.timestamp_millis();
         let ids: Vec<Option<TaskId>> = starts.iter().map(|s| s.task_id.parse().ok()).collect();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use tracing::{instrument, warn};
 
-use super::{AppError, AppResult, Inserter, Recorder};
+use super::{AppError, AppResult, Inserter, QueueService, Recorder};
 use crate::bus::Bus;
 use crate::domain::{
     AttemptRecord, Limits, NewTask, ScheduleSpec, StatusWrite, TaskId, TaskRecord, TaskState,
@@ -44,6 +44,8 @@ struct Inner {
     claims: Claims,
     bus: Bus,
     recorder: Recorder,
+    /// Each task's queue: created on first use, and the defaults for its attempts.
+    queues: QueueService,
     /// Shares insert transactions between concurrent requests.
     inserter: Inserter,
     limits: Limits,
@@ -58,6 +60,7 @@ impl TaskService {
         claims: Claims,
         bus: Bus,
         recorder: Recorder,
+        queues: QueueService,
         limits: Limits,
         width_ms: i64,
     ) -> Self {
@@ -68,6 +71,7 @@ impl TaskService {
                 claims,
                 bus,
                 recorder,
+                queues,
                 limits,
                 width_ms,
             }),
@@ -94,10 +98,17 @@ impl TaskService {
         let now = Utc::now();
         let mut results: Vec<Option<AppResult<TaskRecord>>> = Vec::with_capacity(specs.len());
         let mut valid: Vec<(usize, NewTask)> = Vec::new();
+        // Which tasks take their queue's attempts and start deadline.
+        let mut defaulted: Vec<(bool, bool)> = Vec::new();
         for (i, spec) in specs.into_iter().enumerate() {
+            let unset = spec
+                .as_ref()
+                .map(|s| (s.max_attempts.is_none(), s.expire_after_ms.is_none()))
+                .unwrap_or_default();
             match spec.and_then(|s| validate(s, now, &inner.limits)) {
                 Ok(task) => {
                     valid.push((i, task));
+                    defaulted.push(unset);
                     results.push(None);
                 }
                 Err(err) => results.push(Some(Err(err.into()))),
@@ -105,6 +116,24 @@ impl TaskService {
         }
         if valid.is_empty() {
             return Ok(results.into_iter().flatten().collect());
+        }
+        // After the fingerprint was taken, so a repeated request with the
+        // same key still matches when the queue's settings changed since.
+        let mut queues = std::collections::HashMap::new();
+        for ((_, task), (attempts_unset, expiry_unset)) in valid.iter_mut().zip(defaulted) {
+            if !queues.contains_key(&task.queue) {
+                let queue = inner.queues.ensure(&task.queue).await?;
+                queues.insert(task.queue.clone(), queue);
+            }
+            let settings = &queues[&task.queue].settings;
+            if attempts_unset {
+                task.max_attempts = settings.retry.max_attempts;
+            }
+            if expiry_unset {
+                task.expire_at = settings
+                    .expire_after_ms
+                    .map(|ms| task.due_at + chrono::Duration::milliseconds(ms));
+            }
         }
         // A past-due task goes into the current bucket, which is always open.
         let now_ms = now.timestamp_millis();
@@ -170,6 +199,7 @@ impl TaskService {
         skip_overlap: bool,
     ) -> AppResult<TaskRecord> {
         let inner = &self.inner;
+        inner.queues.ensure(&task.queue).await?;
         let now_ms = Utc::now().timestamp_millis();
         let bucket = bucket_of(task.due_at.timestamp_millis().max(now_ms), inner.width_ms);
         let outcome = inner
@@ -298,7 +328,10 @@ impl TaskService {
             .store
             .get_task(id)
             .await?
-            .ok_or_else(|| AppError::NotFound { id: id.to_string() })
+            .ok_or_else(|| AppError::NotFound {
+                what: "task",
+                id: id.to_string(),
+            })
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use async_nats::Subject;
 
-use crate::domain::{NewTask, TaskId};
+use crate::domain::{NewTask, Queue, TaskId};
 
 /// Errors talking to NATS.
 #[derive(Debug, thiserror::Error)]
@@ -308,6 +308,70 @@ impl Bus {
             None => Ok(()),
         };
         (len, outcome)
+    }
+
+    /// Makes a queue's durable consumer match its settings: global
+    /// concurrency as `max_ack_pending`, the run timeout as `ack_wait`, the
+    /// retry policy in its metadata (workers read it), and paused or not.
+    /// Creates it when missing; running workers follow the change.
+    pub async fn apply_queue(&self, queue: &Queue) -> BusResult<()> {
+        let stream = self
+            .js
+            .get_stream(wire::READY_STREAM)
+            .await
+            .map_err(BusError::from_any)?;
+        let name = wire::queue_consumer(&queue.name);
+        let s = &queue.settings;
+        let metadata = HashMap::from([
+            (
+                wire::RETRY_INITIAL_MS_KEY.to_owned(),
+                s.retry.initial_backoff_ms.to_string(),
+            ),
+            (
+                wire::RETRY_MAX_MS_KEY.to_owned(),
+                s.retry.max_backoff_ms.to_string(),
+            ),
+            (
+                wire::RETRY_MULTIPLIER_KEY.to_owned(),
+                s.retry.multiplier.to_string(),
+            ),
+            (
+                wire::RETRY_JITTER_KEY.to_owned(),
+                s.retry.jitter.to_string(),
+            ),
+        ]);
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: wire::ready_subject(&queue.name),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_millis(u64::try_from(s.run_timeout_ms).unwrap_or(30_000)),
+            max_deliver: -1,
+            max_ack_pending: if s.max_concurrency == 0 {
+                wire::UNLIMITED_ACK_PENDING
+            } else {
+                i64::from(s.max_concurrency)
+            },
+            metadata,
+            ..Default::default()
+        };
+        stream
+            .create_consumer(config)
+            .await
+            .map_err(BusError::from_any)?;
+        if queue.paused {
+            // JetStream pauses until an instant; far enough to mean "until resumed".
+            let until = chrono::Utc::now() + chrono::Duration::days(365 * 100);
+            stream
+                .pause_consumer(&name, until)
+                .await
+                .map_err(BusError::from_any)?;
+        } else {
+            stream
+                .resume_consumer(&name)
+                .await
+                .map_err(BusError::from_any)?;
+        }
+        Ok(())
     }
 
     /// Tells every replica that new task events are committed.

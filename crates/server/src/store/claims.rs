@@ -236,6 +236,30 @@ end
 return 0
 ";
 
+/// GCRA, one queue key per request: `KEYS[i]` holds the queue's theoretical
+/// arrival time (ms). ARGV: now, then per request the emission interval and
+/// the burst tolerance (ms). Answers, per request, 0 (start now) or the ms to
+/// wait; requests for one queue in one call are admitted in order.
+const RATE: &str = r"
+local now = tonumber(ARGV[1])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[2 * i])
+  local tolerance = tonumber(ARGV[2 * i + 1])
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  local wait = tat - tolerance - now
+  if wait > 0 then
+    out[i] = math.ceil(wait)
+  else
+    tat = tat + interval
+    redis.call('SET', key, string.format('%.3f', tat), 'PX', math.ceil(tat - now + tolerance) + 1000)
+    out[i] = 0
+  end
+end
+return out
+";
+
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -255,6 +279,7 @@ pub struct Claims {
     finish: Script,
     renew: Script,
     release: Script,
+    rate: Script,
 }
 
 impl std::fmt::Debug for Claims {
@@ -295,6 +320,7 @@ impl Claims {
             finish: Script::new(FINISH),
             renew: Script::new(RENEW),
             release: Script::new(RELEASE),
+            rate: Script::new(RATE),
         })
     }
 
@@ -393,6 +419,34 @@ impl Claims {
         } else {
             CancelClaim::TooLate(answer)
         })
+    }
+
+    /// Admits starts under their queues' rate limits (GCRA); one round trip
+    /// for all. Each request is (queue, starts per second, burst); answers
+    /// are 0 (start now) or the milliseconds to wait, in order.
+    pub async fn rate(&self, now_ms: i64, requests: &[(&str, f64, u32)]) -> ClaimResult<Vec<i64>> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.rate.prepare_invoke();
+        invocation.arg(now_ms);
+        for (queue, per_s, burst) in requests {
+            let interval = 1000.0 / per_s;
+            invocation
+                .key(format!("kairos:rate:{{{queue}}}"))
+                .arg(interval)
+                .arg(interval * f64::from(burst.saturating_sub(1)));
+        }
+        let mut conn = self.conn.clone();
+        let waits: Vec<i64> = invocation.invoke_async(&mut conn).await?;
+        if waits.len() != requests.len() {
+            return Err(ClaimError::Unexpected(format!(
+                "{} answers for {} rate requests",
+                waits.len(),
+                requests.len()
+            )));
+        }
+        Ok(waits)
     }
 
     /// Moves each task to running for its attempt, unless it was cancelled,

@@ -2,6 +2,7 @@
 //! SQLite and a Postgres implementation (see [`sql`]).
 
 pub mod claims;
+mod queues;
 mod schedules;
 mod sql;
 
@@ -13,6 +14,7 @@ use crate::domain::{
     AttemptRecord, EventFilter, NewTask, StatusWrite, TaskEvent, TaskId, TaskRecord, TaskState,
 };
 
+pub use queues::QueueStore;
 pub use schedules::{ScheduleFilter, ScheduleInsert, ScheduleStore};
 pub use sql::{PG_MIGRATOR, PgStore, SQLITE_MIGRATOR, SqliteStore, connect};
 
@@ -69,7 +71,7 @@ pub struct TaskFilter {
 
 /// The SQL task index and run log.
 #[tonic::async_trait]
-pub trait TaskStore: ScheduleStore + std::fmt::Debug + Send + Sync + 'static {
+pub trait TaskStore: ScheduleStore + QueueStore + std::fmt::Debug + Send + Sync + 'static {
     /// Stores new tasks in state SCHEDULED, each in its own right: one
     /// transaction for all, one outcome per task in order.
     async fn insert_tasks(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks Kairos against raw JetStream on the same private NATS server, in
 # the same run: ./scripts/bench.sh [SCENARIO] [ARGS]
-#   SCENARIO: ingest | burst | steady | cancel | idle | durable | all (default)
+#   SCENARIO: ingest | burst | steady | cancel | limited | idle | durable | all (default)
 #   --durable   NATS with `sync_interval: always` (fsync before every ack);
 #               implied by the durable scenario
 #   --postgres  Postgres (a private one on port 25433) instead of SQLite

@@ -15,6 +15,7 @@ mod scenarios;
 mod server;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -49,7 +50,11 @@ enum Scenario {
     Durable,
     /// Tasks due continuously at `--rate` for `--duration`, booked just ahead: lateness.
     Steady,
-    /// ingest, burst, steady, cancel and idle in turn.
+    /// The payment gateway: a queue with max_concurrency 2 and 1 s handlers on
+    /// three workers of 8 slots: throughput (2/s is the limit) and the
+    /// highest concurrency observed.
+    Limited,
+    /// ingest, burst, steady, cancel, limited and idle in turn.
     All,
 }
 
@@ -521,6 +526,81 @@ impl Bench {
         Ok(Value::Object(m))
     }
 
+    async fn limited(&mut self) -> anyhow::Result<Value> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let n = self.args.tasks.unwrap_or(40);
+        let server = self.fresh_server(&[]).await?;
+        let mut client = Client::connect(server.url.clone()).await?;
+        client
+            .create_queue(
+                "limited",
+                kairos_client::QueueChange::new().max_concurrency(2),
+            )
+            .await?;
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let ends = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let token = tokio_util::sync::CancellationToken::new();
+        for i in 0..3 {
+            let (running, peak, ends) = (running.clone(), peak.clone(), ends.clone());
+            let handler = kairos_worker::handler_fn(move |_task| {
+                let (running, peak, ends) = (running.clone(), peak.clone(), ends.clone());
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    ends.lock().expect("ends").push(Instant::now());
+                    Ok::<(), kairos_worker::HandlerError>(())
+                }
+            });
+            let worker = kairos_worker::Worker::builder()
+                .server(server.url.clone())
+                .nats(&self.args.nats_url)
+                .queue("limited", handler)
+                .concurrency(8)
+                .worker_id(format!("limited-{i}"))
+                .build()?;
+            let token = token.clone();
+            tokio::spawn(async move {
+                if let Err(err) = worker.run(token).await {
+                    eprintln!("worker failed: {err}");
+                }
+            });
+        }
+        let started = Instant::now();
+        scenarios::ingest_batches(&client, "limited", n, self.payload.clone(), |_| Utc::now())
+            .await?;
+        let deadline = started + Duration::from_secs(n as u64 + 60);
+        while ends.lock().expect("ends").len() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        token.cancel();
+        let done = ends.lock().expect("ends").len();
+        let took = started.elapsed().as_secs_f64();
+        let per_s = done as f64 / took;
+        let peak = peak.load(Ordering::SeqCst);
+        let mut m = self.base("limited", n);
+        m.insert("max_concurrency".into(), json!(2));
+        m.insert("handler_s".into(), json!(1.0));
+        m.insert("workers".into(), json!("3 x 8 slots"));
+        m.insert("completed".into(), json!(done));
+        m.insert("elapsed_s".into(), json!(round3(took)));
+        m.insert("throughput_per_s".into(), json!(round3(per_s)));
+        m.insert("peak_concurrency".into(), json!(peak));
+        m.insert(
+            "goal".into(),
+            json!([
+                verdict(peak <= 2, "never more than 2 at once"),
+                verdict(
+                    done == n && per_s >= 1.8,
+                    "throughput at least 90 % of the 2/s limit"
+                ),
+            ]),
+        );
+        Ok(Value::Object(m))
+    }
+
     async fn cancel(&mut self) -> anyhow::Result<Value> {
         use futures::StreamExt as _;
         let n = self.args.tasks.unwrap_or(20_000);
@@ -639,6 +719,7 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Burst,
             Scenario::Steady,
             Scenario::Cancel,
+            Scenario::Limited,
             Scenario::Idle,
         ],
         _ => std::slice::from_ref(&scenario),
@@ -651,6 +732,7 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Cancel => bench.cancel().await?,
             Scenario::Steady => bench.steady().await?,
             Scenario::Durable => bench.durable().await?,
+            Scenario::Limited => bench.limited().await?,
             Scenario::All => unreachable!("expanded above"),
         };
         print_table(&result);

@@ -32,13 +32,16 @@
 //! - [`handler`]: the [`Handler`] trait, [`HandlerError`] and [`TaskContext`].
 //! - [`runtime`]: [`Worker`] and its builder: pulling, acknowledging, retrying.
 //! - `reporter`: the long-lived `StatusService/Report` stream to the server.
+//! - [`webhook`]: the built-in handler that POSTs tasks to an HTTP endpoint.
 #![warn(missing_docs)]
 
 pub mod handler;
 mod reporter;
 pub mod runtime;
+pub mod webhook;
 
 pub use handler::{
     BoxError, FnHandler, Handler, HandlerError, TaskContext, TerminalExt, handler_fn,
 };
 pub use runtime::{Worker, WorkerBuilder, WorkerError};
+pub use webhook::WebhookHandler;

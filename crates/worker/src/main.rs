@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use kairos_worker::{Handler, HandlerError, TaskContext, Worker};
+use kairos_worker::{Handler, HandlerError, TaskContext, WebhookHandler, Worker};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -18,6 +18,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 enum HandlerKind {
     /// Logs each task (id, attempt, lateness and payload) and succeeds.
     Log,
+    /// POSTs each task's payload, signed, to --webhook-url (or the task's
+    /// `webhook-url` header): 2xx succeeds, 429/5xx/timeouts retry, other 4xx are dead.
+    Webhook,
 }
 
 /// Runs Kairos tasks of one queue with a built-in handler.
@@ -42,9 +45,18 @@ struct WorkerConfig {
     /// Worker identity in the run log (default: pid and a random suffix).
     #[arg(long, env = "KAIROS_WORKER_ID")]
     worker_id: Option<String>,
-    /// Run timeout used when this worker creates the queue's consumer.
+    /// Run timeout used if this worker creates the queue's consumer before the server has.
     #[arg(long, env = "KAIROS_ACK_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
     ack_wait: Duration,
+    /// Webhook handler: where tasks are POSTed (a task's `webhook-url` header overrides it).
+    #[arg(long, env = "KAIROS_WEBHOOK_URL")]
+    webhook_url: Option<String>,
+    /// Webhook handler: shared secret of the HMAC-SHA256 `Kairos-Signature` header.
+    #[arg(long, env = "KAIROS_WEBHOOK_SECRET", hide_env_values = true)]
+    webhook_secret: Option<String>,
+    /// Webhook handler: longest wait for a response; a timeout is retried.
+    #[arg(long, env = "KAIROS_WEBHOOK_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    webhook_timeout: Duration,
 }
 
 /// Logs the task and succeeds: the demo handler.
@@ -68,8 +80,18 @@ impl Handler for LogHandler {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = WorkerConfig::parse();
+async fn main() -> std::process::ExitCode {
+    match run(WorkerConfig::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // One line, no backtrace: these are configuration mistakes.
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KAIROS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).init();
@@ -94,6 +116,23 @@ async fn main() -> anyhow::Result<()> {
     }
     builder = match config.handler {
         HandlerKind::Log => builder.queue(config.queue, LogHandler),
+        HandlerKind::Webhook => {
+            let secret = config
+                .webhook_secret
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "the webhook handler needs KAIROS_WEBHOOK_SECRET (--webhook-secret): \
+                         receivers verify each request with it"
+                    )
+                })?;
+            let handler = WebhookHandler::new(
+                config.webhook_url.as_deref(),
+                secret.as_bytes(),
+                config.webhook_timeout,
+            )?;
+            builder.queue(config.queue, handler)
+        }
     };
     builder.build()?.run(shutdown).await?;
     Ok(())

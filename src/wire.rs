@@ -18,6 +18,20 @@ pub const TASK_ID_HEADER: &str = "Kairos-Task-Id";
 pub const QUEUE_HEADER: &str = "Kairos-Queue";
 /// Header with the task's start deadline in ms since the epoch, when it has one.
 pub const EXPIRE_HEADER: &str = "Kairos-Expire-Ms";
+/// Stream that keeps the envelope of each task that died, so RetryTask can
+/// run it again; one subject per task: `kairos.dead.<task id>`.
+pub const DEAD_STREAM: &str = "KAIROS_DEAD";
+/// Subject prefix of dead letters.
+pub const DEAD_SUBJECT_PREFIX: &str = "kairos.dead";
+/// Header of released tasks with their bucket (ms), so a worker can report a
+/// message whose body it cannot decode.
+pub const BUCKET_HEADER: &str = "Kairos-Bucket-Ms";
+
+/// Returns the subject of a task's dead letter.
+pub fn dead_subject(task_id: &str) -> String {
+    format!("{DEAD_SUBJECT_PREFIX}.{task_id}")
+}
+
 /// Core NATS subject (nothing stored) on which a replica says it committed
 /// new task events; every replica with subscribers then reads them from SQL.
 pub const EVENTS_SUBJECT: &str = "kairos.events";

@@ -523,6 +523,198 @@ async fn bad_queue_requests_are_rejected(backend: Backend) {
     assert_eq!(queue.max_concurrency, 0, "failed updates changed nothing");
 }
 
+/// Poison: a payload the handler cannot decode is DEAD at once, a handler
+/// that panics is DEAD after its attempts, a message that is not a task at
+/// all is reported DEAD; the worker keeps serving the queue throughout, the
+/// dead keep every attempt's error, and RetryTask runs them again.
+async fn dead_tasks_keep_their_errors_and_can_run_again(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let server = stack.server().await;
+    let mut client = client(&server).await;
+    client
+        .create_queue(
+            "poison",
+            QueueChange::new().max_attempts(3).backoff(
+                Duration::from_millis(100),
+                Duration::from_millis(500),
+                2.0,
+                0.0,
+            ),
+        )
+        .await
+        .expect("queue");
+    let handler = handler_fn(|task| async move {
+        match task.payload().as_ref() {
+            b"panic" if task.attempt() <= 3 => panic!("handler bug on attempt {}", task.attempt()),
+            b"panic" | b"ok" => Ok(()),
+            _ => task.json::<serde_json::Value>().map(|_| ()),
+        }
+    });
+    let _worker = stack.worker(&server, "poison", 4, handler);
+    let book = |payload: &'static str| NewTask::new("poison").payload(payload);
+    let panicker = client.schedule(book("panic")).await.expect("book");
+    let garbled = client.schedule(book("{not json")).await.expect("book");
+    let fine = client.schedule(book("ok")).await.expect("book");
+
+    let wait = Duration::from_secs(30);
+    let dead = wait_for_state(&mut client, &panicker.id, TaskState::Dead, wait).await;
+    assert_eq!(dead.attempts, 3, "retried, then dead");
+    let dead_json = wait_for_state(&mut client, &garbled.id, TaskState::Dead, wait).await;
+    assert_eq!(
+        dead_json.attempts, 1,
+        "an undecodable payload is not retried"
+    );
+    wait_for_state(&mut client, &fine.id, TaskState::Succeeded, wait).await;
+    let later = client.schedule(book("ok")).await.expect("book");
+    wait_for_state(&mut client, &later.id, TaskState::Succeeded, wait).await;
+
+    let (_, attempts) = client.get_task(&panicker.id).await.expect("get");
+    assert_eq!(attempts.len(), 3);
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.error.as_deref() == Some("handler panicked"))
+    );
+    let listed = client
+        .list_tasks(Some("poison"), Some(TaskState::Dead), 10, None)
+        .await
+        .expect("list dead");
+    let ids: Vec<&str> = listed.tasks.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&panicker.id.as_str()) && ids.contains(&garbled.id.as_str()));
+
+    // Run the panicking one again: its attempts continue at 4, which succeeds.
+    let retried = client.retry_task(&panicker.id).await.expect("retry");
+    assert_eq!(retried.state, TaskState::Dispatched);
+    let done = wait_for_state(&mut client, &panicker.id, TaskState::Succeeded, wait).await;
+    assert_eq!(done.attempts, 4);
+    let (_, attempts) = client.get_task(&panicker.id).await.expect("get");
+    let outcomes: Vec<(u32, &str)> = attempts.iter().map(|a| (a.attempt, a.outcome)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            (1, "failed"),
+            (2, "failed"),
+            (3, "terminal"),
+            (4, "succeeded")
+        ]
+    );
+    let err = client.retry_task(&fine.id).await.expect_err("not dead");
+    assert_eq!(err.code, tonic::Code::FailedPrecondition);
+
+    // A queue's dead tasks by error text: the JSON one runs (and dies) again.
+    let json_error = dead_json.last_error.clone().expect("an error");
+    assert!(json_error.contains("line 1"), "{json_error}");
+    let (again, skipped) = client
+        .retry_dead("poison", Some("line 1"), 10)
+        .await
+        .expect("retry dead");
+    assert!(skipped.is_empty(), "{skipped:?}");
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].id, garbled.id);
+    let redead = wait_for_state(&mut client, &garbled.id, TaskState::Dead, wait).await;
+    assert_eq!(redead.attempts, 2);
+
+    // A message on the queue that is not a task envelope at all.
+    let victim = client
+        .schedule(NewTask::new("poison").delay(Duration::from_secs(3600)))
+        .await
+        .expect("book");
+    let width = 600_000;
+    let bucket = victim.due_at.timestamp_millis().div_euclid(width) * width;
+    let nats = async_nats::connect(stack.nats.url()).await.expect("nats");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(kairos_proto::wire::TASK_ID_HEADER, victim.id.as_str());
+    headers.insert(
+        kairos_proto::wire::BUCKET_HEADER,
+        bucket.to_string().as_str(),
+    );
+    async_nats::jetstream::new(nats)
+        .publish_with_headers(
+            kairos_proto::wire::ready_subject("poison"),
+            headers,
+            bytes::Bytes::from_static(b"\xff\xff not protobuf"),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let poisoned = wait_for_state(&mut client, &victim.id, TaskState::Dead, wait).await;
+    assert!(
+        poisoned
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("undecodable task message")),
+        "{poisoned:?}"
+    );
+    let last = client.schedule(book("ok")).await.expect("book");
+    wait_for_state(&mut client, &last.id, TaskState::Succeeded, wait).await;
+}
+
+/// A task's own backoff wins over its queue's: 200 ms, not the queue's 5 s.
+async fn a_task_s_own_backoff_overrides_the_queue_s(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let server = stack.server().await;
+    let mut client = client(&server).await;
+    client
+        .create_queue(
+            "patient",
+            QueueChange::new().backoff(Duration::from_secs(5), Duration::from_secs(60), 2.0, 0.0),
+        )
+        .await
+        .expect("queue");
+    let starts = Arc::new(Mutex::new(Vec::new()));
+    let handler = {
+        let starts = starts.clone();
+        handler_fn(move |task| {
+            let starts = starts.clone();
+            async move {
+                starts.lock().expect("starts").push(Instant::now());
+                if task.attempt() < 3 {
+                    return Err(HandlerError::retryable("not yet"));
+                }
+                Ok(())
+            }
+        })
+    };
+    let _worker = stack.worker(&server, "patient", 2, handler);
+    let err = client
+        .schedule(NewTask::new("patient").backoff(
+            Duration::from_millis(200),
+            Duration::from_secs(1),
+            2.0,
+            3.0,
+        ))
+        .await
+        .expect_err("bad jitter");
+    assert_eq!(err.field.as_deref(), Some("backoff.jitter"));
+    let task = client
+        .schedule(NewTask::new("patient").max_attempts(3).backoff(
+            Duration::from_millis(200),
+            Duration::from_secs(1),
+            2.0,
+            0.0,
+        ))
+        .await
+        .expect("book");
+    wait_for_state(
+        &mut client,
+        &task.id,
+        TaskState::Succeeded,
+        Duration::from_secs(15),
+    )
+    .await;
+    let starts = starts.lock().expect("starts").clone();
+    assert_eq!(starts.len(), 3);
+    let gaps = [starts[1] - starts[0], starts[2] - starts[1]];
+    assert!(gaps[0] >= Duration::from_millis(190), "{gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(390), "{gaps:?}");
+    assert!(
+        gaps.iter().all(|g| *g < Duration::from_secs(3)),
+        "the queue's 5 s did not apply: {gaps:?}"
+    );
+}
+
 backend_tests!(
     global_concurrency_holds_across_workers,
     rate_limit_spreads_starts_and_drops_none,
@@ -532,4 +724,6 @@ backend_tests!(
     settings_changes_reach_running_workers,
     queues_are_created_on_first_use,
     bad_queue_requests_are_rejected,
+    dead_tasks_keep_their_errors_and_can_run_again,
+    a_task_s_own_backoff_overrides_the_queue_s,
 );

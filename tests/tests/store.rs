@@ -42,6 +42,7 @@ fn task(queue: &str, key: Option<&str>, payload: &str) -> NewTask {
         expire_at: None,
         max_attempts: 3,
         idempotency_key: key.map(str::to_owned),
+        backoff: None,
         created_at: now,
         occurrence: None,
     }

@@ -238,6 +238,8 @@ pub struct NewTask {
     pub expire_after: Option<Duration>,
     /// Attempts allowed.
     pub max_attempts: Option<u32>,
+    /// Own retry delays (initial, max, multiplier, jitter), over the queue's.
+    pub backoff: Option<(Duration, Duration, f64, f64)>,
 }
 
 impl NewTask {
@@ -252,6 +254,7 @@ impl NewTask {
             idempotency_key: None,
             expire_after: None,
             max_attempts: None,
+            backoff: None,
         }
     }
 
@@ -303,6 +306,19 @@ impl NewTask {
         self
     }
 
+    /// Sets this task's own retry delays over its queue's: `initial ×
+    /// multiplier^(attempt-1)`, at most `max`, varied by `jitter` either way.
+    pub fn backoff(
+        mut self,
+        initial: Duration,
+        max: Duration,
+        multiplier: f64,
+        jitter: f64,
+    ) -> Self {
+        self.backoff = Some((initial, max, multiplier, jitter));
+        self
+    }
+
     fn into_pb(self) -> pb::ScheduleRequest {
         let (run_at, delay) = match self.due {
             Some(Due::At(t)) => (Some(timestamp(t)), None),
@@ -319,6 +335,14 @@ impl NewTask {
             idempotency_key: self.idempotency_key,
             expire_after: self.expire_after.map(duration),
             max_attempts: self.max_attempts,
+            backoff: self
+                .backoff
+                .map(|(initial, max, multiplier, jitter)| pb::Backoff {
+                    initial: Some(duration(initial)),
+                    max: Some(duration(max)),
+                    multiplier: Some(multiplier),
+                    jitter: Some(jitter),
+                }),
         }
     }
 }
@@ -550,6 +574,47 @@ impl Client {
             next_page_token: (!response.next_page_token.is_empty())
                 .then_some(response.next_page_token),
         })
+    }
+
+    /// Runs a DEAD task again with a fresh set of attempts; returns it DISPATCHED.
+    pub async fn retry_task(&mut self, id: &str) -> Result<Task, ClientError> {
+        let request = pb::RetryTaskRequest {
+            id: id.to_owned(),
+            ..Default::default()
+        };
+        let response = self.inner.retry_task(request).await?.into_inner();
+        response
+            .tasks
+            .into_iter()
+            .next()
+            .map(Into::into)
+            .ok_or_else(|| ClientError {
+                code: tonic::Code::Internal,
+                message: "RetryTask answered no task".into(),
+                field: None,
+            })
+    }
+
+    /// Runs again the newest `limit` DEAD tasks of `queue` whose last error
+    /// contains `error_contains`; returns those re-run, and those that could
+    /// not be (by id, with the reason).
+    pub async fn retry_dead(
+        &mut self,
+        queue: &str,
+        error_contains: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<Task>, BTreeMap<String, String>), ClientError> {
+        let request = pb::RetryTaskRequest {
+            id: String::new(),
+            queue: queue.to_owned(),
+            error_contains: error_contains.unwrap_or_default().to_owned(),
+            limit,
+        };
+        let response = self.inner.retry_task(request).await?.into_inner();
+        Ok((
+            response.tasks.into_iter().map(Into::into).collect(),
+            response.skipped.into_iter().collect(),
+        ))
     }
 
     /// Returns the generated stub, for calls this wrapper does not cover.

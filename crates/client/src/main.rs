@@ -73,6 +73,9 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         wait_timeout: Duration,
     },
+    /// Dead tasks: list them with their errors, run them again.
+    #[command(subcommand)]
+    Dead(DeadCommand),
     /// Queues: global concurrency, retries, run timeout, pause.
     #[command(subcommand)]
     Queue(queue_cli::QueueCommand),
@@ -109,6 +112,35 @@ enum Command {
     /// Recurring schedules.
     #[command(subcommand)]
     Recurring(recurring_cli::RecurringCommand),
+}
+
+/// Dead-task commands.
+#[derive(Debug, Subcommand)]
+enum DeadCommand {
+    /// List dead tasks, newest first, with each attempt's error.
+    List {
+        /// Only this queue.
+        #[arg(long)]
+        queue: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Run dead tasks again with a fresh set of attempts: one by id, or a queue's.
+    Retry {
+        /// The task to run again.
+        #[arg(required_unless_present = "queue", conflicts_with = "queue")]
+        id: Option<String>,
+        /// Run again the dead tasks of this queue.
+        #[arg(long)]
+        queue: Option<String>,
+        /// With --queue: only those whose last error contains this text.
+        #[arg(long, requires = "queue")]
+        error_contains: Option<String>,
+        /// With --queue: at most this many, newest first.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -291,6 +323,71 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 if let Some(token) = page.next_page_token {
                     println!("more: --page-token {token}");
+                }
+            }
+        }
+        Command::Dead(DeadCommand::List { queue, limit }) => {
+            let page = client
+                .list_tasks(queue.as_deref(), Some(TaskState::Dead), limit, None)
+                .await?;
+            let mut listed = Vec::new();
+            for task in &page.tasks {
+                let (_, attempts) = client.get_task(&task.id).await?;
+                listed.push((task, attempts));
+            }
+            if cli.json {
+                let tasks: Vec<serde_json::Value> = listed
+                    .iter()
+                    .map(|(task, attempts)| {
+                        let mut value = task_json(task);
+                        value["attempt_log"] = attempts.iter().map(attempt_json).collect();
+                        value
+                    })
+                    .collect();
+                println!("{}", json!({ "tasks": tasks }));
+            } else {
+                for (task, attempts) in &listed {
+                    println!("{}", task_line(task));
+                    for a in attempts {
+                        println!(
+                            "  attempt {}  {:<9}  {}",
+                            a.attempt,
+                            a.outcome,
+                            a.error.as_deref().unwrap_or("")
+                        );
+                    }
+                }
+            }
+        }
+        Command::Dead(DeadCommand::Retry {
+            id,
+            queue,
+            error_contains,
+            limit,
+        }) => {
+            let (tasks, skipped) = match (id, queue) {
+                (Some(id), _) => (vec![client.retry_task(&id).await?], Default::default()),
+                (None, Some(queue)) => {
+                    client
+                        .retry_dead(&queue, error_contains.as_deref(), limit)
+                        .await?
+                }
+                (None, None) => anyhow::bail!("give a task id or --queue"),
+            };
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({
+                        "retried": tasks.iter().map(task_json).collect::<Vec<_>>(),
+                        "skipped": skipped,
+                    })
+                );
+            } else {
+                for task in &tasks {
+                    println!("retried {}", task_line(task));
+                }
+                for (id, reason) in &skipped {
+                    println!("skipped {id}: {reason}");
                 }
             }
         }

@@ -122,6 +122,10 @@ pub struct ServerConfig {
     #[arg(long, env = "KAIROS_QUEUE_BACKOFF_JITTER", default_value_t = 0.2)]
     pub queue_backoff_jitter: f64,
 
+    /// How long the envelope of a dead task is kept, so RetryTask can run it again.
+    #[arg(long, env = "KAIROS_DEAD_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub dead_retention: Duration,
+
     /// Events one Subscribe stream may have waiting before it is cut off (ABORTED, resumable).
     #[arg(long, env = "KAIROS_SUBSCRIBE_BUFFER", default_value_t = 10_000)]
     pub subscribe_buffer: usize,

@@ -70,6 +70,7 @@ pub async fn run(
     bus.ensure_streams(&StreamSettings {
         replicas: config.stream_replicas,
         duplicate_window: config.duplicate_window,
+        dead_retention: config.dead_retention,
     })
     .await
     .context("failed to create the jetstream streams")?;

@@ -218,6 +218,32 @@ struct Policy {
     jitter: f64,
 }
 
+impl Policy {
+    /// Returns this policy with the fields a task set for itself.
+    fn with_task(mut self, own: Option<&pb::Backoff>) -> Self {
+        let Some(own) = own else { return self };
+        let duration = |d: &prost_types::Duration| {
+            Duration::new(
+                u64::try_from(d.seconds).unwrap_or(0),
+                u32::try_from(d.nanos).unwrap_or(0),
+            )
+        };
+        if let Some(d) = &own.initial {
+            self.initial = duration(d);
+        }
+        if let Some(d) = &own.max {
+            self.max = duration(d);
+        }
+        if let Some(m) = own.multiplier {
+            self.multiplier = m.clamp(1.0, 10.0);
+        }
+        if let Some(j) = own.jitter {
+            self.jitter = j.clamp(0.0, 1.0);
+        }
+        self
+    }
+}
+
 /// How often a worker reads its queue's settings again.
 const POLICY_REFRESH: Duration = Duration::from_secs(2);
 
@@ -356,15 +382,16 @@ impl Worker {
                     let _ = msg.ack_with(AckKind::Nak(None)).await;
                     continue;
                 };
-                let (inner, reporter, cancelled, abort) = (
+                let (inner, reporter, cancelled, abort, js) = (
                     self.inner.clone(),
                     reporter.clone(),
                     shutdown.clone(),
                     abort.clone(),
+                    js.clone(),
                 );
                 tracker.spawn(async move {
                     tokio::select! {
-                        () = process(&inner, &reporter, cancelled, msg, permit) => {}
+                        () = process(&inner, &reporter, &js, cancelled, msg, permit) => {}
                         () = abort.cancelled() => {}
                     }
                 });
@@ -455,22 +482,70 @@ fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     std::time::SystemTime::from(t).into()
 }
 
+/// Keeps a dead task's envelope in the dead-letter stream, so RetryTask can
+/// run it again; a failure only means it cannot be retried later.
+async fn keep_dead_letter(js: &jetstream::Context, task_id: &str, envelope: bytes::Bytes) {
+    let kept = match js.publish(wire::dead_subject(task_id), envelope).await {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(err) => Err(err.to_string()),
+    };
+    if let Err(err) = kept {
+        warn!(task_id, error = %err, "dead letter not kept; RetryTask will not find this task's payload");
+    }
+}
+
+/// Reports a message whose body is not a task envelope as DEAD, when its
+/// headers say which task it is, then terminates it.
+async fn report_undecodable(
+    reporter: &Reporter,
+    msg: &jetstream::Message,
+    delivered: u32,
+    error: String,
+) {
+    let header = |name: &str| {
+        msg.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    let bucket = header(wire::BUCKET_HEADER).and_then(|b| b.parse::<i64>().ok());
+    if let (Some(task_id), Some(bucket_ms)) = (header(wire::TASK_ID_HEADER), bucket) {
+        let event = pb::report_request::Event::Finished(pb::AttemptFinished {
+            task_id,
+            attempt: delivered,
+            bucket_ms,
+            result: pb::AttemptResult::Dead.into(),
+            error,
+            retry_at: None,
+            at: Some(timestamp(Utc::now())),
+        });
+        if reporter.send(event).await.is_err() {
+            return;
+        }
+    }
+    let _ = msg.ack_with(AckKind::Term).await;
+}
+
 async fn process(
     inner: &Inner,
     reporter: &Reporter,
+    js: &jetstream::Context,
     shutdown: CancellationToken,
     msg: jetstream::Message,
     slot: OwnedSemaphorePermit,
 ) {
-    let attempt = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+    let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
     let envelope = match pb::TaskEnvelope::decode(msg.payload.clone()) {
         Ok(envelope) => envelope,
         Err(err) => {
-            warn!(error = %err, "undecodable task message dropped");
-            let _ = msg.ack_with(AckKind::Term).await;
+            warn!(error = %err, "undecodable task message; reported dead");
+            let error = format!("undecodable task message: {err}");
+            report_undecodable(reporter, &msg, delivered, error).await;
             return;
         }
     };
+    // A task re-run by RetryTask numbers its attempts after those it made.
+    let attempt = envelope.attempt_offset.saturating_add(delivered);
     // Keeps the message alive while we wait for the server or run the handler.
     let msg = Arc::new(msg);
     let keepalive = {
@@ -501,6 +576,7 @@ async fn process(
     if attempt > envelope.max_attempts.max(1) {
         // Earlier deliveries were lost with their worker; the attempts are used up.
         let error = format!("attempts used up after {} deliveries", attempt - 1);
+        keep_dead_letter(js, &id, msg.payload.clone()).await;
         if reporter
             .send(finish(pb::AttemptResult::Dead, error, None))
             .await
@@ -590,7 +666,10 @@ async fn process(
                     retry_after: Some(d),
                     ..
                 } => *d,
-                _ => backoff(&inner.policy(), attempt),
+                _ => backoff(
+                    &inner.policy().with_task(envelope.backoff.as_ref()),
+                    attempt,
+                ),
             };
             let retry_at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
             (
@@ -603,6 +682,9 @@ async fn process(
             Some(AckKind::Term),
         ),
     };
+    if matches!(ack, Some(AckKind::Term)) {
+        keep_dead_letter(js, &id, msg.payload.clone()).await;
+    }
     if reporter.send(event).await.is_err() {
         // Hard shutdown before the server recorded it: the redelivery settles it.
         return;

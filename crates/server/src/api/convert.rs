@@ -8,9 +8,9 @@ use crate::app::{
     AppError, AttemptEnd, AttemptStart, PreviewQuery, SchedulePage, TaskDetail, TaskPage,
 };
 use crate::domain::{
-    AttemptOutcome, AttemptRecord, CatchUp, EventFilter, MissingDay, Overlap, RecurringSpec,
-    Schedule, ScheduleSpec, StartAt, Subscription, TaskEvent, TaskId, TaskRecord, TaskState,
-    ValidationError,
+    AttemptOutcome, AttemptRecord, Backoff, CatchUp, EventFilter, MissingDay, Overlap,
+    RecurringSpec, Schedule, ScheduleSpec, StartAt, Subscription, TaskEvent, TaskId, TaskRecord,
+    TaskState, ValidationError,
 };
 use crate::store::{ScheduleFilter, TaskFilter};
 
@@ -72,6 +72,25 @@ impl TryFrom<pb::ScheduleRequest> for ScheduleSpec {
                 .map(|d| duration_ms("expire_after", d))
                 .transpose()?,
             max_attempts: req.max_attempts,
+            backoff: req
+                .backoff
+                .map(|b| -> Result<Backoff, ValidationError> {
+                    Ok(Backoff {
+                        initial_ms: b
+                            .initial
+                            .as_ref()
+                            .map(|d| duration_ms("backoff.initial", d))
+                            .transpose()?,
+                        max_ms: b
+                            .max
+                            .as_ref()
+                            .map(|d| duration_ms("backoff.max", d))
+                            .transpose()?,
+                        multiplier: b.multiplier,
+                        jitter: b.jitter,
+                    })
+                })
+                .transpose()?,
         })
     }
 }
@@ -222,6 +241,34 @@ pub(crate) fn task_filter(req: pb::ListTasksRequest) -> Result<TaskFilter, AppEr
         state: state_from_pb(req.state)?,
         before: list.before,
         schedule,
+        limit: list.limit,
+    })
+}
+
+/// Which dead tasks of a queue a RetryTask asks for.
+pub(crate) struct DeadFilter {
+    pub(crate) queue: String,
+    pub(crate) contains: Option<String>,
+    pub(crate) limit: u32,
+}
+
+/// Checks the queue form of a RetryTask request.
+pub(crate) fn dead_filter(req: &pb::RetryTaskRequest) -> Result<DeadFilter, AppError> {
+    if req.queue.is_empty() {
+        return Err(ValidationError::invalid(
+            "id",
+            "set id, or queue to re-run a queue's dead tasks",
+        )
+        .into());
+    }
+    if req.limit > MAX_PAGE {
+        let reason = format!("must be at most {MAX_PAGE}");
+        return Err(ValidationError::invalid("limit", reason).into());
+    }
+    let list = listing(req.queue.clone(), req.limit, "")?;
+    Ok(DeadFilter {
+        queue: list.queue.unwrap_or_default(),
+        contains: (!req.error_contains.is_empty()).then(|| req.error_contains.clone()),
         limit: list.limit,
     })
 }

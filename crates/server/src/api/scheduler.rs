@@ -160,6 +160,34 @@ impl SchedulerService for SchedulerApi {
     }
 
     #[instrument(skip_all)]
+    async fn retry_task(
+        &self,
+        request: Request<pb::RetryTaskRequest>,
+    ) -> Result<Response<pb::RetryTaskResponse>, Status> {
+        let request = request.into_inner();
+        if !request.id.is_empty() {
+            let id = convert::task_id("id", &request.id)?;
+            let task = self.tasks.retry(id).await?;
+            return Ok(Response::new(pb::RetryTaskResponse {
+                tasks: vec![task.into()],
+                skipped: Default::default(),
+            }));
+        }
+        let filter = convert::dead_filter(&request)?;
+        let (retried, skipped) = self
+            .tasks
+            .retry_dead(&filter.queue, filter.contains.as_deref(), filter.limit)
+            .await?;
+        Ok(Response::new(pb::RetryTaskResponse {
+            tasks: retried.into_iter().map(Into::into).collect(),
+            skipped: skipped
+                .into_iter()
+                .map(|(id, reason)| (id.to_string(), reason))
+                .collect(),
+        }))
+    }
+
+    #[instrument(skip_all)]
     async fn get_task(
         &self,
         request: Request<pb::GetTaskRequest>,

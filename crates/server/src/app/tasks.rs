@@ -306,6 +306,104 @@ impl TaskService {
         Ok(task)
     }
 
+    /// Runs a DEAD task again with a fresh set of attempts (as many as it had
+    /// at first), numbered after those it made; returns it DISPATCHED.
+    #[instrument(skip_all, fields(%id))]
+    pub async fn retry(&self, id: TaskId) -> AppResult<TaskRecord> {
+        let inner = &self.inner;
+        let task = self.find(id).await?;
+        if task.state != TaskState::Dead {
+            return Err(AppError::FailedPrecondition {
+                id,
+                state: format!("{}, not dead", task.state),
+            });
+        }
+        let Some(letter) = inner.bus.dead_letter(id).await? else {
+            return Err(AppError::FailedPrecondition {
+                id,
+                state: "dead and its payload is no longer kept (KAIROS_DEAD_RETENTION)".into(),
+            });
+        };
+        let (envelope, max_attempts) = Bus::retry_envelope(&letter, task.attempts)
+            .map_err(|e| AppError::Internal(e.to_string()))?;
+        let (bucket, width) = (task.bucket_ms, inner.width_ms);
+        if !inner.claims.revive(bucket, width, id, true).await? {
+            return Err(AppError::FailedPrecondition {
+                id,
+                state: "dead in SQL but not in its claim".into(),
+            });
+        }
+        let now = Utc::now();
+        if !inner.store.revive_task(id, max_attempts, now).await? {
+            let _ = inner.claims.revive(bucket, width, id, false).await;
+            return Err(AppError::FailedPrecondition {
+                id,
+                state: "no longer dead".into(),
+            });
+        }
+        inner.bus.signal_events().await;
+        if let Err(err) = inner
+            .bus
+            .release_retry(&task.queue, id, bucket, envelope, task.attempts)
+            .await
+        {
+            // Put it back as it was: dead, with nothing released.
+            if let Err(undo) = inner.claims.revive(bucket, width, id, false).await {
+                warn!(%id, error = %undo, "could not put a dead task's claim back");
+            }
+            inner
+                .recorder
+                .record(StatusWrite::Closed {
+                    id,
+                    state: TaskState::Dead,
+                    at: Utc::now(),
+                })
+                .await?;
+            return Err(err.into());
+        }
+        self.find(id).await
+    }
+
+    /// Runs again the newest `limit` DEAD tasks of a queue whose last error
+    /// contains `contains`; returns those re-run, and those that matched but
+    /// could not be, with the reason.
+    pub async fn retry_dead(
+        &self,
+        queue: &str,
+        contains: Option<&str>,
+        limit: u32,
+    ) -> AppResult<(Vec<TaskRecord>, Vec<(TaskId, String)>)> {
+        let dead = self
+            .inner
+            .store
+            .list_tasks(&TaskFilter {
+                queue: Some(queue.to_owned()),
+                state: Some(TaskState::Dead),
+                limit,
+                ..TaskFilter::default()
+            })
+            .await?;
+        let (mut retried, mut skipped) = (Vec::new(), Vec::new());
+        for task in dead {
+            let matches = contains.is_none_or(|text| {
+                task.last_error
+                    .as_deref()
+                    .is_some_and(|error| error.contains(text))
+            });
+            if !matches {
+                continue;
+            }
+            match self.retry(task.id).await {
+                Ok(record) => retried.push(record),
+                Err(err @ (AppError::FailedPrecondition { .. } | AppError::NotFound { .. })) => {
+                    skipped.push((task.id, err.to_string()));
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok((retried, skipped))
+    }
+
     /// Returns a task with its run log.
     pub async fn get(&self, id: TaskId) -> AppResult<TaskDetail> {
         let task = self.find(id).await?;

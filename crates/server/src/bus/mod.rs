@@ -42,6 +42,8 @@ pub struct StreamSettings {
     pub replicas: usize,
     /// JetStream duplicate window for message ids.
     pub duplicate_window: Duration,
+    /// How long dead tasks' envelopes are kept for RetryTask.
+    pub dead_retention: Duration,
 }
 
 /// The JetStream side of Kairos. Cheap to clone.
@@ -92,6 +94,8 @@ pub struct BucketMessage {
     pub due_ms: i64,
     /// Start deadline (ms since epoch), 0 when none.
     pub expire_at_ms: i64,
+    /// Bucket that holds its claim (from the subject).
+    pub bucket_ms: i64,
     /// Stream sequence, to order ties.
     pub seq: u64,
     /// The encoded envelope, released as-is.
@@ -131,6 +135,20 @@ impl Bus {
     /// retention), and turns on atomic batches for the tasks stream where the
     /// server has them.
     pub async fn ensure_streams(&self, settings: &StreamSettings) -> BusResult<()> {
+        // Dead letters: the last envelope of each dead task, for RetryTask.
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: wire::DEAD_STREAM.to_owned(),
+                subjects: vec![format!("{}.>", wire::DEAD_SUBJECT_PREFIX)],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                num_replicas: settings.replicas,
+                max_age: settings.dead_retention,
+                max_messages_per_subject: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(BusError::from_any)?;
         for (name, subject) in [
             (
                 wire::TASKS_STREAM,
@@ -374,6 +392,72 @@ impl Bus {
         Ok(())
     }
 
+    /// Returns the envelope a worker kept of a dead task, if still kept.
+    pub async fn dead_letter(&self, task_id: TaskId) -> BusResult<Option<Bytes>> {
+        let stream = self
+            .js
+            .get_stream(wire::DEAD_STREAM)
+            .await
+            .map_err(BusError::from_any)?;
+        match stream
+            .get_last_raw_message_by_subject(&wire::dead_subject(&task_id.to_string()))
+            .await
+        {
+            Ok(message) => Ok(Some(message.payload)),
+            Err(err)
+                if err.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(None)
+            }
+            Err(err) => Err(BusError::from_any(err)),
+        }
+    }
+
+    /// Rewrites a dead letter for a fresh set of attempts after the
+    /// `attempts_before` already made: as many as the task had at first.
+    /// Returns the envelope and the task's new total of attempts allowed.
+    pub fn retry_envelope(dead_letter: &[u8], attempts_before: u32) -> BusResult<(Bytes, u32)> {
+        let mut envelope = pb::TaskEnvelope::decode(dead_letter)
+            .map_err(|e| BusError::Unavailable(format!("undecodable dead letter: {e}")))?;
+        let fresh = envelope
+            .max_attempts
+            .saturating_sub(envelope.attempt_offset)
+            .max(1);
+        envelope.attempt_offset = attempts_before;
+        envelope.max_attempts = attempts_before.saturating_add(fresh);
+        let total = envelope.max_attempts;
+        Ok((Bytes::from(envelope.encode_to_vec()), total))
+    }
+
+    /// Releases a dead task again with a fresh set of attempts, and waits
+    /// until JetStream has stored it.
+    pub async fn release_retry(
+        &self,
+        queue: &str,
+        task_id: TaskId,
+        bucket_ms: i64,
+        envelope: Bytes,
+        attempts_before: u32,
+    ) -> BusResult<()> {
+        let id = task_id.to_string();
+        let mut headers = HeaderMap::new();
+        headers.insert(wire::TASK_ID_HEADER, id.as_str());
+        headers.insert(wire::BUCKET_HEADER, bucket_ms.to_string().as_str());
+        self.js
+            .send_publish(
+                wire::ready_subject(queue),
+                jetstream::message::PublishMessage::build()
+                    .payload(envelope)
+                    .headers(headers)
+                    .message_id(format!("{id}:retry:{attempts_before}")),
+            )
+            .await
+            .map_err(BusError::from_any)?
+            .await
+            .map_err(BusError::from_any)?;
+        Ok(())
+    }
+
     /// Tells every replica that new task events are committed.
     pub async fn signal_events(&self) {
         // Best effort: a lost signal costs a subscriber one poll interval.
@@ -419,6 +503,7 @@ impl Bus {
         let task_id = msg.task_id.to_string();
         let mut headers = HeaderMap::new();
         headers.insert(wire::TASK_ID_HEADER, task_id.as_str());
+        headers.insert(wire::BUCKET_HEADER, msg.bucket_ms.to_string().as_str());
         self.js
             .send_publish(
                 wire::ready_subject(&msg.queue),
@@ -514,6 +599,7 @@ impl Bus {
 fn encode_task(bucket_ms: i64, task: &NewTask) -> (HeaderMap, Bytes) {
     let expire_at_ms = task.expire_at.map_or(0, |t| t.timestamp_millis());
     let envelope = pb::TaskEnvelope {
+        attempt_offset: 0,
         id: task.id.to_string(),
         queue: task.queue.clone(),
         payload: task.payload.to_vec(),
@@ -523,6 +609,12 @@ fn encode_task(bucket_ms: i64, task: &NewTask) -> (HeaderMap, Bytes) {
         expire_at_ms,
         max_attempts: task.max_attempts,
         bucket_ms,
+        backoff: task.backoff.map(|b| pb::Backoff {
+            initial: b.initial_ms.map(ms_to_proto),
+            max: b.max_ms.map(ms_to_proto),
+            multiplier: b.multiplier,
+            jitter: b.jitter,
+        }),
     };
     let mut headers = HeaderMap::new();
     headers.insert(wire::TASK_ID_HEADER, envelope.id.as_str());
@@ -532,6 +624,13 @@ fn encode_task(bucket_ms: i64, task: &NewTask) -> (HeaderMap, Bytes) {
         headers.insert(wire::EXPIRE_HEADER, expire_at_ms.to_string().as_str());
     }
     (headers, Bytes::from(envelope.encode_to_vec()))
+}
+
+fn ms_to_proto(ms: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
 }
 
 /// Interns queue names, so a million held tasks share a handful of strings.
@@ -575,11 +674,19 @@ pub fn decode_bucket_message(
     let expire_at_ms = get(wire::EXPIRE_HEADER)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    let bucket_ms = msg
+        .subject
+        .as_str()
+        .rsplit('.')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     Ok(BucketMessage {
         task_id,
         queue: queues.get(queue),
         due_ms,
         expire_at_ms,
+        bucket_ms,
         seq,
         body: Bytes::copy_from_slice(&msg.payload),
         reply,

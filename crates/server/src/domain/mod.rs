@@ -16,7 +16,7 @@ pub use queue::{
 pub use recurrence::{MissingDay, Recurrence};
 pub use schedule::{CatchUp, Overlap, RecurringSpec, Schedule, apply_update, validate_schedule};
 pub use task::{
-    AttemptOutcome, AttemptRecord, NewTask, Occurrence, StatusWrite, TaskId, TaskRecord, TaskState,
-    bucket_of, content_hash, version_of,
+    AttemptOutcome, AttemptRecord, Backoff, NewTask, Occurrence, StatusWrite, TaskId, TaskRecord,
+    TaskState, bucket_of, content_hash, version_of,
 };
 pub use validate::{Limits, ScheduleSpec, ValidationError, ValidationKind, validate};

@@ -252,6 +252,7 @@ impl Schedule {
             Some(self.max_attempts),
         );
         NewTask {
+            backoff: None,
             id: TaskId::new(),
             queue: self.queue.clone(),
             payload: self.payload.clone(),
@@ -304,6 +305,7 @@ pub fn validate_schedule(
             idempotency_key: spec.idempotency_key.clone(),
             expire_after_ms: spec.expire_after_ms,
             max_attempts: spec.max_attempts,
+            backoff: None,
         },
         now,
         limits,

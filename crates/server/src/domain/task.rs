@@ -165,6 +165,29 @@ pub fn content_hash(
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A task's own retry delays; `None` fields follow its queue's policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Backoff {
+    /// Delay before the second attempt, ms.
+    pub initial_ms: Option<i64>,
+    /// Longest delay, ms.
+    pub max_ms: Option<i64>,
+    /// Growth per attempt.
+    pub multiplier: Option<f64>,
+    /// Random variation, as a fraction either way.
+    pub jitter: Option<f64>,
+}
+
+impl Backoff {
+    /// Returns the text that stands for it in a request fingerprint.
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "backoff:{:?}:{:?}:{:?}:{:?}",
+            self.initial_ms, self.max_ms, self.multiplier, self.jitter
+        )
+    }
+}
+
 /// A validated task, ready to be stored.
 #[derive(Debug, Clone)]
 pub struct NewTask {
@@ -192,6 +215,8 @@ pub struct NewTask {
     pub created_at: DateTime<Utc>,
     /// The recurring schedule and nominal fire time it is an occurrence of.
     pub occurrence: Option<Occurrence>,
+    /// Its own retry delays, over its queue's.
+    pub backoff: Option<Backoff>,
 }
 
 /// Where an occurrence of a recurring schedule comes from.

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use kairos_proto::wire;
 
-use super::task::{NewTask, TaskId, content_hash};
+use super::task::{Backoff, NewTask, TaskId, content_hash};
 
 /// Limits a request is checked against (from the server config).
 #[derive(Debug, Clone)]
@@ -44,6 +44,8 @@ pub struct ScheduleSpec {
     pub expire_after_ms: Option<i64>,
     /// Attempts, if given.
     pub max_attempts: Option<u32>,
+    /// Own retry delays, if given.
+    pub backoff: Option<Backoff>,
 }
 
 /// Whether a request is malformed or merely too large.
@@ -196,11 +198,19 @@ pub fn validate(
             format!("must be 1 to {MAX_KEY_LEN} printable characters"),
         ));
     }
-    let when = match (spec.run_at, spec.delay_ms) {
+    if let Some(backoff) = &spec.backoff {
+        validate_backoff(backoff)?;
+    }
+    let mut when = match (spec.run_at, spec.delay_ms) {
         (Some(at), _) => format!("at:{}", at.timestamp_millis()),
         (_, Some(ms)) => format!("in:{ms}"),
         _ => String::new(),
     };
+    // Only when set, so the fingerprints of tasks without one stay as they were.
+    if let Some(backoff) = &spec.backoff {
+        when.push('|');
+        when.push_str(&backoff.fingerprint());
+    }
     let content_hash = content_hash(
         &spec.queue,
         &spec.payload,
@@ -223,7 +233,42 @@ pub fn validate(
         content_hash,
         created_at: now,
         occurrence: None,
+        backoff: spec.backoff,
     })
+}
+
+/// Checks a task's own retry delays, as a queue's are checked.
+fn validate_backoff(b: &Backoff) -> Result<(), ValidationError> {
+    if b.initial_ms.is_some_and(|ms| ms < 0) {
+        return Err(ValidationError::invalid(
+            "backoff.initial",
+            "must not be negative",
+        ));
+    }
+    if let (Some(initial), Some(max)) = (b.initial_ms, b.max_ms)
+        && max < initial
+    {
+        return Err(ValidationError::invalid(
+            "backoff.max",
+            "must not be below initial",
+        ));
+    }
+    if b.max_ms.is_some_and(|ms| ms < 0) {
+        return Err(ValidationError::invalid(
+            "backoff.max",
+            "must not be negative",
+        ));
+    }
+    if b.multiplier.is_some_and(|m| !(1.0..=10.0).contains(&m)) {
+        return Err(ValidationError::invalid(
+            "backoff.multiplier",
+            "must be 1 to 10",
+        ));
+    }
+    if b.jitter.is_some_and(|j| !(0.0..=1.0).contains(&j)) {
+        return Err(ValidationError::invalid("backoff.jitter", "must be 0 to 1"));
+    }
+    Ok(())
 }
 
 fn validate_headers(headers: &BTreeMap<String, String>) -> Result<(), ValidationError> {

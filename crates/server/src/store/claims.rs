@@ -151,6 +151,18 @@ end
 return s
 ";
 
+// Moves a claim from ARGV[2] to ARGV[3] (a dead task revived, or put back
+// when its release failed); a missing claim counts as ARGV[2].
+const REVIVE: &str = r"
+local s = redis.call('HGET', KEYS[1], ARGV[1])
+if (not s) or s == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  redis.call('PEXPIREAT', KEYS[1], ARGV[4])
+  return 'ok'
+end
+return s
+";
+
 // Many starts in one call: KEYS[i] is item i's bucket hash; ARGV[1] is
 // `force`, then five values per item: id, attempt, now, start deadline,
 // hash expiry.
@@ -280,6 +292,7 @@ pub struct Claims {
     renew: Script,
     release: Script,
     rate: Script,
+    revive: Script,
 }
 
 impl std::fmt::Debug for Claims {
@@ -321,6 +334,7 @@ impl Claims {
             renew: Script::new(RENEW),
             release: Script::new(RELEASE),
             rate: Script::new(RATE),
+            revive: Script::new(REVIVE),
         })
     }
 
@@ -419,6 +433,33 @@ impl Claims {
         } else {
             CancelClaim::TooLate(answer)
         })
+    }
+
+    /// Moves a dead task's claim back to dispatched (`dead_to_dispatched`)
+    /// or the other way; false when the claim is in some other state.
+    pub async fn revive(
+        &self,
+        bucket_ms: i64,
+        width_ms: i64,
+        id: TaskId,
+        dead_to_dispatched: bool,
+    ) -> ClaimResult<bool> {
+        let (from, to) = if dead_to_dispatched {
+            ("X", "D")
+        } else {
+            ("D", "X")
+        };
+        let mut conn = self.conn.clone();
+        let answer: String = self
+            .revive
+            .key(claims_key(bucket_ms))
+            .arg(id.to_string())
+            .arg(from)
+            .arg(to)
+            .arg(self.expire_at(bucket_ms, width_ms))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(answer == "ok")
     }
 
     /// Admits starts under their queues' rate limits (GCRA); one round trip

@@ -96,6 +96,16 @@ pub trait TaskStore: ScheduleStore + QueueStore + std::fmt::Debug + Send + Sync 
     /// event log; a change older than the stored state is ignored.
     async fn apply(&self, writes: &[StatusWrite]) -> StoreResult<()>;
 
+    /// Moves a DEAD task back to DISPATCHED for a fresh set of attempts,
+    /// allowing `max_attempts` in all from now on, and logs the change;
+    /// false when the task is not DEAD.
+    async fn revive_task(
+        &self,
+        id: TaskId,
+        max_attempts: u32,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+
     /// Returns up to `limit` events that pass `filter` with a cursor in
     /// `(after, upto]`, oldest first.
     async fn read_events(

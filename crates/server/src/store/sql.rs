@@ -584,6 +584,47 @@ macro_rules! impl_task_store {
                 rows.iter().map(task_from_row).collect()
             }
 
+            async fn revive_task(
+                &self,
+                id: TaskId,
+                max_attempts: u32,
+                at: chrono::DateTime<chrono::Utc>,
+            ) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await?;
+                if let Some(lock) = $serialize {
+                    sqlx::query(lock).execute(&mut *tx).await?;
+                }
+                // Version 1 (dispatched): the next attempt's RUNNING moves it on.
+                let revived = sqlx::query(
+                    "UPDATE tasks SET state = $1, version = $2, max_attempts = $3, \
+                     updated_at_ms = $4 WHERE id = $5 AND state = $6",
+                )
+                .bind(TaskState::Dispatched.as_str())
+                .bind(version_of(TaskState::Dispatched, 0))
+                .bind(i64::from(max_attempts))
+                .bind(at.timestamp_millis())
+                .bind(id.to_string())
+                .bind(TaskState::Dead.as_str())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1;
+                if revived {
+                    sqlx::query(
+                        "INSERT INTO task_events (task_id, schedule_id, queue, attempt, state, \
+                         at_ms, worker_id, error) SELECT id, schedule_id, queue, attempts, $2, $3, '', \
+                         NULL FROM tasks WHERE id = $1",
+                    )
+                    .bind(id.to_string())
+                    .bind(TaskState::Dispatched.as_str())
+                    .bind(at.timestamp_millis())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(revived)
+            }
+
             async fn read_events(
                 &self,
                 after: i64,

@@ -20,6 +20,11 @@ start_postgres test-postgres "$PG_PORT"
 trap 'stop_postgres test-postgres' EXIT
 export KAIROS_TEST_DATABASE_URL="postgres://kairos@127.0.0.1:$PG_PORT/postgres"
 
+# The process tests run the real worker binary.
+log "building kairos-worker"
+cargo build --quiet -p kairos-worker --bin kairos-worker
+export KAIROS_WORKER_BIN="$KAIROS_ROOT/target/debug/kairos-worker"
+
 log "tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"

@@ -4,8 +4,10 @@
 //!
 //! # Layout
 //! - [`procs`]: the NATS and Redis child processes.
+//! - [`http`]: a small HTTP receiver for webhook tests.
 //! - [`stack`]: a whole Kairos stack (database, servers, workers, client).
 
+pub mod http;
 pub mod procs;
 pub mod stack;
 

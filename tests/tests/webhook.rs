@@ -1,106 +1,31 @@
 //! The webhook handler against a local HTTP server: signed requests, 5xx and
 //! timeouts retried, other 4xx dead at once.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kairos_client::{NewTask, QueueChange, TaskState};
+use kairos_tests::http::Receiver;
 use kairos_tests::stack::{client, wait_for_state};
 use kairos_tests::{Backend, Stack, backend_tests};
 use kairos_worker::WebhookHandler;
 use kairos_worker::webhook::{SIGNATURE_HEADER, URL_HEADER, signature};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpListener;
 
 const SECRET: &[u8] = b"s3cret";
 
-/// One request as the receiver saw it.
-#[derive(Debug, Clone)]
-struct Received {
-    path: String,
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
-}
-
-/// A minimal HTTP/1.1 receiver: `/ok` answers 200; `/flaky` 503 the first
-/// time, then 200; `/gone` 404; `/slow` stalls past the client's timeout the
-/// first time, then 200. It keeps every request.
-async fn receiver() -> (String, Arc<Mutex<Vec<Received>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let seen: Arc<Mutex<Vec<Received>>> = Arc::default();
-    let log = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut socket, _)) = listener.accept().await else {
-                return;
-            };
-            let log = log.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let head_end = loop {
-                    let n = socket.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break at + 4;
-                    }
-                };
-                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-                let mut lines = head.split("\r\n");
-                let path = lines
-                    .next()
-                    .and_then(|l| l.split(' ').nth(1))
-                    .unwrap_or("/")
-                    .to_owned();
-                let headers: HashMap<String, String> = lines
-                    .filter_map(|l| l.split_once(':'))
-                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-                    .collect();
-                let length: usize = headers
-                    .get("content-length")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                while buf.len() < head_end + length {
-                    let n = socket.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                let body = buf[head_end..].to_vec();
-                let earlier = {
-                    let mut log = log.lock().expect("log");
-                    let earlier = log.iter().filter(|r| r.path == path).count();
-                    log.push(Received {
-                        path: path.clone(),
-                        headers,
-                        body,
-                    });
-                    earlier
-                };
-                let (status, text) = match (path.as_str(), earlier) {
-                    ("/flaky", 0) => ("503 Service Unavailable", "gateway warming up"),
-                    ("/gone", _) => ("404 Not Found", "no such hook"),
-                    ("/slow", 0) => {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        ("200 OK", "late")
-                    }
-                    _ => ("200 OK", "ok"),
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-                    text.len()
-                );
-                let _ = socket.write_all(response.as_bytes()).await;
-            });
-        }
-    });
-    (url, seen)
+/// The receiver: `/ok` answers 200; `/flaky` 503 the first time, then 200;
+/// `/gone` 404; `/slow` stalls past the client's timeout the first time, then 200.
+async fn receiver() -> Receiver {
+    Receiver::start(|path, earlier| match (path, earlier) {
+        ("/flaky", 0) => (
+            "503 Service Unavailable",
+            "gateway warming up",
+            Duration::ZERO,
+        ),
+        ("/gone", _) => ("404 Not Found", "no such hook", Duration::ZERO),
+        ("/slow", 0) => ("200 OK", "late", Duration::from_secs(5)),
+        _ => ("200 OK", "ok", Duration::ZERO),
+    })
+    .await
 }
 
 /// Signed requests; 503 retried then 200; 404 dead at once; a timeout retried.
@@ -120,7 +45,8 @@ async fn webhook_signs_retries_and_gives_up_as_http_says(backend: Backend) {
         )
         .await
         .expect("queue");
-    let (base, seen) = receiver().await;
+    let receiver = receiver().await;
+    let base = receiver.url.clone();
     let handler = WebhookHandler::new(Some(&format!("{base}/ok")), SECRET, Duration::from_secs(1))
         .expect("handler");
     let _worker = stack.worker(&server, "hooks", 4, handler);
@@ -175,7 +101,7 @@ async fn webhook_signs_retries_and_gives_up_as_http_says(backend: Backend) {
     assert!(error.contains("timed out"), "{error}");
 
     // Every request verifies with the shared secret, and none with another.
-    let seen = seen.lock().expect("seen").clone();
+    let seen = receiver.requests();
     assert_eq!(seen.len(), 1 + 2 + 1 + 2);
     for request in &seen {
         let header = |name: &str| request.headers.get(name).cloned().unwrap_or_default();

@@ -165,6 +165,7 @@ async fn status_writes_are_ordered_and_build_the_run_log(backend: Backend) {
         worker_id: "w".into(),
         state,
         error: error.map(str::to_owned),
+        detail: Some(format!("attempt {attempt}")),
         at: at + Duration::seconds(1),
     };
     store
@@ -189,6 +190,7 @@ async fn status_writes_are_ordered_and_build_the_run_log(backend: Backend) {
     assert_eq!(runs[0].error.as_deref(), Some("boom"));
     assert_eq!(runs[1].outcome, Some(AttemptOutcome::Succeeded));
     assert_eq!(runs[1].finished_at, Some(at + Duration::seconds(1)));
+    assert_eq!(runs[1].detail.as_deref(), Some("attempt 2"));
 
     store
         .apply(&[StatusWrite::Closed {

@@ -121,6 +121,12 @@ async fn webhook_signs_retries_and_gives_up_as_http_says(backend: Backend) {
         assert_eq!(header("content-type"), "application/json");
         assert_eq!(header("kairos-queue"), "hooks");
     }
+    let (_, attempts) = client.get_task(&ok.id).await.expect("get");
+    assert_eq!(
+        attempts[0].detail.as_deref(),
+        Some("webhook answered HTTP 200: ok"),
+        "the answer is in the run log"
+    );
     let ok_request = seen.iter().find(|r| r.path == "/ok").expect("ok request");
     assert_eq!(ok_request.body, br#"{"n":1}"#);
     assert_eq!(ok_request.headers["kairos-task-id"], ok.id);

@@ -410,6 +410,8 @@ pub struct Attempt {
     pub outcome: &'static str,
     /// Error of a failed attempt.
     pub error: Option<String>,
+    /// What the handler said about it (the webhook handler: HTTP status and answer).
+    pub detail: Option<String>,
 }
 
 impl From<pb::TaskAttempt> for Attempt {
@@ -427,6 +429,7 @@ impl From<pb::TaskAttempt> for Attempt {
             finished_at: a.finished_at.map(|ts| time(Some(ts))),
             outcome,
             error: (!a.error.is_empty()).then_some(a.error),
+            detail: (!a.detail.is_empty()).then_some(a.detail),
         }
     }
 }

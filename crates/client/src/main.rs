@@ -174,6 +174,7 @@ fn attempt_json(a: &Attempt) -> serde_json::Value {
         "finished_at": a.finished_at.map(|f| f.to_rfc3339()),
         "outcome": a.outcome,
         "error": a.error,
+        "detail": a.detail,
     })
 }
 
@@ -285,6 +286,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         a.error
                             .as_deref()
                             .map(|e| format!("  error: {e}"))
+                            .or_else(|| a.detail.as_deref().map(|d| format!("  {d}")))
                             .unwrap_or_default()
                     );
                 }

@@ -109,6 +109,8 @@ pub struct TaskContext {
     pub(crate) due_at: DateTime<Utc>,
     pub(crate) worker_id: String,
     pub(crate) cancelled: CancellationToken,
+    /// What the handler says about the attempt, for the run log.
+    pub(crate) note: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl TaskContext {
@@ -167,6 +169,25 @@ impl TaskContext {
         serde_json::from_slice(&self.payload).terminal()
     }
 
+    /// Records a short note about this attempt in the run log (GetTask
+    /// shows it as the attempt's `detail`), such as what a remote service
+    /// answered; the last note wins, cut to 1,024 characters.
+    pub fn note(&self, text: impl Into<String>) {
+        let text: String = text.into().chars().take(1024).collect();
+        *self
+            .note
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(text);
+    }
+
+    /// Returns the note recorded so far, if any.
+    pub fn noted(&self) -> Option<String> {
+        self.note
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Returns a token cancelled when the worker shuts down.
     pub fn cancelled(&self) -> &CancellationToken {
         &self.cancelled
@@ -185,6 +206,7 @@ impl TaskContext {
             due_at: Utc::now(),
             worker_id: "test".into(),
             cancelled: CancellationToken::new(),
+            note: Arc::default(),
         }
     }
 }

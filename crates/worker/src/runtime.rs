@@ -518,6 +518,7 @@ async fn report_undecodable(
             error,
             retry_at: None,
             at: Some(timestamp(Utc::now())),
+            detail: String::new(),
         });
         if reporter.send(event).await.is_err() {
             return;
@@ -570,6 +571,7 @@ async fn process(
             error,
             retry_at: retry_at.map(timestamp),
             at: Some(timestamp(Utc::now())),
+            detail: String::new(),
         })
     };
 
@@ -644,11 +646,27 @@ async fn process(
         due_at: DateTime::from_timestamp_millis(envelope.due_at_ms).unwrap_or_default(),
         worker_id: inner.worker_id.clone(),
         cancelled: shutdown,
+        note: Arc::default(),
     };
+    let note = Arc::clone(&ctx.note);
     let outcome = match tokio::spawn(inner.handler.call(ctx)).await {
         Ok(outcome) => outcome,
         Err(join) if join.is_panic() => Err(HandlerError::retryable("handler panicked")),
         Err(_) => Err(HandlerError::retryable("handler was cancelled")),
+    };
+    let detail = note
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+        .unwrap_or_default();
+    let finish = |result, error, retry_at| match finish(result, error, retry_at) {
+        pb::report_request::Event::Finished(finished) => {
+            pb::report_request::Event::Finished(pb::AttemptFinished {
+                detail: detail.clone(),
+                ..finished
+            })
+        }
+        other => other,
     };
     // The slot bounds running handlers; reporting and acknowledging the result
     // need not hold it (the unacknowledged message still counts against the

@@ -165,9 +165,6 @@ impl Handler for WebhookHandler {
             }
         };
         let status = response.status();
-        if status.is_success() {
-            return Ok(());
-        }
         let wait = retry_after(response.headers());
         let body = response.bytes().await.unwrap_or_default();
         let message = format!(
@@ -175,6 +172,11 @@ impl Handler for WebhookHandler {
             status.as_u16(),
             excerpt(&body)
         );
+        // The run log keeps what the receiver answered, success or not.
+        task.note(message.clone());
+        if status.is_success() {
+            return Ok(());
+        }
         if status.as_u16() == 429 || status.is_server_error() {
             Err(match wait {
                 Some(delay) => HandlerError::retry_after(message, delay),

@@ -14,6 +14,9 @@ use crate::domain::{
 };
 use crate::store::{ScheduleFilter, TaskFilter};
 
+/// Longest attempt detail kept, in characters.
+const MAX_DETAIL: usize = 1024;
+
 /// Largest page ListTasks returns.
 pub(crate) const MAX_PAGE: u32 = 1000;
 const DEFAULT_PAGE: u32 = 100;
@@ -174,6 +177,7 @@ impl From<AttemptRecord> for pb::TaskAttempt {
             finished_at: a.finished_at.map(timestamp),
             outcome: outcome.into(),
             error: a.error.unwrap_or_default(),
+            detail: a.detail.unwrap_or_default(),
         }
     }
 }
@@ -371,6 +375,8 @@ pub(crate) fn attempt_end(
         bucket_ms: f.bucket_ms,
         state,
         error: (!f.error.is_empty()).then_some(f.error),
+        // Bounded here too, whatever a worker in another language sends.
+        detail: (!f.detail.is_empty()).then(|| f.detail.chars().take(MAX_DETAIL).collect()),
         at,
         worker_id,
     })

@@ -38,6 +38,8 @@ pub struct AttemptEnd {
     pub state: TaskState,
     /// Error text for failures.
     pub error: Option<String>,
+    /// What the handler said about the attempt.
+    pub detail: Option<String>,
     /// When it ended.
     pub at: DateTime<Utc>,
     /// Worker identity.
@@ -266,6 +268,7 @@ impl ReportService {
                 worker_id: end.worker_id,
                 state: end.state,
                 error: end.error,
+                detail: end.detail,
                 at: end.at,
             })
         }))

@@ -330,6 +330,8 @@ pub struct AttemptRecord {
     pub outcome: Option<AttemptOutcome>,
     /// Error of a failed attempt.
     pub error: Option<String>,
+    /// What the handler said about it.
+    pub detail: Option<String>,
 }
 
 /// A status change for the SQL task index and run log.
@@ -365,6 +367,8 @@ pub enum StatusWrite {
         state: TaskState,
         /// Error text for failures.
         error: Option<String>,
+        /// What the handler said about the attempt.
+        detail: Option<String>,
         /// When.
         at: DateTime<Utc>,
     },

@@ -129,6 +129,7 @@ where
             .transpose()?,
         outcome: outcome.as_deref().and_then(AttemptOutcome::parse),
         error: row.try_get("error")?,
+        detail: row.try_get("detail")?,
     })
 }
 
@@ -194,8 +195,8 @@ struct RunRow {
     attempt: i64,
     worker_id: String,
     started_at_ms: i64,
-    /// Finish time, outcome and error, once the attempt ended.
-    finished: Option<(i64, AttemptOutcome, Option<String>)>,
+    /// Finish time, outcome, error and detail, once the attempt ended.
+    finished: Option<(i64, AttemptOutcome, Option<String>, Option<String>)>,
 }
 
 /// Collapses a batch of status writes into one update per task and one row
@@ -290,6 +291,7 @@ fn plan(writes: &[StatusWrite]) -> (Vec<TaskUpdate>, Vec<RunRow>, Vec<EventRow>)
                 worker_id,
                 state,
                 error,
+                detail,
                 at,
                 ..
             } => {
@@ -301,7 +303,12 @@ fn plan(writes: &[StatusWrite]) -> (Vec<TaskUpdate>, Vec<RunRow>, Vec<EventRow>)
                 (
                     *attempt,
                     worker_id,
-                    Some((at.timestamp_millis(), outcome, error.clone())),
+                    Some((
+                        at.timestamp_millis(),
+                        outcome,
+                        error.clone(),
+                        detail.clone(),
+                    )),
                 )
             }
             _ => continue,
@@ -557,8 +564,8 @@ macro_rules! impl_task_store {
 
             async fn get_attempts(&self, id: TaskId) -> StoreResult<Vec<AttemptRecord>> {
                 let rows = sqlx::query(
-                    "SELECT attempt, worker_id, started_at_ms, finished_at_ms, outcome, error \
-                     FROM task_runs WHERE task_id = $1 ORDER BY attempt",
+                    "SELECT attempt, worker_id, started_at_ms, finished_at_ms, outcome, error, \
+                     detail FROM task_runs WHERE task_id = $1 ORDER BY attempt",
                 )
                 .bind(id.to_string())
                 .fetch_all(&self.pool)
@@ -780,15 +787,16 @@ macro_rules! impl_task_store {
                 for chunk in finished.chunks(CHUNK) {
                     let sql = format!(
                         "INSERT INTO task_runs (task_id, attempt, worker_id, started_at_ms, \
-                         finished_at_ms, outcome, error) VALUES {} \
+                         finished_at_ms, outcome, error, detail) VALUES {} \
                          ON CONFLICT (task_id, attempt) DO UPDATE SET worker_id = excluded.worker_id, \
                          finished_at_ms = excluded.finished_at_ms, outcome = excluded.outcome, \
-                         error = excluded.error",
-                        rows(chunk.len(), 7, $placeholder)
+                         error = excluded.error, detail = excluded.detail",
+                        rows(chunk.len(), 8, $placeholder)
                     );
                     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
                     for r in chunk {
-                        let (finished_at_ms, outcome, error) = r.finished.clone().expect("partitioned");
+                        let (finished_at_ms, outcome, error, detail) =
+                            r.finished.clone().expect("partitioned");
                         query = query
                             .bind(r.task_id.to_string())
                             .bind(r.attempt)
@@ -796,7 +804,8 @@ macro_rules! impl_task_store {
                             .bind(r.started_at_ms)
                             .bind(finished_at_ms)
                             .bind(outcome.as_str())
-                            .bind(error);
+                            .bind(error)
+                            .bind(detail);
                     }
                     query.execute(&mut *tx).await?;
                 }
@@ -833,6 +842,7 @@ mod tests {
                 worker_id: "w1".into(),
                 state: TaskState::Retrying,
                 error: Some("boom".into()),
+                detail: None,
                 at: t0 + Duration::seconds(1),
             },
             StatusWrite::Dispatched { id, at: t0 },

@@ -49,6 +49,27 @@ impl Gauge {
     }
 }
 
+/// When each attempt of a handler started.
+type Starts = Arc<Mutex<Vec<Instant>>>;
+
+/// A handler that fails its first two attempts with `error`, then succeeds,
+/// and the start time of each attempt.
+fn failing_twice(error: &'static str) -> (Starts, impl kairos_worker::Handler) {
+    let starts = Starts::default();
+    let seen = starts.clone();
+    let handler = handler_fn(move |task| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().expect("starts").push(Instant::now());
+            if task.attempt() < 3 {
+                return Err(HandlerError::retryable(error));
+            }
+            Ok(())
+        }
+    });
+    (starts, handler)
+}
+
 async fn book_now(client: &mut Client, queue: &str, n: usize) -> Vec<String> {
     let batch = (0..n)
         .map(|i| {
@@ -229,20 +250,7 @@ async fn retries_follow_the_queue_backoff(backend: Backend) {
         )
         .await
         .expect("create");
-    let starts = Arc::new(Mutex::new(Vec::new()));
-    let handler = {
-        let starts = starts.clone();
-        handler_fn(move |task| {
-            let starts = starts.clone();
-            async move {
-                starts.lock().expect("starts").push(Instant::now());
-                if task.attempt() < 3 {
-                    return Err(HandlerError::retryable("gateway timeout"));
-                }
-                Ok(())
-            }
-        })
-    };
+    let (starts, handler) = failing_twice("gateway timeout");
     let _worker = stack.worker(&server, "flaky", 2, handler);
     let task = client
         .schedule(NewTask::new("flaky").payload("charge"))
@@ -663,20 +671,7 @@ async fn a_task_s_own_backoff_overrides_the_queue_s(backend: Backend) {
         )
         .await
         .expect("queue");
-    let starts = Arc::new(Mutex::new(Vec::new()));
-    let handler = {
-        let starts = starts.clone();
-        handler_fn(move |task| {
-            let starts = starts.clone();
-            async move {
-                starts.lock().expect("starts").push(Instant::now());
-                if task.attempt() < 3 {
-                    return Err(HandlerError::retryable("not yet"));
-                }
-                Ok(())
-            }
-        })
-    };
+    let (starts, handler) = failing_twice("not yet");
     let _worker = stack.worker(&server, "patient", 2, handler);
     let err = client
         .schedule(NewTask::new("patient").backoff(

@@ -218,21 +218,23 @@ struct Policy {
     jitter: f64,
 }
 
+/// Converts a protobuf duration; a negative one counts as zero.
+fn std_duration(d: &prost_types::Duration) -> Duration {
+    Duration::new(
+        u64::try_from(d.seconds).unwrap_or(0),
+        u32::try_from(d.nanos).unwrap_or(0),
+    )
+}
+
 impl Policy {
     /// Returns this policy with the fields a task set for itself.
     fn with_task(mut self, own: Option<&pb::Backoff>) -> Self {
         let Some(own) = own else { return self };
-        let duration = |d: &prost_types::Duration| {
-            Duration::new(
-                u64::try_from(d.seconds).unwrap_or(0),
-                u32::try_from(d.nanos).unwrap_or(0),
-            )
-        };
         if let Some(d) = &own.initial {
-            self.initial = duration(d);
+            self.initial = std_duration(d);
         }
         if let Some(d) = &own.max {
-            self.max = duration(d);
+            self.max = std_duration(d);
         }
         if let Some(m) = own.multiplier {
             self.multiplier = m.clamp(1.0, 10.0);
@@ -562,7 +564,11 @@ async fn process(
     let _stop_keepalive = AbortOnDropHandle::new(keepalive);
     let id = envelope.id.clone();
 
-    let finish = |result: pb::AttemptResult, error: String, retry_at: Option<DateTime<Utc>>| {
+    // `detail` is what the handler noted; empty before it ran.
+    let finish = |result: pb::AttemptResult,
+                  error: String,
+                  retry_at: Option<DateTime<Utc>>,
+                  detail: String| {
         pb::report_request::Event::Finished(pb::AttemptFinished {
             task_id: envelope.id.clone(),
             attempt,
@@ -571,7 +577,7 @@ async fn process(
             error,
             retry_at: retry_at.map(timestamp),
             at: Some(timestamp(Utc::now())),
-            detail: String::new(),
+            detail,
         })
     };
 
@@ -580,7 +586,7 @@ async fn process(
         let error = format!("attempts used up after {} deliveries", attempt - 1);
         keep_dead_letter(js, &id, msg.payload.clone()).await;
         if reporter
-            .send(finish(pb::AttemptResult::Dead, error, None))
+            .send(finish(pb::AttemptResult::Dead, error, None, String::new()))
             .await
             .is_ok()
         {
@@ -607,13 +613,8 @@ async fn process(
         // Over the queue's rate: hold the task (kept alive) and ask again.
         let wait = decision
             .wait
-            .and_then(|d| {
-                Some(Duration::new(
-                    u64::try_from(d.seconds).ok()?,
-                    u32::try_from(d.nanos).ok()?,
-                ))
-            })
-            .unwrap_or(Duration::from_millis(100))
+            .as_ref()
+            .map_or(Duration::from_millis(100), std_duration)
             .max(Duration::from_millis(1));
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
@@ -659,15 +660,6 @@ async fn process(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .take()
         .unwrap_or_default();
-    let finish = |result, error, retry_at| match finish(result, error, retry_at) {
-        pb::report_request::Event::Finished(finished) => {
-            pb::report_request::Event::Finished(pb::AttemptFinished {
-                detail: detail.clone(),
-                ..finished
-            })
-        }
-        other => other,
-    };
     // The slot bounds running handlers; reporting and acknowledging the result
     // need not hold it (the unacknowledged message still counts against the
     // consumer's max_ack_pending).
@@ -675,7 +667,7 @@ async fn process(
 
     let (event, ack) = match outcome {
         Ok(()) => (
-            finish(pb::AttemptResult::Succeeded, String::new(), None),
+            finish(pb::AttemptResult::Succeeded, String::new(), None, detail),
             None,
         ),
         Err(err) if err.is_retryable() && attempt < envelope.max_attempts => {
@@ -691,12 +683,17 @@ async fn process(
             };
             let retry_at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
             (
-                finish(pb::AttemptResult::Retrying, err.message(), Some(retry_at)),
+                finish(
+                    pb::AttemptResult::Retrying,
+                    err.message(),
+                    Some(retry_at),
+                    detail,
+                ),
                 Some(AckKind::Nak(Some(delay))),
             )
         }
         Err(err) => (
-            finish(pb::AttemptResult::Dead, err.message(), None),
+            finish(pb::AttemptResult::Dead, err.message(), None, detail),
             Some(AckKind::Term),
         ),
     };

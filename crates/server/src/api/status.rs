@@ -108,10 +108,9 @@ async fn answer_batch(
                     StartOutcome::Wait(ms) => pb::ReportResponse {
                         decision: pb::StartDecision::Wait.into(),
                         reason: "queue rate limit".into(),
-                        wait: Some(prost_types::Duration {
-                            seconds: ms / 1000,
-                            nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
-                        }),
+                        wait: Some(convert::prost_duration(std::time::Duration::from_millis(
+                            u64::try_from(ms).unwrap_or(0),
+                        ))),
                         ..response(seq)
                     },
                 });

@@ -228,7 +228,13 @@ async fn pause_holds_due_tasks_and_resume_releases_them_in_order(backend: Backen
     let ran: Vec<String> = log.runs().into_iter().map(|r| r.task_id).collect();
     let due_order: Vec<String> = ids.into_iter().map(|(_, id)| id).collect();
     assert_eq!(ran, due_order, "released oldest first");
-    let (_, stats) = client.get_queue("mail").await.expect("get");
+    // The last handler has run; its start and result are recorded just after.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stats = client.get_queue("mail").await.expect("get").1;
+    while stats.waiting != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stats = client.get_queue("mail").await.expect("get").1;
+    }
     assert_eq!(stats.waiting, 0);
 }
 

@@ -8,6 +8,8 @@ source "$(dirname "$0")/lib.sh"
 cd "$KAIROS_ROOT"
 
 ensure_deps
+# A fresh clone gains nothing from incremental artefacts but their disk space.
+if [[ -n "${CI:-}" ]]; then export CARGO_INCREMENTAL=0; fi
 log "cargo fmt --check"
 cargo fmt --all --check
 log "cargo clippy"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check and test: fmt, clippy, buf lint, unit tests, and the
-# integration tests against real NATS, Redis, SQLite and a private Postgres.
+# Runs every check and test: fmt, clippy, buf lint and breaking, unit tests,
+# the integration tests against real NATS, Redis, SQLite and a private
+# Postgres, and the Python and TypeScript examples on generated clients.
 # The tests start their own nats-server and redis-server per test on free
 # ports; this script installs them and starts the shared Postgres (port 25432).
 set -euo pipefail
@@ -16,6 +17,15 @@ log "cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "buf lint"
 buf lint
+released="$(find releases -mindepth 1 -maxdepth 1 -type d -name 'v*' | sort -V | tail -1)"
+log "buf breaking against $released"
+buf breaking --against "$released"
+
+# The Python and TypeScript examples run against a live server in polyglot.rs.
+"$KAIROS_ROOT/scripts/gen-clients.sh"
+log "tsc (the TypeScript example and client)"
+node_modules/.bin/tsc -p examples/typescript
+export KAIROS_PYTHON="$KAIROS_TOOLS/venv/bin/python" KAIROS_TSX="$KAIROS_ROOT/node_modules/.bin/tsx"
 
 PG_PORT=25432
 start_postgres test-postgres "$PG_PORT"

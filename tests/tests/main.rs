@@ -3,6 +3,7 @@
 
 mod faults;
 mod one_off;
+mod polyglot;
 mod processes;
 mod queues;
 mod recurring;

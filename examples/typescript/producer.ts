@@ -13,8 +13,9 @@
 import { randomUUID } from "node:crypto";
 import { ConnectError, createClient, type Client } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
+import { create } from "@bufbuild/protobuf";
 import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { SchedulerService } from "../../clients/typescript/kairos/v1/scheduler_pb.js";
+import { ScheduleRequestSchema, SchedulerService } from "../../clients/typescript/kairos/v1/scheduler_pb.js";
 import { TaskState } from "../../clients/typescript/kairos/v1/task_pb.js";
 
 const SERVER = process.env.KAIROS_SERVER ?? "http://127.0.0.1:50051";
@@ -98,14 +99,16 @@ async function book(kairos: Kairos): Promise<string[]> {
   const campaign = randomUUID().slice(0, 8);
   const ids: string[] = [];
   for (let first = 0; first < USERS; first += BATCH) {
-    const tasks = Array.from({ length: BATCH }, (_, i) => ({
-      queue: QUEUE,
-      runAt: timestampFromDate(due),
-      contentType: "application/json",
-      payload: new TextEncoder().encode(JSON.stringify({ user: first + i, text: "Your order ships today" })),
-      // A retried batch books nothing twice.
-      idempotencyKey: `push-${campaign}-${first + i}`,
-    }));
+    const tasks = Array.from({ length: BATCH }, (_, i) =>
+      create(ScheduleRequestSchema, {
+        queue: QUEUE,
+        runAt: timestampFromDate(due),
+        contentType: "application/json",
+        payload: new TextEncoder().encode(JSON.stringify({ user: first + i, text: "Your order ships today" })),
+        // A retried batch books nothing twice.
+        idempotencyKey: `push-${campaign}-${first + i}`,
+      }),
+    );
     const { results } = await kairos.scheduleBatch({ tasks });
     for (const { result } of results) {
       if (result.case !== "task") {

@@ -2,10 +2,13 @@
 //! in Redis, run by a worker, looked up in SQL.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use kairos_client::{NewTask, TaskState};
+use kairos_proto::wire;
 use kairos_tests::stack::{client, wait_for_state};
 use kairos_tests::{Backend, RunLog, Stack, backend_tests};
 use kairos_worker::{HandlerError, handler_fn};
@@ -651,6 +654,96 @@ async fn waiting_tasks_are_not_cycled(backend: Backend) {
     assert!(page.next_page_token.is_some(), "all still scheduled");
 }
 
+/// A run as the handler saw it: task id, payload, start.
+type Seen = (String, Bytes, DateTime<Utc>);
+
+/// Tasks of a bucket further out than KAIROS_BODY_PREFETCH wait headers-only
+/// (their consumer delivers no bodies), then the bucket is reloaded with bodies:
+/// each task runs once, not early, with its own payload. With no prefetch the
+/// reload happens only as the tasks fall due, and still none runs without it.
+async fn far_buckets_wait_without_bodies(backend: Backend) {
+    for prefetch in [Duration::from_secs(2), Duration::ZERO] {
+        let stack = Stack::start(backend).await;
+        let mut config = stack.config();
+        config.bucket_width = Duration::from_secs(1);
+        config.lookahead = Duration::from_secs(10);
+        config.body_prefetch = prefetch;
+        let server = stack.server_with(config).await;
+        let mut client = client(&server).await;
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let record = Arc::clone(&seen);
+        let _worker = stack.worker(
+            &server,
+            "default",
+            16,
+            handler_fn(move |task| {
+                let record = Arc::clone(&record);
+                async move {
+                    let run = (task.id().to_owned(), task.payload().clone(), Utc::now());
+                    record.lock().expect("runs").push(run);
+                    Ok::<(), HandlerError>(())
+                }
+            }),
+        );
+
+        // Due on a whole second, the start of its one-second bucket, 6 s out.
+        let due_ms = (Utc::now().timestamp_millis() / 1000 + 6) * 1000;
+        let due = DateTime::from_timestamp_millis(due_ms).expect("due");
+        let batch = (0..500)
+            .map(|i| {
+                NewTask::new("default")
+                    .payload(format!("payload {i}"))
+                    .at(due)
+            })
+            .collect();
+        let mut expected = HashMap::new();
+        for (i, result) in client
+            .schedule_batch(batch)
+            .await
+            .expect("batch")
+            .into_iter()
+            .enumerate()
+        {
+            expected.insert(
+                result.expect("stored").id,
+                Bytes::from(format!("payload {i}")),
+            );
+        }
+
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let nats = async_nats::connect(stack.nats.url()).await.expect("nats");
+        let stream = async_nats::jetstream::new(nats)
+            .get_stream(wire::TASKS_STREAM)
+            .await
+            .expect("stream");
+        let info = stream
+            .consumer_info(wire::bucket_consumer(due_ms))
+            .await
+            .expect("the bucket is open");
+        assert!(
+            info.config.headers_only,
+            "waiting without bodies ({prefetch:?})"
+        );
+        assert_eq!(info.num_ack_pending, 500, "all held");
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while seen.lock().expect("runs").len() < 500 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not all ran ({prefetch:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let runs = seen.lock().expect("runs").clone();
+        assert_eq!(runs.len(), 500, "each ran once ({prefetch:?})");
+        for (id, payload, at) in runs {
+            assert_eq!(expected.remove(&id), Some(payload), "its own payload, once");
+            assert!(at >= due, "ran {at} before due {due}");
+        }
+    }
+}
+
 backend_tests!(
     task_runs_once_not_before_due,
     batch_of_2000_runs_each_once_on_time,
@@ -661,4 +754,5 @@ backend_tests!(
     idempotency_key_dedupes_and_detects_conflicts,
     invalid_input_is_rejected_and_nothing_stored,
     waiting_tasks_are_not_cycled,
+    far_buckets_wait_without_bodies,
 );

@@ -46,6 +46,11 @@ pub struct ServerConfig {
     #[arg(long, env = "KAIROS_LOOKAHEAD", default_value = "10m", value_parser = humantime::parse_duration)]
     pub lookahead: Duration,
 
+    /// How long before a bucket's window starts the dispatcher loads its tasks'
+    /// bodies; tasks further out are held in memory without them.
+    #[arg(long, env = "KAIROS_BODY_PREFETCH", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub body_prefetch: Duration,
+
     /// Furthest a task may be scheduled ahead.
     #[arg(long, env = "KAIROS_MAX_HORIZON", default_value = "400days", value_parser = humantime::parse_duration)]
     pub max_horizon: Duration,
@@ -241,6 +246,7 @@ impl ServerConfig {
             tick: Duration::from_millis(250),
             scan_every: Duration::from_secs(30),
             grace: Duration::from_secs(30),
+            body_prefetch: self.body_prefetch,
             replica_id,
         }
     }

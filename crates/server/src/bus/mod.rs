@@ -98,8 +98,9 @@ pub struct BucketMessage {
     pub bucket_ms: i64,
     /// Stream sequence, to order ties.
     pub seq: u64,
-    /// The encoded envelope, released as-is.
-    pub body: Bytes,
+    /// The encoded envelope, released as-is; `None` when pulled headers-only
+    /// (a bucket far from due holds no bodies, see `DispatchSettings::body_prefetch`).
+    pub body: Option<Bytes>,
     /// Where to acknowledge the bucket message once the release is durable.
     pub reply: Subject,
 }
@@ -494,11 +495,12 @@ impl Bus {
             .map_err(BusError::from_any)
     }
 
-    /// Publishes a due task to its queue; the message id makes a second
-    /// release of the same task a no-op inside the duplicate window.
+    /// Publishes a due task, with its envelope `body`, to its queue; the message
+    /// id makes a second release of the same task a no-op inside the duplicate window.
     pub async fn release(
         &self,
         msg: &BucketMessage,
+        body: Bytes,
     ) -> BusResult<jetstream::context::PublishAckFuture> {
         let task_id = msg.task_id.to_string();
         let mut headers = HeaderMap::new();
@@ -508,7 +510,7 @@ impl Bus {
             .send_publish(
                 wire::ready_subject(&msg.queue),
                 jetstream::message::PublishMessage::build()
-                    .payload(msg.body.clone())
+                    .payload(body)
                     .headers(headers)
                     .message_id(wire::release_msg_id(&task_id)),
             )
@@ -537,11 +539,13 @@ impl Bus {
     }
 
     /// Recreates a bucket's consumer from scratch, so that messages a dead
-    /// owner held unacknowledged are delivered again at once.
+    /// owner held unacknowledged are delivered again at once. A `headers_only`
+    /// consumer delivers each message without its body.
     pub async fn reset_bucket_consumer(
         &self,
         bucket_ms: i64,
         ack_wait: Duration,
+        headers_only: bool,
     ) -> BusResult<consumer::PullConsumer> {
         let stream = self
             .js
@@ -559,6 +563,7 @@ impl Bus {
                 ack_wait,
                 max_ack_pending: -1,
                 deliver_policy: consumer::DeliverPolicy::All,
+                headers_only,
                 ..Default::default()
             })
             .await
@@ -654,6 +659,7 @@ impl QueueNames {
 pub fn decode_bucket_message(
     msg: jetstream::Message,
     queues: &mut QueueNames,
+    headers_only: bool,
 ) -> Result<BucketMessage, (&'static str, Option<Subject>)> {
     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
     let msg = msg.message;
@@ -688,7 +694,7 @@ pub fn decode_bucket_message(
         expire_at_ms,
         bucket_ms,
         seq,
-        body: Bytes::copy_from_slice(&msg.payload),
+        body: (!headers_only).then(|| Bytes::copy_from_slice(&msg.payload)),
         reply,
     })
 }

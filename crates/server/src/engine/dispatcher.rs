@@ -7,6 +7,10 @@
 //! unacknowledged. When a task is due it claims it in Redis, publishes it to
 //! its queue with a stable message id, waits for the publish acknowledgement,
 //! and only then acknowledges the bucket message.
+//!
+//! A bucket whose window starts further out than `body_prefetch` is pulled
+//! headers-only: its waiting tasks cost no body memory. When its window comes
+//! near, its consumer is recreated with bodies and delivers them all again.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
@@ -49,6 +53,9 @@ pub struct DispatchSettings {
     pub scan_every: Duration,
     /// How long after its window a drained bucket is kept open, for clock skew.
     pub grace: Duration,
+    /// How long before its window starts a bucket's task bodies are loaded;
+    /// buckets further out are held headers-only.
+    pub body_prefetch: Duration,
     /// This replica's identity, the lease value.
     pub replica_id: String,
 }
@@ -89,6 +96,8 @@ struct Owned {
     /// Tasks of this bucket in the timer, to know when it is drained.
     held: usize,
     last_renew: Instant,
+    /// Pulled without bodies (see `DispatchSettings::body_prefetch`).
+    headers_only: bool,
 }
 
 /// The dispatcher loop of one replica.
@@ -216,6 +225,7 @@ impl Dispatcher {
     async fn release_due(&mut self) {
         let now_ms = Utc::now().timestamp_millis();
         let mut due: Vec<Held> = Vec::new();
+        let mut without_body = BTreeSet::new();
         while due.len() < self.round {
             match self.timer.peek() {
                 Some(Reverse(top)) if top.msg.due_ms <= now_ms => {
@@ -224,12 +234,19 @@ impl Dispatcher {
                         .owned
                         .get(&held.bucket)
                         .is_some_and(|o| o.generation == held.generation);
-                    if current {
+                    if current && held.msg.body.is_some() {
                         due.push(held);
+                    } else if current {
+                        // Due before its bucket was reloaded (a stalled tick):
+                        // the reloaded consumer delivers it again, whole.
+                        without_body.insert(held.bucket);
                     }
                 }
                 _ => break,
             }
+        }
+        for bucket in without_body {
+            self.load_bodies(bucket);
         }
         // More due after a full round: grow the next one; otherwise start small again.
         let more_due = self
@@ -332,14 +349,22 @@ impl Dispatcher {
         }
         let mut acks = Vec::with_capacity(batch.len());
         for held in &batch {
-            acks.push(self.bus.release(&held.msg).await);
+            // release_due lets only tasks with a body through.
+            acks.push(match &held.msg.body {
+                Some(body) => self
+                    .bus
+                    .release(&held.msg, body.clone())
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => Err("held without its body".to_owned()),
+            });
         }
         let mut waits = Vec::with_capacity(acks.len());
         for ack in acks {
             waits.push(async move {
                 match ack {
                     Ok(future) => future.await.map(drop).map_err(|e| e.to_string()),
-                    Err(err) => Err(err.to_string()),
+                    Err(err) => Err(err),
                 }
             });
         }
@@ -410,6 +435,7 @@ impl Dispatcher {
 
         let renew_every = self.settings.lease_ttl / 3;
         let grace_ms = self.settings.grace.as_millis() as i64;
+        let prefetch_ms = self.settings.body_prefetch.as_millis() as i64;
         let buckets: Vec<i64> = self.owned.keys().copied().collect();
         for bucket in buckets {
             let owned = &self.owned[&bucket];
@@ -438,6 +464,10 @@ impl Dispatcher {
                 }
             }
             let owned = &self.owned[&bucket];
+            if owned.headers_only && bucket - now_ms <= prefetch_ms {
+                self.load_bodies(bucket);
+                continue;
+            }
             if owned.held == 0 && bucket + self.width_ms + grace_ms < now_ms {
                 match self.bus.bucket_drained(bucket).await {
                     Ok(true) => {
@@ -459,7 +489,14 @@ impl Dispatcher {
         }
     }
 
+    /// Starts pulling a bucket whose lease this replica just took.
     fn open(&mut self, bucket: i64) {
+        let far_ms = bucket - Utc::now().timestamp_millis();
+        let headers_only = far_ms > self.settings.body_prefetch.as_millis() as i64;
+        self.open_with(bucket, headers_only, Instant::now());
+    }
+
+    fn open_with(&mut self, bucket: i64, headers_only: bool, last_renew: Instant) {
         self.next_generation += 1;
         let generation = self.next_generation;
         let ack_wait = self.settings.width + self.settings.lookahead + Duration::from_secs(300);
@@ -468,18 +505,35 @@ impl Dispatcher {
             bucket,
             generation,
             ack_wait,
+            headers_only,
             self.tx.clone(),
         ));
-        debug!(bucket, generation, "bucket opened");
+        debug!(bucket, generation, headers_only, "bucket opened");
         self.owned.insert(
             bucket,
             Owned {
                 generation,
                 puller,
                 held: 0,
-                last_renew: Instant::now(),
+                last_renew,
+                headers_only,
             },
         );
+    }
+
+    /// Reopens a headers-only bucket with bodies: the new consumer delivers
+    /// every task not yet released again, whole, and the headers-only entries
+    /// leave the timer at once rather than when they fall due.
+    fn load_bodies(&mut self, bucket: i64) {
+        let Some(owned) = self.owned.get(&bucket).filter(|o| o.headers_only) else {
+            return;
+        };
+        let (generation, last_renew) = (owned.generation, owned.last_renew);
+        self.close(bucket);
+        self.timer
+            .retain(|Reverse(h)| h.bucket != bucket || h.generation != generation);
+        debug!(bucket, "loading the bodies of a bucket coming due");
+        self.open_with(bucket, false, last_renew);
     }
 
     fn close(&mut self, bucket: i64) {
@@ -516,9 +570,13 @@ async fn pull(
     bucket: i64,
     generation: u64,
     ack_wait: Duration,
+    headers_only: bool,
     tx: mpsc::Sender<(i64, u64, BucketMessage)>,
 ) {
-    let consumer = match bus.reset_bucket_consumer(bucket, ack_wait).await {
+    let consumer = match bus
+        .reset_bucket_consumer(bucket, ack_wait, headers_only)
+        .await
+    {
         Ok(consumer) => consumer,
         Err(err) => {
             warn!(bucket, error = %err, "cannot create bucket consumer");
@@ -544,7 +602,7 @@ async fn pull(
     let mut queues = QueueNames::default();
     while let Some(next) = messages.next().await {
         match next {
-            Ok(msg) => match decode_bucket_message(msg, &mut queues) {
+            Ok(msg) => match decode_bucket_message(msg, &mut queues, headers_only) {
                 Ok(msg) => {
                     if tx.send((bucket, generation, msg)).await.is_err() {
                         return;

@@ -1,17 +1,30 @@
 //! Writes status changes to SQL in batches: many concurrent reports share one
 //! transaction, which is what keeps SQLite fast under bursts.
+//!
+//! A DISPATCHED write waits up to `DISPATCHED_LINGER` before it is written:
+//! a first start implies the release (the store logs both events), so when
+//! the worker starts the task within that time the separate write is dropped.
+//! In a burst that saves a task-row update and an event per task.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{AppError, AppResult};
 use crate::bus::Bus;
-use crate::domain::StatusWrite;
+use crate::domain::{StatusWrite, TaskId};
 use crate::store::DynStore;
 
 /// Most writes folded into one transaction.
 const MAX_BATCH: usize = 1024;
+/// How long a DISPATCHED write waits for the task's first start to imply it.
+const DISPATCHED_LINGER: Duration = Duration::from_secs(2);
+/// Most DISPATCHED writes waiting; beyond it the oldest are written at once.
+const MAX_LINGERING: usize = 200_000;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
 
@@ -74,6 +87,59 @@ impl Recorder {
     }
 }
 
+/// DISPATCHED writes waiting to be implied by a start, oldest first.
+#[derive(Default)]
+struct Lingering {
+    /// Release instant by task, for the writes still waiting.
+    waiting: HashMap<TaskId, chrono::DateTime<chrono::Utc>>,
+    /// Task ids in arrival order with their deadline; stale ids are skipped.
+    order: VecDeque<(Instant, TaskId)>,
+}
+
+impl Lingering {
+    fn add(&mut self, id: TaskId, at: chrono::DateTime<chrono::Utc>) {
+        if self.waiting.insert(id, at).is_none() {
+            self.order.push_back((Instant::now() + DISPATCHED_LINGER, id));
+        }
+    }
+
+    /// Drops the waiting DISPATCHED write of a task whose first attempt
+    /// started: the store logs the release that start implies.
+    fn implied_by(&mut self, write: &StatusWrite) {
+        if let StatusWrite::Started { id, attempt: 1, .. } = write {
+            self.waiting.remove(id);
+        }
+    }
+
+    /// When the oldest waiting write is due.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.order.front().map(|(deadline, _)| *deadline)
+    }
+
+    /// Moves into `writes` those past their deadline (all of them with
+    /// `everything`), and the oldest beyond MAX_LINGERING, up to MAX_BATCH.
+    fn take_due(&mut self, writes: &mut Vec<StatusWrite>, everything: bool) {
+        let now = Instant::now();
+        while writes.len() < MAX_BATCH {
+            let Some(&(deadline, id)) = self.order.front() else {
+                break;
+            };
+            let due = everything || deadline <= now || self.waiting.len() > MAX_LINGERING;
+            if !due {
+                break;
+            }
+            self.order.pop_front();
+            if let Some(at) = self.waiting.remove(&id) {
+                writes.push(StatusWrite::Dispatched { id, at });
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+}
+
 async fn run(
     store: DynStore,
     bus: Bus,
@@ -83,19 +149,28 @@ async fn run(
 ) {
     let mut writes = Vec::with_capacity(MAX_BATCH);
     let mut waiters = Vec::with_capacity(MAX_BATCH);
+    let mut lingering = Lingering::default();
     let mut closing = false;
     loop {
         let first = if closing {
-            // Take what is already queued, then stop.
+            // Take what is already queued, then the lingering writes, then stop.
             match urgent.try_recv() {
                 Ok(item) => Some(item),
                 Err(_) => background.try_recv().ok(),
             }
         } else {
+            let deadline = lingering.next_deadline();
+            let linger = async {
+                match deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => futures::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 Some(item) = urgent.recv() => Some(item),
                 Some(item) = background.recv() => Some(item),
+                () = linger => None,
                 () = shutdown.cancelled() => {
                     urgent.close();
                     background.close();
@@ -104,20 +179,23 @@ async fn run(
                 }
             }
         };
-        let Some((write, waiter)) = first else { break };
-        writes.push(write);
-        waiters.extend(waiter);
+        if let Some(item) = first {
+            take(item, &mut writes, &mut waiters, &mut lingering);
+        } else if closing && lingering.is_empty() {
+            break;
+        }
         // Urgent writes first; background ones only fill what is left of the batch.
         for rx in [&mut urgent, &mut background] {
             while writes.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok((write, waiter)) => {
-                        writes.push(write);
-                        waiters.extend(waiter);
-                    }
+                    Ok(item) => take(item, &mut writes, &mut waiters, &mut lingering),
                     Err(_) => break,
                 }
             }
+        }
+        lingering.take_due(&mut writes, closing);
+        if writes.is_empty() {
+            continue;
         }
         let result = store.apply(&writes).await;
         match &result {
@@ -131,4 +209,76 @@ async fn run(
         writes.clear();
     }
     debug!("recorder stopped");
+}
+
+/// Adds one queued write to the batch, or to the lingering DISPATCHED writes.
+fn take(
+    (write, waiter): (StatusWrite, Option<Waiter>),
+    writes: &mut Vec<StatusWrite>,
+    waiters: &mut Vec<Waiter>,
+    lingering: &mut Lingering,
+) {
+    match (&write, waiter) {
+        (StatusWrite::Dispatched { id, at }, None) => lingering.add(*id, *at),
+        (_, waiter) => {
+            lingering.implied_by(&write);
+            writes.push(write);
+            waiters.extend(waiter);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+
+    fn started(id: TaskId, attempt: u32) -> StatusWrite {
+        StatusWrite::Started {
+            id,
+            attempt,
+            worker_id: "w".into(),
+            at: Utc::now(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_start_drops_the_lingering_release_and_the_rest_wait_their_turn() {
+        let (a, b, c) = (TaskId::new(), TaskId::new(), TaskId::new());
+        let mut lingering = Lingering::default();
+        for id in [a, b, c] {
+            lingering.add(id, Utc::now());
+        }
+        lingering.implied_by(&started(a, 1));
+        // A later attempt's start implies no release (RetryTask re-dispatches).
+        lingering.implied_by(&started(c, 2));
+
+        let mut writes = Vec::new();
+        lingering.take_due(&mut writes, false);
+        assert!(writes.is_empty(), "nothing before the linger is over");
+
+        tokio::time::advance(DISPATCHED_LINGER).await;
+        lingering.take_due(&mut writes, false);
+        let ids: Vec<TaskId> = writes
+            .iter()
+            .map(|w| match w {
+                StatusWrite::Dispatched { id, .. } => *id,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, vec![b, c]);
+        assert!(lingering.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_writes_every_lingering_release_at_once() {
+        let mut lingering = Lingering::default();
+        lingering.add(TaskId::new(), Utc::now());
+        lingering.add(TaskId::new(), Utc::now());
+        let mut writes = Vec::new();
+        lingering.take_due(&mut writes, true);
+        assert_eq!(writes.len(), 2);
+        assert!(lingering.is_empty());
+    }
 }

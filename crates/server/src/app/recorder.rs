@@ -99,7 +99,8 @@ struct Lingering {
 impl Lingering {
     fn add(&mut self, id: TaskId, at: chrono::DateTime<chrono::Utc>) {
         if self.waiting.insert(id, at).is_none() {
-            self.order.push_back((Instant::now() + DISPATCHED_LINGER, id));
+            self.order
+                .push_back((Instant::now() + DISPATCHED_LINGER, id));
         }
     }
 

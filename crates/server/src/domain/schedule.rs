@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
 use super::recurrence::{MissingDay, Recurrence};
-use super::task::{NewTask, Occurrence, TaskId, content_hash};
+use super::task::{NewTask, Occurrence, TaskId, content_hash, hex};
 use super::validate::{Limits, ScheduleSpec, ValidationError, validate};
 
 /// What a schedule does with fire times missed while Kairos was down.
@@ -390,7 +390,7 @@ pub fn validate_schedule(
         expire_after_ms: spec.expire_after_ms,
         max_attempts: template.max_attempts,
         idempotency_key: spec.idempotency_key,
-        content_hash: digest.iter().map(|b| format!("{b:02x}")).collect(),
+        content_hash: hex(&digest),
         paused: false,
         occurrences: 0,
         next_fire_at: None,

@@ -161,8 +161,18 @@ pub fn content_hash(
     field(when.as_bytes());
     field(&expire_after_ms.unwrap_or(-1).to_le_bytes());
     field(&max_attempts.map_or(-1, i64::from).to_le_bytes());
-    let digest = hasher.finalize();
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&hasher.finalize())
+}
+
+/// Lower-case hex of a digest; one `format!` per byte cost more than the hash.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 /// A task's own retry delays; `None` fields follow its queue's policy.
@@ -209,7 +219,8 @@ pub struct NewTask {
     pub max_attempts: u32,
     /// Producer's idempotency key.
     pub idempotency_key: Option<String>,
-    /// Fingerprint of the request, compared on a repeated idempotency key.
+    /// Fingerprint of the request, compared on a repeated idempotency key;
+    /// empty without a key, since nothing would ever compare it.
     pub content_hash: String,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
@@ -434,5 +445,11 @@ mod tests {
         let b = content_hash("qa", b"b", "", &h, "x", None, None);
         assert_ne!(a, b);
         assert_eq!(a, content_hash("q", b"ab", "", &h, "x", None, None));
+        assert_eq!(a.len(), 64);
+    }
+
+    #[test]
+    fn hex_is_lower_case_two_digits_per_byte() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
     }
 }

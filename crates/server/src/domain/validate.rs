@@ -201,25 +201,11 @@ pub fn validate(
     if let Some(backoff) = &spec.backoff {
         validate_backoff(backoff)?;
     }
-    let mut when = match (spec.run_at, spec.delay_ms) {
-        (Some(at), _) => format!("at:{}", at.timestamp_millis()),
-        (_, Some(ms)) => format!("in:{ms}"),
-        _ => String::new(),
+    let content_hash = if spec.idempotency_key.is_some() {
+        fingerprint(&spec)
+    } else {
+        String::new()
     };
-    // Only when set, so the fingerprints of tasks without one stay as they were.
-    if let Some(backoff) = &spec.backoff {
-        when.push('|');
-        when.push_str(&backoff.fingerprint());
-    }
-    let content_hash = content_hash(
-        &spec.queue,
-        &spec.payload,
-        &spec.content_type,
-        &spec.headers,
-        &when,
-        spec.expire_after_ms,
-        spec.max_attempts,
-    );
     Ok(NewTask {
         id: TaskId::new(),
         queue: spec.queue,
@@ -235,6 +221,29 @@ pub fn validate(
         occurrence: None,
         backoff: spec.backoff,
     })
+}
+
+/// The fingerprint a repeated idempotency key is checked against.
+fn fingerprint(spec: &ScheduleSpec) -> String {
+    let mut when = match (spec.run_at, spec.delay_ms) {
+        (Some(at), _) => format!("at:{}", at.timestamp_millis()),
+        (_, Some(ms)) => format!("in:{ms}"),
+        _ => String::new(),
+    };
+    // Only when set, so the fingerprints of tasks without one stay as they were.
+    if let Some(backoff) = &spec.backoff {
+        when.push('|');
+        when.push_str(&backoff.fingerprint());
+    }
+    content_hash(
+        &spec.queue,
+        &spec.payload,
+        &spec.content_type,
+        &spec.headers,
+        &when,
+        spec.expire_after_ms,
+        spec.max_attempts,
+    )
 }
 
 /// Checks a task's own retry delays, as a queue's are checked.

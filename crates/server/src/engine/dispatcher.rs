@@ -60,8 +60,8 @@ pub struct DispatchSettings {
     pub replica_id: String,
 }
 
+/// A task in the timer; a million of them wait at once, so every byte counts.
 struct Held {
-    bucket: i64,
     generation: u64,
     msg: BucketMessage,
 }
@@ -84,7 +84,11 @@ impl Ord for Held {
 }
 impl Held {
     fn key(&self) -> (i64, i64, u64) {
-        (self.msg.due_ms, self.bucket, self.msg.seq)
+        (self.msg.due_ms, self.msg.bucket_ms, self.msg.seq)
+    }
+
+    fn bucket(&self) -> i64 {
+        self.msg.bucket_ms
     }
 }
 
@@ -193,15 +197,13 @@ impl Dispatcher {
         self.stop().await;
     }
 
-    fn hold(&mut self, (bucket, generation, msg): (i64, u64, BucketMessage)) {
+    fn hold(&mut self, (bucket, generation, mut msg): (i64, u64, BucketMessage)) {
         match self.owned.get_mut(&bucket) {
             Some(owned) if owned.generation == generation => {
                 owned.held += 1;
-                self.timer.push(Reverse(Held {
-                    bucket,
-                    generation,
-                    msg,
-                }));
+                // The puller's bucket, whatever the subject said.
+                msg.bucket_ms = bucket;
+                self.timer.push(Reverse(Held { generation, msg }));
             }
             // A message of a lost lease: its new owner redelivers it.
             _ => {}
@@ -232,14 +234,14 @@ impl Dispatcher {
                     let Reverse(held) = self.timer.pop().expect("peeked");
                     let current = self
                         .owned
-                        .get(&held.bucket)
+                        .get(&held.bucket())
                         .is_some_and(|o| o.generation == held.generation);
                     if current && held.msg.body.is_some() {
                         due.push(held);
                     } else if current {
                         // Due before its bucket was reloaded (a stalled tick):
                         // the reloaded consumer delivers it again, whole.
-                        without_body.insert(held.bucket);
+                        without_body.insert(held.bucket());
                     }
                 }
                 _ => break,
@@ -260,7 +262,7 @@ impl Dispatcher {
         };
         let mut by_bucket: HashMap<i64, Vec<Held>> = HashMap::new();
         for held in due {
-            by_bucket.entry(held.bucket).or_default().push(held);
+            by_bucket.entry(held.bucket()).or_default().push(held);
         }
         for (bucket, batch) in by_bucket {
             self.release_bucket(bucket, batch, now_ms, false).await;
@@ -391,7 +393,7 @@ impl Dispatcher {
 
     /// Acknowledges a bucket message: the task has left the bucket for good.
     async fn finish(&mut self, held: Held) {
-        self.unhold(held.bucket, held.generation);
+        self.unhold(held.bucket(), held.generation);
         if let Err(err) = self.bus.ack(&held.msg.reply).await {
             // The message comes back after ack_wait; the claim makes that copy harmless.
             debug!(task_id = %held.msg.task_id, error = %err, "bucket ack failed");
@@ -531,7 +533,7 @@ impl Dispatcher {
         let (generation, last_renew) = (owned.generation, owned.last_renew);
         self.close(bucket);
         self.timer
-            .retain(|Reverse(h)| h.bucket != bucket || h.generation != generation);
+            .retain(|Reverse(h)| h.bucket() != bucket || h.generation != generation);
         debug!(bucket, "loading the bodies of a bucket coming due");
         self.open_with(bucket, false, last_renew);
     }
@@ -617,5 +619,17 @@ async fn pull(
             },
             Err(err) => debug!(bucket, error = %err, "bucket pull interrupted"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A million of these wait at once (the idle goal is 300 MB for them all).
+    #[test]
+    fn a_held_task_stays_small() {
+        let size = std::mem::size_of::<Held>();
+        assert!(size <= 120, "Held grew to {size} bytes");
     }
 }

@@ -14,6 +14,25 @@ pub mod stack;
 pub use procs::{NatsServer, RedisServer};
 pub use stack::{Backend, RunLog, ServerHandle, Stack, WorkerHandle};
 
+/// A program the test script builds or installs: the path in `var`, else
+/// `default` under the repository; panics with `how` to get it when missing.
+pub fn program(var: &str, default: &str, how: &str) -> std::path::PathBuf {
+    let path = std::env::var_os(var).map_or_else(
+        || {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(default)
+        },
+        std::path::PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} is missing: run ./scripts/test.sh, or {how} first",
+        path.display()
+    );
+    path
+}
+
 /// Installs a test log subscriber once (`KAIROS_TEST_LOG=debug` for more).
 pub fn init_tracing() {
     let filter = std::env::var("KAIROS_TEST_LOG").unwrap_or_else(|_| "warn".into());

@@ -372,6 +372,13 @@ pub async fn wait_for_state(
     }
 }
 
+/// Waits until every task in `ids` SUCCEEDED, each within `timeout`.
+pub async fn wait_all_succeeded(client: &mut Client, ids: &[String], timeout: Duration) {
+    for id in ids {
+        wait_for_state(client, id, TaskState::Succeeded, timeout).await;
+    }
+}
+
 async fn wait_serving(url: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {

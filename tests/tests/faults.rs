@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use kairos_client::{NewTask, TaskState};
-use kairos_tests::stack::{client, wait_for_state};
+use kairos_tests::stack::{client, wait_all_succeeded, wait_for_state};
 use kairos_tests::{Backend, RunLog, Stack, backend_tests};
 use kairos_worker::{HandlerError, handler_fn};
 
@@ -226,15 +226,7 @@ async fn worker_reconnects_after_server_restart_without_losing_results(backend: 
     let server = stack.server_on(stack.config(), listener).await;
 
     let mut client = kairos_tests::stack::client(&server).await;
-    for id in &ids {
-        wait_for_state(
-            &mut client,
-            id,
-            TaskState::Succeeded,
-            Duration::from_secs(60),
-        )
-        .await;
-    }
+    wait_all_succeeded(&mut client, &ids, Duration::from_secs(60)).await;
     assert_each_ran_once(&log, &ids);
 }
 

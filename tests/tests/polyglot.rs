@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, Datelike, NaiveDateTime, Timelike, Utc, Weekday};
 use kairos_client::TaskState;
 use kairos_tests::stack::client;
-use kairos_tests::{Backend, RunLog, Stack};
+use kairos_tests::{Backend, RunLog, Stack, program};
 use tokio::process::Command;
 
 /// Tasks each example books.
@@ -19,18 +19,6 @@ const USERS: usize = 10_000;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The program named by `var`, else `default` under the repository; both
-/// exist once gen-clients.sh has run.
-fn tool(var: &str, default: &str) -> PathBuf {
-    let path = std::env::var_os(var).map_or_else(|| repo().join(default), PathBuf::from);
-    assert!(
-        path.exists(),
-        "{} is missing: run ./scripts/test.sh, or ./scripts/gen-clients.sh first",
-        path.display()
-    );
-    path
 }
 
 /// Runs an example against `server` and returns what it printed.
@@ -164,12 +152,20 @@ async fn producer_example(program: PathBuf, script: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_producer_books_cancels_watches_and_reminds() {
-    let python = tool("KAIROS_PYTHON", ".kairos/tools/venv/bin/python");
+    let python = program(
+        "KAIROS_PYTHON",
+        ".kairos/tools/venv/bin/python",
+        "./scripts/gen-clients.sh",
+    );
     producer_example(python, "examples/python/producer.py").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typescript_producer_books_cancels_watches_and_reminds() {
-    let tsx = tool("KAIROS_TSX", "node_modules/.bin/tsx");
+    let tsx = program(
+        "KAIROS_TSX",
+        "node_modules/.bin/tsx",
+        "./scripts/gen-clients.sh",
+    );
     producer_example(tsx, "examples/typescript/producer.ts").await;
 }

@@ -8,22 +8,17 @@ use std::time::{Duration, Instant};
 
 use kairos_client::{NewTask, QueueChange, TaskState};
 use kairos_tests::http::Receiver;
-use kairos_tests::stack::{client, wait_for_state};
+use kairos_tests::stack::{client, wait_all_succeeded, wait_for_state};
 use kairos_tests::{Backend, ServerHandle, Stack, backend_tests};
 use tokio::process::{Child, Command};
 
 /// The `kairos-worker` binary `scripts/test.sh` builds.
 fn worker_binary() -> PathBuf {
-    let path = std::env::var_os("KAIROS_WORKER_BIN").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/kairos-worker"),
-        PathBuf::from,
-    );
-    assert!(
-        path.exists(),
-        "{} is missing: run ./scripts/test.sh, or cargo build -p kairos-worker first",
-        path.display()
-    );
-    path
+    kairos_tests::program(
+        "KAIROS_WORKER_BIN",
+        "target/debug/kairos-worker",
+        "cargo build -p kairos-worker",
+    )
 }
 
 /// Starts a webhook worker process for `queue` posting to `url`.
@@ -86,15 +81,7 @@ async fn worker_processes_share_the_limit_and_survive_sigkill(backend: Backend) 
         .into_iter()
         .map(|r| r.expect("booked").id)
         .collect();
-    for id in &ids {
-        wait_for_state(
-            &mut client,
-            id,
-            TaskState::Succeeded,
-            Duration::from_secs(60),
-        )
-        .await;
-    }
+    wait_all_succeeded(&mut client, &ids, Duration::from_secs(60)).await;
     let took = started.elapsed();
     assert_eq!(gateway.requests().len(), 20, "each charged once");
     assert_eq!(

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use kairos_client::{Client, NewTask, QueueChange, TaskState};
-use kairos_tests::stack::{client, wait_for_state};
+use kairos_tests::stack::{client, wait_all_succeeded, wait_for_state};
 use kairos_tests::{Backend, RunLog, Stack, backend_tests};
 use kairos_worker::{HandlerError, handler_fn};
 
@@ -118,15 +118,7 @@ async fn global_concurrency_holds_across_workers(backend: Backend) {
         took >= Duration::from_secs(9) && took < Duration::from_secs(16),
         "20 one-second charges two at a time took {took:?}"
     );
-    for id in &ids {
-        wait_for_state(
-            &mut client,
-            id,
-            TaskState::Succeeded,
-            Duration::from_secs(10),
-        )
-        .await;
-    }
+    wait_all_succeeded(&mut client, &ids, Duration::from_secs(10)).await;
 }
 
 /// A rate limit of 5 per second with 50 tasks due at once: they start over
@@ -155,15 +147,7 @@ async fn rate_limit_spreads_starts_and_drops_none(backend: Backend) {
         .map(|_| stack.worker(&server, "sms", 8, handler.clone()))
         .collect();
     let ids = book_now(&mut client, "sms", 50).await;
-    for id in &ids {
-        wait_for_state(
-            &mut client,
-            id,
-            TaskState::Succeeded,
-            Duration::from_secs(30),
-        )
-        .await;
-    }
+    wait_all_succeeded(&mut client, &ids, Duration::from_secs(30)).await;
     let mut starts = starts.lock().expect("starts").clone();
     starts.sort();
     assert_eq!(starts.len(), 50, "each ran once, none dropped");

@@ -432,6 +432,13 @@ fn std_duration(
     }
 }
 
+/// A non-negative count of milliseconds as a protobuf duration (0 if negative).
+pub(crate) fn ms_duration(ms: i64) -> prost_types::Duration {
+    prost_duration(std::time::Duration::from_millis(
+        u64::try_from(ms).unwrap_or(0),
+    ))
+}
+
 pub(crate) fn prost_duration(d: std::time::Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
@@ -521,11 +528,7 @@ impl From<Schedule> for pb::RecurringSchedule {
             }
             .into(),
             catch_up_limit: s.catch_up_limit,
-            expire_after: s.expire_after_ms.map(|ms| {
-                prost_duration(std::time::Duration::from_millis(
-                    u64::try_from(ms).unwrap_or(0),
-                ))
-            }),
+            expire_after: s.expire_after_ms.map(ms_duration),
             max_attempts: s.max_attempts,
             idempotency_key: s.idempotency_key.unwrap_or_default(),
             paused: s.paused,

@@ -6,7 +6,7 @@ use kairos_proto::v1::queue_service_server::QueueService as QueueRpc;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::convert::{duration_ms, prost_duration, timestamp};
+use super::convert::{duration_ms, ms_duration, timestamp};
 use crate::app::{AppError, QueueDetail, QueueService};
 use crate::domain::{Queue, QueueUpdate, ValidationError};
 
@@ -21,12 +21,6 @@ impl QueueApi {
     pub fn new(queues: QueueService) -> Self {
         Self { queues }
     }
-}
-
-fn ms_duration(ms: i64) -> prost_types::Duration {
-    prost_duration(std::time::Duration::from_millis(
-        u64::try_from(ms).unwrap_or(0),
-    ))
 }
 
 fn queue_to_pb(q: Queue) -> pb::Queue {

@@ -108,9 +108,7 @@ async fn answer_batch(
                     StartOutcome::Wait(ms) => pb::ReportResponse {
                         decision: pb::StartDecision::Wait.into(),
                         reason: "queue rate limit".into(),
-                        wait: Some(convert::prost_duration(std::time::Duration::from_millis(
-                            u64::try_from(ms).unwrap_or(0),
-                        ))),
+                        wait: Some(convert::ms_duration(ms)),
                         ..response(seq)
                     },
                 });

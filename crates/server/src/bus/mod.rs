@@ -443,8 +443,27 @@ impl Bus {
         attempts_before: u32,
     ) -> BusResult<()> {
         let id = task_id.to_string();
+        let msg_id = format!("{id}:retry:{attempts_before}");
+        self.publish_ready(queue, &id, bucket_ms, envelope, msg_id)
+            .await?
+            .await
+            .map_err(BusError::from_any)?;
+        Ok(())
+    }
+
+    /// Publishes a task's envelope to its queue's ready subject with the
+    /// headers workers read; `msg_id` makes a repeat a no-op within the
+    /// duplicate window. Returns the acknowledgement to wait for.
+    async fn publish_ready(
+        &self,
+        queue: &str,
+        task_id: &str,
+        bucket_ms: i64,
+        envelope: Bytes,
+        msg_id: String,
+    ) -> BusResult<jetstream::context::PublishAckFuture> {
         let mut headers = HeaderMap::new();
-        headers.insert(TASK_ID, id.as_str());
+        headers.insert(TASK_ID, task_id);
         headers.insert(BUCKET, bucket_ms.to_string());
         self.js
             .send_publish(
@@ -452,13 +471,10 @@ impl Bus {
                 jetstream::message::PublishMessage::build()
                     .payload(envelope)
                     .headers(headers)
-                    .message_id(format!("{id}:retry:{attempts_before}")),
+                    .message_id(msg_id),
             )
             .await
-            .map_err(BusError::from_any)?
-            .await
-            .map_err(BusError::from_any)?;
-        Ok(())
+            .map_err(BusError::from_any)
     }
 
     /// Tells every replica that new task events are committed.
@@ -505,19 +521,9 @@ impl Bus {
         body: Bytes,
     ) -> BusResult<jetstream::context::PublishAckFuture> {
         let task_id = msg.task_id.to_string();
-        let mut headers = HeaderMap::new();
-        headers.insert(TASK_ID, task_id.as_str());
-        headers.insert(BUCKET, msg.bucket_ms.to_string());
-        self.js
-            .send_publish(
-                wire::ready_subject(&msg.queue),
-                jetstream::message::PublishMessage::build()
-                    .payload(body)
-                    .headers(headers)
-                    .message_id(wire::release_msg_id(&task_id)),
-            )
+        let msg_id = wire::release_msg_id(&task_id);
+        self.publish_ready(&msg.queue, &task_id, msg.bucket_ms, body, msg_id)
             .await
-            .map_err(BusError::from_any)
     }
 
     /// Returns the buckets that hold at least one message.
@@ -602,7 +608,6 @@ impl Bus {
     }
 }
 
-/// Encodes a task as its envelope plus the headers the dispatcher reads.
 // Header names built once: a name given as &str is validated and copied on
 // every insert, which showed in ingest profiles.
 const TASK_ID: HeaderName = HeaderName::from_static(wire::TASK_ID_HEADER);
@@ -614,6 +619,7 @@ const BATCH_ID: HeaderName = HeaderName::from_static("Nats-Batch-Id");
 const BATCH_SEQUENCE: HeaderName = HeaderName::from_static("Nats-Batch-Sequence");
 const BATCH_COMMIT: HeaderName = HeaderName::from_static("Nats-Batch-Commit");
 
+/// Encodes a task as its envelope plus the headers the dispatcher reads.
 fn encode_task(bucket_ms: i64, task: &NewTask) -> (HeaderMap, Bytes) {
     let expire_at_ms = task.expire_at.map_or(0, |t| t.timestamp_millis());
     let envelope = pb::TaskEnvelope {

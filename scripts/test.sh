@@ -32,10 +32,11 @@ start_postgres test-postgres "$PG_PORT"
 trap 'stop_postgres test-postgres' EXIT
 export KAIROS_TEST_DATABASE_URL="postgres://kairos@127.0.0.1:$PG_PORT/postgres"
 
-# The process tests run the real worker binary.
-log "building kairos-worker"
-cargo build --quiet -p kairos-worker --bin kairos-worker
+# The process and command-line tests run the real worker and kairos binaries.
+log "building kairos-worker and kairos"
+cargo build --quiet -p kairos-worker --bin kairos-worker -p kairos-client --bin kairos
 export KAIROS_WORKER_BIN="$KAIROS_ROOT/target/debug/kairos-worker"
+export KAIROS_CLI_BIN="$KAIROS_ROOT/target/debug/kairos"
 
 log "tests"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -423,6 +423,55 @@ fn event_condition(filter: &EventFilter, placeholder: Placeholder) -> (String, V
     (clause, binds)
 }
 
+/// States few tasks stay in, which `tasks_rare_state_id` indexes: the
+/// condition is its WHERE clause word for word, because SQLite uses a partial
+/// index only for a query that repeats it.
+const RARE_STATES: &str = "state IN ('retrying', 'dead', 'cancelled', 'expired', 'skipped')";
+
+/// ListTasks as a statement with only the conditions the filter has, so the
+/// planner can pick the index that serves them (a catch-all `$1 = '' OR …`
+/// statement read the whole table backwards); its text values in order, the
+/// limit to be bound last.
+fn list_query(filter: &TaskFilter) -> (String, Vec<String>) {
+    let mut conditions = Vec::new();
+    let mut values = Vec::new();
+    let mut add = |condition: &str, value: String| {
+        values.push(value);
+        conditions.push(format!("{condition} ${}", values.len()));
+    };
+    if let Some(queue) = &filter.queue {
+        add("queue =", queue.clone());
+    }
+    if let Some(state) = filter.state {
+        add("state =", state.as_str().to_owned());
+    }
+    if let Some(before) = filter.before {
+        add("id <", before.to_string());
+    }
+    if let Some(schedule) = filter.schedule {
+        add("schedule_id =", schedule.to_string());
+    }
+    let rare = |state: TaskState| {
+        !matches!(
+            state,
+            TaskState::Scheduled
+                | TaskState::Dispatched
+                | TaskState::Running
+                | TaskState::Succeeded
+        )
+    };
+    if filter.queue.is_none() && filter.state.is_some_and(rare) {
+        conditions.push(RARE_STATES.to_owned());
+    }
+    let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks");
+    if !conditions.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&conditions.join(" AND "));
+    }
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", values.len() + 1));
+    (sql, values)
+}
+
 macro_rules! impl_task_store {
     ($store:ty, $placeholder:expr, $serialize:expr) => {
         #[tonic::async_trait]
@@ -441,7 +490,8 @@ macro_rules! impl_task_store {
                          expire_at_ms, max_attempts, attempts, idempotency_key, content_hash, \
                          content_type, payload_size, last_error, created_at_ms, updated_at_ms, \
                          schedule_id, fire_at_ms) VALUES {} \
-                         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+                         ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL \
+                         DO NOTHING RETURNING id",
                         rows(chunk.len(), 18, $placeholder)
                     );
                     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -574,20 +624,15 @@ macro_rules! impl_task_store {
             }
 
             async fn list_tasks(&self, filter: &TaskFilter) -> StoreResult<Vec<TaskRecord>> {
-                // Empty strings stand for "any", so one statement serves every filter.
-                let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {TASK_COLUMNS} FROM tasks \
-                     WHERE ($1 = '' OR queue = $1) AND ($2 = '' OR state = $2) \
-                       AND ($3 = '' OR id < $3) AND ($4 = '' OR schedule_id = $4) \
-                     ORDER BY id DESC LIMIT $5"
-                )))
-                .bind(filter.queue.clone().unwrap_or_default())
-                .bind(filter.state.map(TaskState::as_str).unwrap_or_default())
-                .bind(filter.before.map(|id| id.to_string()).unwrap_or_default())
-                .bind(filter.schedule.map(|id| id.to_string()).unwrap_or_default())
-                .bind(i64::from(filter.limit))
-                .fetch_all(&self.pool)
-                .await?;
+                let (sql, values) = list_query(filter);
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for value in values {
+                    query = query.bind(value);
+                }
+                let rows = query
+                    .bind(i64::from(filter.limit))
+                    .fetch_all(&self.pool)
+                    .await?;
                 rows.iter().map(task_from_row).collect()
             }
 

@@ -5,7 +5,9 @@
 --   (most tasks have neither);
 -- - the state index holds only the rare states a person lists across every
 --   queue (dead, retrying, cancelled, expired, skipped), so the hot path
---   scheduled -> dispatched -> running -> succeeded never touches it.
+--   scheduled -> dispatched -> running -> succeeded never touches it;
+-- - a (queue, id) index lists a queue newest first without sorting it whole;
+--   it is written once per task, as a queue never changes.
 -- SQLite cannot drop a column's UNIQUE constraint, so the table is rebuilt.
 CREATE TABLE tasks_rebuilt (
     id              TEXT PRIMARY KEY,
@@ -42,6 +44,7 @@ ALTER TABLE tasks_rebuilt RENAME TO tasks;
 CREATE UNIQUE INDEX tasks_idempotency_key ON tasks (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX tasks_queue_state_id ON tasks (queue, state, id);
+CREATE INDEX tasks_queue_id ON tasks (queue, id);
 CREATE INDEX tasks_rare_state_id ON tasks (state, id)
     WHERE state IN ('retrying', 'dead', 'cancelled', 'expired', 'skipped');
 CREATE INDEX tasks_schedule_id ON tasks (schedule_id, id)

@@ -451,15 +451,7 @@ fn list_query(filter: &TaskFilter) -> (String, Vec<String>) {
     if let Some(schedule) = filter.schedule {
         add("schedule_id =", schedule.to_string());
     }
-    let rare = |state: TaskState| {
-        !matches!(
-            state,
-            TaskState::Scheduled
-                | TaskState::Dispatched
-                | TaskState::Running
-                | TaskState::Succeeded
-        )
-    };
+    let rare = |state: TaskState| RARE_STATES.contains(&format!("'{}'", state.as_str()));
     if filter.queue.is_none() && filter.state.is_some_and(rare) {
         conditions.push(RARE_STATES.to_owned());
     }

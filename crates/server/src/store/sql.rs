@@ -133,8 +133,29 @@ where
     })
 }
 
-/// Rows per multi-row statement: well under both backends' parameter limits.
-const CHUNK: usize = 500;
+/// Most rows per multi-row statement: well under both backends' parameter limits.
+const CHUNK: usize = 512;
+
+/// Splits `items` into runs of power-of-two lengths, largest first, at most
+/// [`CHUNK`]. Each length is one statement text, so the connection's
+/// statement cache keeps a handful of shapes per statement; with any length
+/// allowed, nearly every batch had to be parsed and planned anew (statement
+/// preparation was a tenth of the server's CPU in a burst).
+fn shaped_chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if items.is_empty() {
+            return None;
+        }
+        let len = if items.len() >= CHUNK {
+            CHUNK
+        } else {
+            1 << items.len().ilog2()
+        };
+        let (chunk, rest) = items.split_at(len);
+        items = rest;
+        Some(chunk)
+    })
+}
 
 /// How a backend spells the placeholder of parameter `n` (from 1) in a
 /// multi-row statement. SQLite gets anonymous `?`: sqlx resolves each named
@@ -152,13 +173,18 @@ fn dollar(n: usize) -> String {
 
 /// Returns `n` rows of `cols` placeholders each: `($1, $2), ($3, $4)` or `(?, ?), (?, ?)`.
 fn rows(n: usize, cols: usize, placeholder: Placeholder) -> String {
-    (0..n)
-        .map(|r| {
-            let row: Vec<String> = (1..=cols).map(|c| placeholder(r * cols + c)).collect();
-            format!("({})", row.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+    let mut text = String::with_capacity(n * cols * 4);
+    for r in 0..n {
+        text.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 1..=cols {
+            if c > 1 {
+                text.push_str(", ");
+            }
+            text.push_str(&placeholder(r * cols + c));
+        }
+        text.push(')');
+    }
+    text
 }
 
 /// The net effect of a batch on one task row.
@@ -476,7 +502,7 @@ macro_rules! impl_task_store {
                 let mut tx = self.pool.begin().await?;
                 let mut inserted = std::collections::HashSet::new();
                 let items: Vec<(&NewTask, &i64)> = tasks.iter().zip(bucket_ms).collect();
-                for chunk in items.chunks(CHUNK) {
+                for chunk in shaped_chunks(&items) {
                     let sql = format!(
                         "INSERT INTO tasks (id, queue, state, version, due_at_ms, bucket_ms, \
                          expire_at_ms, max_attempts, attempts, idempotency_key, content_hash, \
@@ -521,7 +547,7 @@ macro_rules! impl_task_store {
                         .iter()
                         .filter(|t| inserted.contains(&t.id.to_string()))
                         .collect();
-                    for chunk in fresh.chunks(CHUNK) {
+                    for chunk in shaped_chunks(&fresh) {
                         let sql = format!(
                             "INSERT INTO task_events (task_id, schedule_id, queue, attempt, state, \
                              at_ms, worker_id, error) VALUES {}",
@@ -755,7 +781,7 @@ macro_rules! impl_task_store {
                 // Before the tasks move: an event is kept only if its version
                 // is past the stored one, so the log of each task is in order
                 // and a change reported twice is logged once.
-                for chunk in events.chunks(CHUNK) {
+                for chunk in shaped_chunks(&events) {
                     let sql = format!(
                         "WITH v (n, task_id, version, state, attempt, at_ms, worker_id, error) AS \
                          (VALUES {}) \
@@ -782,7 +808,7 @@ macro_rules! impl_task_store {
                     }
                     query.execute(&mut *tx).await?;
                 }
-                for chunk in tasks.chunks(CHUNK) {
+                for chunk in shaped_chunks(&tasks) {
                     let sql = format!(
                         "WITH v (id, state, version, at_ms, attempts, error) AS (VALUES {}) \
                          UPDATE tasks SET state = v.state, version = v.version, updated_at_ms = v.at_ms, \
@@ -805,7 +831,7 @@ macro_rules! impl_task_store {
                 }
                 let (finished, started): (Vec<&RunRow>, Vec<&RunRow>) =
                     runs.iter().partition(|r| r.finished.is_some());
-                for chunk in started.chunks(CHUNK) {
+                for chunk in shaped_chunks(&started) {
                     let sql = format!(
                         "INSERT INTO task_runs (task_id, attempt, worker_id, started_at_ms) VALUES {} \
                          ON CONFLICT (task_id, attempt) DO NOTHING",
@@ -821,7 +847,7 @@ macro_rules! impl_task_store {
                     }
                     query.execute(&mut *tx).await?;
                 }
-                for chunk in finished.chunks(CHUNK) {
+                for chunk in shaped_chunks(&finished) {
                     let sql = format!(
                         "INSERT INTO task_runs (task_id, attempt, worker_id, started_at_ms, \
                          finished_at_ms, outcome, error, detail) VALUES {} \
@@ -919,5 +945,25 @@ mod tests {
     fn placeholders_number_every_row() {
         assert_eq!(rows(2, 2, dollar), "($1, $2), ($3, $4)");
         assert_eq!(rows(2, 2, question_mark), "(?, ?), (?, ?)");
+        assert_eq!(rows(1, 3, dollar), "($1, $2, $3)");
+    }
+
+    #[test]
+    fn batches_split_into_few_statement_shapes() {
+        for n in [0, 1, 2, 3, 255, 256, 500, 511, 512, 513, 1000, 1300] {
+            let items: Vec<usize> = (0..n).collect();
+            let chunks: Vec<&[usize]> = shaped_chunks(&items).collect();
+            assert_eq!(chunks.concat(), items, "{n} items, in order, once each");
+            let lengths: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+            assert!(
+                lengths.iter().all(|l| l.is_power_of_two() && *l <= CHUNK),
+                "{n}: {lengths:?}"
+            );
+            assert!(lengths.is_sorted_by(|a, b| a >= b), "{n}: {lengths:?}");
+            assert!(
+                lengths.len() <= n / CHUNK + CHUNK.ilog2() as usize,
+                "{n}: {lengths:?}"
+            );
+        }
     }
 }

@@ -73,6 +73,22 @@ impl Tool {
             .unwrap_or_else(|e| panic!("kairos {args:?} printed no JSON ({e}): {stdout}"))
     }
 
+    /// Runs a `--json` command until `check` holds for what it prints (30 s at most).
+    async fn json_until(&self, args: &[&str], check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let value = self.json(args).await;
+            if check(&value) {
+                return value;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "kairos {args:?} never got there: {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Runs a command that must fail; returns its error output.
     async fn fails(&self, args: &[&str]) -> (String, String) {
         let output = self.run(args).await;
@@ -88,22 +104,6 @@ fn text<'a>(value: &'a Value, field: &str) -> &'a str {
     value[field]
         .as_str()
         .unwrap_or_else(|| panic!("no string {field} in {value}"))
-}
-
-/// Polls `kairos queue get` until `check` holds for its JSON.
-async fn wait_for_queue(tool: &Tool, name: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let queue = tool.json(&["queue", "get", name]).await;
-        if check(&queue) {
-            return queue;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "queue {name} never got there: {queue}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Queue create, update, list, get with live figures, pause and resume, and
@@ -167,7 +167,9 @@ async fn queue_commands_create_update_pause_and_report() {
     let booked = tool
         .json(&["schedule", "--queue", "billing", "--payload", "renewal"])
         .await;
-    let queue = wait_for_queue(&tool, "billing", |q| q["stats"]["waiting"] == 1).await;
+    let queue = tool
+        .json_until(&["queue", "get", "billing"], |q| q["stats"]["waiting"] == 1)
+        .await;
     assert_eq!(queue["paused"], true);
     assert_eq!(queue["stats"]["scheduled"], 0);
     assert_eq!(queue["stats"]["running"], 0);
@@ -308,15 +310,9 @@ async fn schedule_wait_watch_and_dead_letters() {
     );
     let retried = tool.json(&["dead", "retry", &dead_id]).await;
     assert_eq!(text(&retried["retried"][0], "id"), dead_id);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let again = loop {
-        let task = tool.json(&["get", &dead_id]).await;
-        if task["state"] == "succeeded" {
-            break task;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{task}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let again = tool
+        .json_until(&["get", &dead_id], |t| t["state"] == "succeeded")
+        .await;
     assert_eq!(again["attempts"], 2);
     assert_eq!(again["attempt_log"].as_array().map(Vec::len), Some(2));
     let (_, error) = tool.fails(&["dead", "retry", &dead_id]).await;

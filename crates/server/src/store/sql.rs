@@ -458,12 +458,12 @@ const RARE_STATES: &str = "state IN ('retrying', 'dead', 'cancelled', 'expired',
 /// planner can pick the index that serves them (a catch-all `$1 = '' OR …`
 /// statement read the whole table backwards); its text values in order, the
 /// limit to be bound last.
-fn list_query(filter: &TaskFilter) -> (String, Vec<String>) {
+fn list_query(filter: &TaskFilter, placeholder: Placeholder) -> (String, Vec<String>) {
     let mut conditions = Vec::new();
     let mut values = Vec::new();
     let mut add = |condition: &str, value: String| {
         values.push(value);
-        conditions.push(format!("{condition} ${}", values.len()));
+        conditions.push(format!("{condition} {}", placeholder(values.len())));
     };
     if let Some(queue) = &filter.queue {
         add("queue =", queue.clone());
@@ -486,7 +486,10 @@ fn list_query(filter: &TaskFilter) -> (String, Vec<String>) {
         sql.push_str(" WHERE ");
         sql.push_str(&conditions.join(" AND "));
     }
-    sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", values.len() + 1));
+    sql.push_str(&format!(
+        " ORDER BY id DESC LIMIT {}",
+        placeholder(values.len() + 1)
+    ));
     (sql, values)
 }
 
@@ -642,7 +645,7 @@ macro_rules! impl_task_store {
             }
 
             async fn list_tasks(&self, filter: &TaskFilter) -> StoreResult<Vec<TaskRecord>> {
-                let (sql, values) = list_query(filter);
+                let (sql, values) = list_query(filter, $placeholder);
                 let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
                 for value in values {
                     query = query.bind(value);

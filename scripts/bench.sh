@@ -47,5 +47,6 @@ fi
 ./target/release/kairos-bench \
   --nats-url "nats://127.0.0.1:$NATS_PORT" --nats-sync "$sync" \
   --nats-conf "$KAIROS_DIR/$name/nats.conf" --nats-pid-file "$KAIROS_DIR/$name/nats.pid" \
+  --redis-pid-file "$KAIROS_DIR/bench-redis/redis.pid" \
   --redis-url "redis://127.0.0.1:$REDIS_PORT" \
   --server-bin target/release/kairos-server "${args[@]}"

@@ -100,6 +100,9 @@ struct Args {
     /// nats-server pid file, so the durable scenario can kill it (rewritten on restart).
     #[arg(long)]
     nats_pid_file: Option<PathBuf>,
+    /// redis-server pid file, so the burst can report Redis's CPU.
+    #[arg(long)]
+    redis_pid_file: Option<PathBuf>,
     /// Folder for the SQLite files of each run.
     #[arg(long, default_value = ".kairos/bench")]
     work_dir: PathBuf,
@@ -171,6 +174,22 @@ impl Bench {
         ServerProcess::start(&settings).await
     }
 
+    /// CPU seconds so far of nats-server, redis-server and this process (the
+    /// in-process workers), for the per-process split of a phase.
+    fn others_cpu(&self) -> [f64; 3] {
+        let of_pid_file = |file: &Option<PathBuf>| {
+            file.as_ref()
+                .and_then(|f| std::fs::read_to_string(f).ok())
+                .and_then(|pid| pid.trim().parse().ok())
+                .map_or(0.0, |pid| proc_usage(pid).0)
+        };
+        [
+            of_pid_file(&self.args.nats_pid_file),
+            of_pid_file(&self.args.redis_pid_file),
+            proc_usage(std::process::id()).0,
+        ]
+    }
+
     fn base(&self, scenario: &str, tasks: usize) -> serde_json::Map<String, Value> {
         let mut m = serde_json::Map::new();
         m.insert("scenario".into(), json!(scenario));
@@ -223,7 +242,9 @@ impl Bench {
     async fn burst(&mut self) -> anyhow::Result<Value> {
         let n = self.args.tasks.unwrap_or(100_000);
         eprintln!("burst: raw relay pipeline of {n} messages");
+        let raw0 = self.others_cpu();
         let (raw_rate, raw_arrivals) = raw::relay_rate(&self.js, n, self.payload.clone()).await?;
+        let raw1 = self.others_cpu();
         let server = self.fresh_server(&[]).await?;
         let client = Client::connect(server.url.clone()).await?;
         // Far enough ahead that booking and pulling into memory finish first.
@@ -250,8 +271,11 @@ impl Bench {
             wait.as_secs_f64()
         );
         tokio::time::sleep(wait).await;
+        let (drain_cpu0, _, _) = server.usage();
+        let others0 = self.others_cpu();
         let done = scenarios::wait_runs(&lateness, n, Duration::from_secs(600)).await;
         let (cpu1, _, peak) = server.usage();
+        let others1 = self.others_cpu();
         workers.cancel();
         drop(server);
         anyhow::ensure!(done, "only {} of {n} tasks ran", lateness.count());
@@ -298,6 +322,24 @@ impl Bench {
         m.insert("drain_s".into(), json!(round3(drain_s)));
         m.insert("cpu_s".into(), json!(round3(cpu1 - cpu0)));
         m.insert("rss_mb".into(), json!(peak.round()));
+        // Where the drain's CPU goes, beside the relay's, in µs per task.
+        let per_task = |s: f64| json!((s * 1e6 / n as f64).round());
+        let names = ["nats", "redis", "workers"];
+        for (i, name) in names.iter().enumerate() {
+            m.insert(
+                format!("{name}_us_per_task"),
+                per_task(others1[i] - others0[i]),
+            );
+        }
+        m.insert("server_us_per_task".into(), per_task(cpu1 - drain_cpu0));
+        m.insert(
+            "raw_relay_nats_us_per_task".into(),
+            per_task(raw1[0] - raw0[0]),
+        );
+        m.insert(
+            "raw_relay_client_us_per_task".into(),
+            per_task(raw1[2] - raw0[2]),
+        );
         let mut goals = vec![
             verdict(first <= 10.0, "first task <= 10 ms late"),
             verdict(drain_rate / raw_rate >= 0.8, "drain >= 0.8 x raw relay"),

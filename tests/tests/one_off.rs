@@ -756,3 +756,109 @@ backend_tests!(
     waiting_tasks_are_not_cycled,
     far_buckets_wait_without_bodies,
 );
+
+/// Released ahead of its due time (KAIROS_RELEASE_LEAD), a task waits in its
+/// queue and in the worker that took it, and starts at its due time, not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn released_ahead_starts_at_due_time_not_before() {
+    let stack = Stack::start(Backend::Sqlite).await;
+    let mut config = stack.config();
+    config.release_lead = Duration::from_secs(2);
+    let server = stack.server_with(config).await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "default", 4, log.handler());
+    let mut client = client(&server).await;
+
+    let task = client
+        .schedule(
+            NewTask::new("default")
+                .payload("ahead")
+                .delay(Duration::from_secs(4)),
+        )
+        .await
+        .expect("schedule");
+    let one_second_before = (task.due_at - chrono::Duration::seconds(1) - Utc::now())
+        .to_std()
+        .expect("booked 4 s ahead");
+    tokio::time::sleep(one_second_before).await;
+    assert_eq!(
+        stack.stream_state("KAIROS_READY").await.0,
+        1,
+        "released 2 s ahead, held unacknowledged by the worker"
+    );
+    assert!(log.is_empty(), "not started a second before its due time");
+
+    log.wait_for(1, Duration::from_secs(10)).await;
+    let runs = log.runs();
+    assert!(
+        runs[0].at >= task.due_at,
+        "started {} before due {}",
+        runs[0].at,
+        task.due_at
+    );
+    wait_for_state(
+        &mut client,
+        &task.id,
+        TaskState::Succeeded,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(log.len(), 1, "ran once");
+}
+
+/// A worker whose clock runs ahead asks to start before the due time: the
+/// server answers WAIT for the time left and claims nothing, so the task can
+/// still be cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_asked_before_due_waits_and_claims_nothing() {
+    use kairos_proto::v1 as pb;
+    use kairos_proto::v1::status_service_client::StatusServiceClient;
+
+    let stack = Stack::start(Backend::Sqlite).await;
+    let server = stack.server().await;
+    let mut client = client(&server).await;
+    let task = client
+        .schedule(
+            NewTask::new("nobody-works-here")
+                .payload("early")
+                .delay(Duration::from_secs(30)),
+        )
+        .await
+        .expect("schedule");
+
+    let mut status = StatusServiceClient::connect(server.url.clone())
+        .await
+        .expect("status client");
+    let start = pb::ReportRequest {
+        seq: 1,
+        worker_id: "early-clock".into(),
+        event: Some(pb::report_request::Event::Started(pb::AttemptStarted {
+            task_id: task.id.clone(),
+            attempt: 1,
+            due_at_ms: task.due_at.timestamp_millis(),
+            queue: "nobody-works-here".into(),
+            ..Default::default()
+        })),
+    };
+    let mut answers = status
+        .report(futures::stream::iter([start]))
+        .await
+        .expect("report stream")
+        .into_inner();
+    let answer = answers
+        .message()
+        .await
+        .expect("answer")
+        .expect("one answer");
+    assert_eq!(answer.decision, i32::from(pb::StartDecision::Wait));
+    assert_eq!(answer.reason, "not due yet");
+    let wait = answer.wait.expect("a wait");
+    let wait_ms = wait.seconds * 1000 + i64::from(wait.nanos) / 1_000_000;
+    assert!(
+        (25_000..=30_000).contains(&wait_ms),
+        "waits the time left, not {wait_ms} ms"
+    );
+
+    let cancelled = client.cancel(&task.id).await.expect("still cancellable");
+    assert_eq!(cancelled.state, TaskState::Cancelled);
+}

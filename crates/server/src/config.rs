@@ -51,6 +51,12 @@ pub struct ServerConfig {
     #[arg(long, env = "KAIROS_BODY_PREFETCH", default_value = "1m", value_parser = humantime::parse_duration)]
     pub body_prefetch: Duration,
 
+    /// How long before its due time a task is released to its queue. The
+    /// worker holds it and starts it at the due time, so the release path's
+    /// latency is not added to the start; 0 releases at the due time.
+    #[arg(long, env = "KAIROS_RELEASE_LEAD", default_value = "20ms", value_parser = humantime::parse_duration)]
+    pub release_lead: Duration,
+
     /// Furthest a task may be scheduled ahead.
     #[arg(long, env = "KAIROS_MAX_HORIZON", default_value = "400days", value_parser = humantime::parse_duration)]
     pub max_horizon: Duration,
@@ -181,6 +187,10 @@ impl ServerConfig {
                 reason: err.to_string(),
             });
         }
+        if self.release_lead > Duration::from_secs(5) {
+            // Each released task holds a worker slot until it is due.
+            return bad("KAIROS_RELEASE_LEAD", "must be at most 5s");
+        }
         if self.subscribe_buffer == 0 {
             return bad("KAIROS_SUBSCRIBE_BUFFER", "must be positive");
         }
@@ -247,7 +257,24 @@ impl ServerConfig {
             scan_every: Duration::from_secs(30),
             grace: Duration::from_secs(30),
             body_prefetch: self.body_prefetch,
+            release_lead: self.release_lead,
             replica_id,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_release_lead_beyond_five_seconds_is_refused_by_name() {
+        let config = ServerConfig::parse_from(["kairos-server", "--release-lead", "6s"]);
+        let err = config.validate().expect_err("refused");
+        assert_eq!(err.setting, "KAIROS_RELEASE_LEAD");
+        let config = ServerConfig::parse_from(["kairos-server", "--release-lead", "5s"]);
+        assert!(config.validate().is_ok());
+        let default = ServerConfig::parse_from(["kairos-server"]);
+        assert_eq!(default.release_lead, Duration::from_millis(20));
     }
 }

@@ -595,6 +595,18 @@ async fn process(
         return;
     }
 
+    // Tasks are released a little ahead (KAIROS_RELEASE_LEAD): held here, a
+    // task starts at its due time without the release path's latency.
+    let early = envelope.due_at_ms.saturating_mul(1000) - Utc::now().timestamp_micros();
+    if early > 0 {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_micros(early.unsigned_abs())) => {}
+            () = shutdown.cancelled() => {
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                return;
+            }
+        }
+    }
     let decision = loop {
         let started = pb::report_request::Event::Started(pb::AttemptStarted {
             task_id: id.clone(),
@@ -603,6 +615,7 @@ async fn process(
             at: Some(timestamp(Utc::now())),
             expire_at_ms: envelope.expire_at_ms,
             queue: envelope.queue.clone(),
+            due_at_ms: envelope.due_at_ms,
         });
         let Ok(decision) = reporter.send(started).await else {
             return;
@@ -610,7 +623,8 @@ async fn process(
         if decision.decision != i32::from(pb::StartDecision::Wait) {
             break decision;
         }
-        // Over the queue's rate: hold the task (kept alive) and ask again.
+        // Not due yet by the server's clock, or over the queue's rate: hold
+        // the task (kept alive) and ask again.
         let wait = decision
             .wait
             .as_ref()

@@ -350,6 +350,7 @@ pub(crate) fn attempt_start(worker_id: String, s: pb::AttemptStarted) -> Attempt
         bucket_ms: s.bucket_ms,
         expire_at_ms: s.expire_at_ms,
         queue: s.queue,
+        due_at_ms: s.due_at_ms,
         worker_id,
     }
 }

@@ -105,9 +105,9 @@ async fn answer_batch(
                         reason,
                         ..response(seq)
                     },
-                    StartOutcome::Wait(ms) => pb::ReportResponse {
+                    StartOutcome::Wait { ms, reason } => pb::ReportResponse {
                         decision: pb::StartDecision::Wait.into(),
-                        reason: "queue rate limit".into(),
+                        reason: reason.into(),
                         wait: Some(convert::ms_duration(ms)),
                         ..response(seq)
                     },

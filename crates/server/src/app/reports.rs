@@ -21,6 +21,8 @@ pub struct AttemptStart {
     pub expire_at_ms: i64,
     /// Queue, for its rate limit (empty from workers that do not send it).
     pub queue: String,
+    /// Due instant, ms since epoch; a start asked before it waits (0: no check).
+    pub due_at_ms: i64,
     /// Worker identity.
     pub worker_id: String,
 }
@@ -53,8 +55,14 @@ pub enum StartOutcome {
     Run,
     /// Skip it, for this reason.
     Skip(String),
-    /// Ask again after this many milliseconds: the queue's rate limit is reached.
-    Wait(i64),
+    /// Ask again after `ms` milliseconds, for `reason`: the task is not due
+    /// yet, or its queue's rate limit is reached.
+    Wait {
+        /// How long to wait.
+        ms: i64,
+        /// Why, for the worker's log.
+        reason: &'static str,
+    },
 }
 
 /// Returns the claim request for a start.
@@ -95,12 +103,19 @@ impl ReportService {
         }
     }
 
-    /// Returns, per start, how long it must wait under its queue's rate
-    /// limit (0: it may start). One Redis call for every limited start.
-    async fn rate_waits(&self, starts: &[AttemptStart], now_ms: i64) -> AppResult<Vec<i64>> {
+    /// Returns, per start, how long it must wait (0: it may start): until its
+    /// due time when asked early, else under its queue's rate limit. An early
+    /// start takes no rate token. One Redis call for every limited start.
+    async fn waits(&self, starts: &[AttemptStart], now_ms: i64) -> AppResult<Vec<i64>> {
         let mut waits = vec![0; starts.len()];
         let mut limited: Vec<(usize, f64, u32)> = Vec::new();
         for (i, start) in starts.iter().enumerate() {
+            if start.due_at_ms > now_ms {
+                // Released ahead (KAIROS_RELEASE_LEAD), asked before it is due:
+                // the worker's clock runs ahead of ours.
+                waits[i] = start.due_at_ms - now_ms;
+                continue;
+            }
             if !kairos_proto::wire::is_valid_queue(&start.queue) {
                 continue;
             }
@@ -128,7 +143,7 @@ impl ReportService {
     pub async fn start(&self, starts: Vec<AttemptStart>) -> AppResult<Vec<StartOutcome>> {
         let now_ms = Utc::now().timestamp_millis();
         // Over its queue's rate, a start waits and touches no claim.
-        let waits = self.rate_waits(&starts, now_ms).await?;
+        let waits = self.waits(&starts, now_ms).await?;
         if waits.iter().all(|&w| w == 0) {
             return self.claim_starts(starts).await;
         }
@@ -136,7 +151,12 @@ impl ReportService {
         let mut outcomes: Vec<Option<StartOutcome>> = Vec::with_capacity(starts.len());
         for (start, wait) in starts.into_iter().zip(waits) {
             if wait > 0 {
-                outcomes.push(Some(StartOutcome::Wait(wait)));
+                let reason = if start.due_at_ms > now_ms {
+                    "not due yet"
+                } else {
+                    "queue rate limit"
+                };
+                outcomes.push(Some(StartOutcome::Wait { ms: wait, reason }));
             } else {
                 slots.push(outcomes.len());
                 outcomes.push(None);

@@ -130,6 +130,18 @@ pub fn version_of(state: TaskState, attempt: u32) -> i64 {
     }
 }
 
+/// Rounds an instant up to the whole millisecond: due times are kept in ms,
+/// and rounding down would let a task start before the instant it was given.
+pub(crate) fn ceil_ms(at: DateTime<Utc>) -> DateTime<Utc> {
+    let ms = at.timestamp_millis();
+    let floor = DateTime::from_timestamp_millis(ms).unwrap_or(at);
+    if floor == at {
+        at
+    } else {
+        DateTime::from_timestamp_millis(ms + 1).unwrap_or(at)
+    }
+}
+
 /// Returns the start (ms since epoch) of the bucket that holds `at_ms`.
 pub fn bucket_of(at_ms: i64, width_ms: i64) -> i64 {
     at_ms.div_euclid(width_ms) * width_ms
@@ -409,6 +421,17 @@ impl StatusWrite {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn due_times_round_up_to_the_millisecond() {
+        let whole = DateTime::from_timestamp_millis(1_700_000_000_123).unwrap();
+        assert_eq!(ceil_ms(whole), whole);
+        let inside = whole + chrono::Duration::microseconds(1);
+        assert_eq!(ceil_ms(inside).timestamp_millis(), 1_700_000_000_124);
+        let before_epoch =
+            DateTime::from_timestamp_millis(-5).unwrap() + chrono::Duration::microseconds(300);
+        assert_eq!(ceil_ms(before_epoch).timestamp_millis(), -4);
+    }
 
     #[test]
     fn buckets_floor_to_width() {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use kairos_proto::wire;
 
-use super::task::{Backoff, NewTask, TaskId, content_hash};
+use super::task::{Backoff, NewTask, TaskId, ceil_ms, content_hash};
 
 /// Limits a request is checked against (from the server config).
 #[derive(Debug, Clone)]
@@ -149,6 +149,7 @@ pub fn validate(
         }
         (None, Some(ms)) => now + chrono::Duration::milliseconds(ms),
     };
+    let due_at = ceil_ms(due_at);
     let horizon = chrono::Duration::from_std(limits.max_horizon).unwrap_or(chrono::Duration::MAX);
     if due_at > now + horizon {
         let field = if spec.run_at.is_some() {
@@ -342,7 +343,7 @@ mod tests {
     fn accepts_a_minimal_request() {
         let now = Utc::now();
         let task = validate(spec(), now, &limits()).unwrap();
-        assert_eq!(task.due_at, now + chrono::Duration::seconds(1));
+        assert_eq!(task.due_at, ceil_ms(now + chrono::Duration::seconds(1)));
         assert_eq!(task.max_attempts, 3);
     }
 

@@ -56,6 +56,9 @@ pub struct DispatchSettings {
     /// How long before its window starts a bucket's task bodies are loaded;
     /// buckets further out are held headers-only.
     pub body_prefetch: Duration,
+    /// How long before its due time a task is released; its worker waits
+    /// for the due time before it asks to start.
+    pub release_lead: Duration,
     /// This replica's identity, the lease value.
     pub replica_id: String,
 }
@@ -112,6 +115,7 @@ pub struct Dispatcher {
     recorder: Recorder,
     settings: DispatchSettings,
     width_ms: i64,
+    lead_ms: i64,
     owned: HashMap<i64, Owned>,
     timer: BinaryHeap<Reverse<Held>>,
     known: BTreeSet<i64>,
@@ -148,6 +152,7 @@ impl Dispatcher {
             store,
             recorder,
             width_ms: settings.width.as_millis() as i64,
+            lead_ms: settings.release_lead.as_millis() as i64,
             settings,
             owned: HashMap::new(),
             timer: BinaryHeap::new(),
@@ -170,7 +175,8 @@ impl Dispatcher {
             let wake = async {
                 match next_due {
                     Some(due_ms) => {
-                        let wait = (due_ms - Utc::now().timestamp_millis()).max(0) as u64;
+                        let release_ms = due_ms - self.lead_ms;
+                        let wait = (release_ms - Utc::now().timestamp_millis()).max(0) as u64;
                         tokio::time::sleep(Duration::from_millis(wait)).await;
                     }
                     None => futures::future::pending().await,
@@ -223,14 +229,15 @@ impl Dispatcher {
         self.timer.push(Reverse(held));
     }
 
-    /// Releases every task that is due, oldest first, in rounds.
+    /// Releases every task due within the release lead, oldest first, in rounds.
     async fn release_due(&mut self) {
         let now_ms = Utc::now().timestamp_millis();
+        let release_by = now_ms + self.lead_ms;
         let mut due: Vec<Held> = Vec::new();
         let mut without_body = BTreeSet::new();
         while due.len() < self.round {
             match self.timer.peek() {
-                Some(Reverse(top)) if top.msg.due_ms <= now_ms => {
+                Some(Reverse(top)) if top.msg.due_ms <= release_by => {
                     let Reverse(held) = self.timer.pop().expect("peeked");
                     let current = self
                         .owned
@@ -254,7 +261,7 @@ impl Dispatcher {
         let more_due = self
             .timer
             .peek()
-            .is_some_and(|Reverse(top)| top.msg.due_ms <= now_ms);
+            .is_some_and(|Reverse(top)| top.msg.due_ms <= release_by);
         self.round = if more_due {
             (self.round * 2).min(MAX_RELEASE)
         } else {

@@ -113,6 +113,10 @@ pub struct FinishRequest<'a> {
     pub outcome: FinishClaim,
 }
 
+/// Most release claims in one script call, so that a burst's workers' start
+/// claims are not queued behind one long script.
+const DISPATCH_CHUNK: usize = 256;
+
 const DISPATCH: &str = r"
 local out = {}
 local now = tonumber(ARGV[3])
@@ -165,9 +169,10 @@ return s
 
 // Many starts in one call: KEYS[i] is item i's bucket hash; ARGV[1] is
 // `force`, then five values per item: id, attempt, now, start deadline,
-// hash expiry.
+// hash expiry. Each hash's expiry is set once, after the loop.
 const START: &str = r"
 local out = {}
+local expiry = {}
 for k = 1, #KEYS do
   local b = 2 + (k - 1) * 5
   local key, id, n = KEYS[k], ARGV[b], tonumber(ARGV[b + 1])
@@ -212,16 +217,19 @@ for k = 1, #KEYS do
       redis.call('HSET', key, id, 'R' .. n)
       out[k] = 'run'
     end
-    redis.call('PEXPIREAT', key, ARGV[b + 4])
+    expiry[key] = ARGV[b + 4]
   end
 end
+for key, at in pairs(expiry) do redis.call('PEXPIREAT', key, at) end
 return out
 ";
 
 // Many results in one call: KEYS[i] is item i's bucket hash; four values per
-// item in ARGV: id, attempt, new claim value, hash expiry.
+// item in ARGV: id, attempt, new claim value, hash expiry. Each hash's expiry
+// is set once, after the loop.
 const FINISH: &str = r"
 local out = {}
+local expiry = {}
 for k = 1, #KEYS do
   local b = 1 + (k - 1) * 4
   local key, id = KEYS[k], ARGV[b]
@@ -233,10 +241,11 @@ for k = 1, #KEYS do
     out[k] = 'stale'
   else
     redis.call('HSET', key, id, ARGV[b + 2])
-    redis.call('PEXPIREAT', key, ARGV[b + 3])
+    expiry[key] = ARGV[b + 3]
     out[k] = 'set'
   end
 end
+for key, at in pairs(expiry) do redis.call('PEXPIREAT', key, at) end
 return out
 ";
 
@@ -390,27 +399,32 @@ impl Claims {
         tasks: &[(&str, i64)],
         force: bool,
     ) -> ClaimResult<Vec<DispatchClaim>> {
-        let mut invocation = self.dispatch.key(claims_key(bucket_ms));
-        invocation
-            .arg(if force { "1" } else { "0" })
-            .arg(self.expire_at(bucket_ms, width_ms))
-            .arg(now_ms);
-        for (id, expire_at_ms) in tasks {
-            invocation.arg(*id).arg(*expire_at_ms);
-        }
+        let mut claims = Vec::with_capacity(tasks.len());
         let mut conn = self.conn.clone();
-        let answers: Vec<String> = invocation.invoke_async(&mut conn).await?;
-        answers
-            .into_iter()
-            .map(|a| match a.as_str() {
-                "go" => Ok(DispatchClaim::Go),
-                "expired" => Ok(DispatchClaim::Expired),
-                "cancelled" => Ok(DispatchClaim::Cancelled),
-                "done" => Ok(DispatchClaim::Done),
-                "missing" => Ok(DispatchClaim::Missing),
-                _ => Err(ClaimError::Unexpected(a)),
-            })
-            .collect()
+        // Redis runs one script at a time: a round of thousands in one call
+        // held workers' start claims back by ~20 ms at the start of a burst.
+        for chunk in tasks.chunks(DISPATCH_CHUNK) {
+            let mut invocation = self.dispatch.key(claims_key(bucket_ms));
+            invocation
+                .arg(if force { "1" } else { "0" })
+                .arg(self.expire_at(bucket_ms, width_ms))
+                .arg(now_ms);
+            for (id, expire_at_ms) in chunk {
+                invocation.arg(*id).arg(*expire_at_ms);
+            }
+            let answers: Vec<String> = invocation.invoke_async(&mut conn).await?;
+            for answer in answers {
+                claims.push(match answer.as_str() {
+                    "go" => DispatchClaim::Go,
+                    "expired" => DispatchClaim::Expired,
+                    "cancelled" => DispatchClaim::Cancelled,
+                    "done" => DispatchClaim::Done,
+                    "missing" => DispatchClaim::Missing,
+                    _ => return Err(ClaimError::Unexpected(answer)),
+                });
+            }
+        }
+        Ok(claims)
     }
 
     /// Cancels a task unless a worker has started it.

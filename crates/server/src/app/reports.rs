@@ -1,5 +1,7 @@
 //! What happens when a worker asks to start an attempt or reports its end.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use tracing::instrument;
 
@@ -109,6 +111,8 @@ impl ReportService {
     async fn waits(&self, starts: &[AttemptStart], now_ms: i64) -> AppResult<Vec<i64>> {
         let mut waits = vec![0; starts.len()];
         let mut limited: Vec<(usize, f64, u32)> = Vec::new();
+        // A batch is mostly one queue: look each up once, not once per start.
+        let mut rates: HashMap<&str, Option<(f64, u32)>> = HashMap::new();
         for (i, start) in starts.iter().enumerate() {
             if start.due_at_ms > now_ms {
                 // Released ahead (KAIROS_RELEASE_LEAD), asked before it is due:
@@ -119,10 +123,21 @@ impl ReportService {
             if !kairos_proto::wire::is_valid_queue(&start.queue) {
                 continue;
             }
-            if let Some(queue) = self.queues.lookup(&start.queue).await?
-                && queue.settings.rate_per_s > 0.0
-            {
-                limited.push((i, queue.settings.rate_per_s, queue.settings.rate_burst));
+            let rate = match rates.get(start.queue.as_str()) {
+                Some(rate) => *rate,
+                None => {
+                    let rate = self
+                        .queues
+                        .lookup(&start.queue)
+                        .await?
+                        .filter(|q| q.settings.rate_per_s > 0.0)
+                        .map(|q| (q.settings.rate_per_s, q.settings.rate_burst));
+                    rates.insert(&start.queue, rate);
+                    rate
+                }
+            };
+            if let Some((per_s, burst)) = rate {
+                limited.push((i, per_s, burst));
             }
         }
         let requests: Vec<(&str, f64, u32)> = limited

@@ -5,6 +5,11 @@
 //! a first start implies the release (the store logs both events), so when
 //! the worker starts the task within that time the separate write is dropped.
 //! In a burst that saves a task-row update and an event per task.
+//!
+//! A RUNNING write (nobody waits for it: the Redis claim decided the start)
+//! waits up to `STARTED_LINGER` for the attempt's result. A result in that
+//! time takes it along into its own batch, where the two collapse into one
+//! task-row update and one run row; both events are still logged.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -23,7 +28,9 @@ use crate::store::DynStore;
 const MAX_BATCH: usize = 1024;
 /// How long a DISPATCHED write waits for the task's first start to imply it.
 const DISPATCHED_LINGER: Duration = Duration::from_secs(2);
-/// Most DISPATCHED writes waiting; beyond it the oldest are written at once.
+/// How long a RUNNING write waits for the attempt's result to share its batch.
+const STARTED_LINGER: Duration = Duration::from_millis(50);
+/// Most writes waiting in one linger; beyond it the oldest are written at once.
 const MAX_LINGERING: usize = 200_000;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
@@ -87,21 +94,40 @@ impl Recorder {
     }
 }
 
-/// DISPATCHED writes waiting to be implied by a start, oldest first.
-#[derive(Default)]
+/// Writes kept back for a while, one per task, oldest first: DISPATCHED
+/// writes until a first start implies them, RUNNING writes until their
+/// result takes them along.
 struct Lingering {
-    /// Release instant by task, for the writes still waiting.
-    waiting: HashMap<TaskId, chrono::DateTime<chrono::Utc>>,
+    linger: Duration,
+    /// The write waiting, by task.
+    waiting: HashMap<TaskId, StatusWrite>,
     /// Task ids in arrival order with their deadline; stale ids are skipped.
     order: VecDeque<(Instant, TaskId)>,
 }
 
 impl Lingering {
-    fn add(&mut self, id: TaskId, at: chrono::DateTime<chrono::Utc>) {
-        if self.waiting.insert(id, at).is_none() {
-            self.order
-                .push_back((Instant::now() + DISPATCHED_LINGER, id));
+    fn new(linger: Duration) -> Self {
+        Self {
+            linger,
+            waiting: HashMap::new(),
+            order: VecDeque::new(),
         }
+    }
+
+    /// Keeps `write` back; returns the task's earlier waiting write, which
+    /// is due now.
+    fn add(&mut self, write: StatusWrite) -> Option<StatusWrite> {
+        let id = write.task_id();
+        let earlier = self.waiting.insert(id, write);
+        if earlier.is_none() {
+            self.order.push_back((Instant::now() + self.linger, id));
+        }
+        earlier
+    }
+
+    /// Takes the task's waiting write out.
+    fn remove(&mut self, id: TaskId) -> Option<StatusWrite> {
+        self.waiting.remove(&id)
     }
 
     /// Drops the waiting DISPATCHED write of a task whose first attempt
@@ -130,14 +156,41 @@ impl Lingering {
                 break;
             }
             self.order.pop_front();
-            if let Some(at) = self.waiting.remove(&id) {
-                writes.push(StatusWrite::Dispatched { id, at });
+            if let Some(write) = self.waiting.remove(&id) {
+                writes.push(write);
             }
         }
     }
 
     fn is_empty(&self) -> bool {
         self.waiting.is_empty()
+    }
+}
+
+/// The writes the recorder keeps back, by kind.
+struct Held {
+    dispatched: Lingering,
+    started: Lingering,
+}
+
+impl Held {
+    fn next_deadline(&self) -> Option<Instant> {
+        match (
+            self.dispatched.next_deadline(),
+            self.started.next_deadline(),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn take_due(&mut self, writes: &mut Vec<StatusWrite>, everything: bool) {
+        self.started.take_due(writes, everything);
+        self.dispatched.take_due(writes, everything);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.dispatched.is_empty() && self.started.is_empty()
     }
 }
 
@@ -150,7 +203,10 @@ async fn run(
 ) {
     let mut writes = Vec::with_capacity(MAX_BATCH);
     let mut waiters = Vec::with_capacity(MAX_BATCH);
-    let mut lingering = Lingering::default();
+    let mut lingering = Held {
+        dispatched: Lingering::new(DISPATCHED_LINGER),
+        started: Lingering::new(STARTED_LINGER),
+    };
     let mut closing = false;
     loop {
         let first = if closing {
@@ -212,17 +268,26 @@ async fn run(
     debug!("recorder stopped");
 }
 
-/// Adds one queued write to the batch, or to the lingering DISPATCHED writes.
+/// Adds one queued write to the batch, or keeps it back (see `Lingering`).
 fn take(
     (write, waiter): (StatusWrite, Option<Waiter>),
     writes: &mut Vec<StatusWrite>,
     waiters: &mut Vec<Waiter>,
-    lingering: &mut Lingering,
+    lingering: &mut Held,
 ) {
     match (&write, waiter) {
-        (StatusWrite::Dispatched { id, at }, None) => lingering.add(*id, *at),
+        (StatusWrite::Dispatched { .. }, None) => {
+            // A release sent again replaces the one waiting.
+            let _ = lingering.dispatched.add(write);
+        }
+        (StatusWrite::Started { .. }, None) => {
+            lingering.dispatched.implied_by(&write);
+            writes.extend(lingering.started.add(write));
+        }
         (_, waiter) => {
-            lingering.implied_by(&write);
+            lingering.dispatched.implied_by(&write);
+            // The attempt's RUNNING goes in the same batch as its result.
+            writes.extend(lingering.started.remove(write.task_id()));
             writes.push(write);
             waiters.extend(waiter);
         }
@@ -244,12 +309,35 @@ mod tests {
         }
     }
 
+    fn dispatched(id: TaskId) -> StatusWrite {
+        StatusWrite::Dispatched { id, at: Utc::now() }
+    }
+
+    fn finished(id: TaskId, attempt: u32) -> StatusWrite {
+        StatusWrite::Finished {
+            id,
+            attempt,
+            state: crate::domain::TaskState::Succeeded,
+            error: None,
+            detail: None,
+            at: Utc::now(),
+            worker_id: "w".into(),
+        }
+    }
+
+    fn held() -> Held {
+        Held {
+            dispatched: Lingering::new(DISPATCHED_LINGER),
+            started: Lingering::new(STARTED_LINGER),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_first_start_drops_the_lingering_release_and_the_rest_wait_their_turn() {
         let (a, b, c) = (TaskId::new(), TaskId::new(), TaskId::new());
-        let mut lingering = Lingering::default();
+        let mut lingering = Lingering::new(DISPATCHED_LINGER);
         for id in [a, b, c] {
-            lingering.add(id, Utc::now());
+            assert!(lingering.add(dispatched(id)).is_none());
         }
         lingering.implied_by(&started(a, 1));
         // A later attempt's start implies no release (RetryTask re-dispatches).
@@ -273,13 +361,81 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn shutdown_writes_every_lingering_release_at_once() {
-        let mut lingering = Lingering::default();
-        lingering.add(TaskId::new(), Utc::now());
-        lingering.add(TaskId::new(), Utc::now());
-        let mut writes = Vec::new();
+    async fn a_result_takes_its_lingering_start_along_and_a_lone_start_waits_its_turn() {
+        let (quick, slow) = (TaskId::new(), TaskId::new());
+        let mut lingering = held();
+        let (mut writes, mut waiters) = (Vec::new(), Vec::new());
+        for id in [quick, slow] {
+            take(
+                (dispatched(id), None),
+                &mut writes,
+                &mut waiters,
+                &mut lingering,
+            );
+            take(
+                (started(id, 1), None),
+                &mut writes,
+                &mut waiters,
+                &mut lingering,
+            );
+        }
+        assert!(writes.is_empty(), "releases and starts wait");
+        assert!(
+            lingering.dispatched.is_empty(),
+            "the starts implied the releases"
+        );
+
+        let (done, _answer) = oneshot::channel();
+        take(
+            (finished(quick, 1), Some(done)),
+            &mut writes,
+            &mut waiters,
+            &mut lingering,
+        );
+        assert!(matches!(writes[..], [
+            StatusWrite::Started { id: a, .. },
+            StatusWrite::Finished { id: b, .. },
+        ] if a == quick && b == quick));
+        assert_eq!(waiters.len(), 1);
+
+        writes.clear();
+        lingering.take_due(&mut writes, false);
+        assert!(
+            writes.is_empty(),
+            "the slow task's start waits for its result"
+        );
+        tokio::time::advance(STARTED_LINGER).await;
+        assert_eq!(lingering.next_deadline(), Some(Instant::now()), "due now");
+        lingering.take_due(&mut writes, false);
+        assert!(matches!(writes[..], [StatusWrite::Started { id, .. }] if id == slow));
+        assert!(lingering.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_writes_everything_lingering_at_once() {
+        let mut lingering = held();
+        let (mut writes, mut waiters) = (Vec::new(), Vec::new());
+        take(
+            (dispatched(TaskId::new()), None),
+            &mut writes,
+            &mut waiters,
+            &mut lingering,
+        );
+        take(
+            (dispatched(TaskId::new()), None),
+            &mut writes,
+            &mut waiters,
+            &mut lingering,
+        );
+        take(
+            (started(TaskId::new(), 2), None),
+            &mut writes,
+            &mut waiters,
+            &mut lingering,
+        );
+        assert!(writes.is_empty());
         lingering.take_due(&mut writes, true);
-        assert_eq!(writes.len(), 2);
+        assert_eq!(writes.len(), 3);
         assert!(lingering.is_empty());
     }
 }

@@ -6,6 +6,8 @@
 #               implied by the durable scenario
 #   --postgres  Postgres (a private one on port 25433) instead of SQLite
 #   any other argument goes to kairos-bench (e.g. --tasks 1000000 --plot burst.png)
+# KAIROS_SERVER_BIN runs another kairos-server build (e.g. a copy of an older
+# one, to compare two builds back to back on the same servers).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$KAIROS_ROOT"
@@ -49,4 +51,4 @@ fi
   --nats-conf "$KAIROS_DIR/$name/nats.conf" --nats-pid-file "$KAIROS_DIR/$name/nats.pid" \
   --redis-pid-file "$KAIROS_DIR/bench-redis/redis.pid" \
   --redis-url "redis://127.0.0.1:$REDIS_PORT" \
-  --server-bin target/release/kairos-server "${args[@]}"
+  --server-bin "${KAIROS_SERVER_BIN:-target/release/kairos-server}" "${args[@]}"

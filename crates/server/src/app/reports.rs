@@ -157,7 +157,7 @@ impl ReportService {
     #[instrument(skip_all, fields(starts = starts.len()))]
     pub async fn start(&self, starts: Vec<AttemptStart>) -> AppResult<Vec<StartOutcome>> {
         let now_ms = Utc::now().timestamp_millis();
-        // Over its queue's rate, a start waits and touches no claim.
+        // Asked early, or over its queue's rate, a start waits and touches no claim.
         let waits = self.waits(&starts, now_ms).await?;
         if waits.iter().all(|&w| w == 0) {
             return self.claim_starts(starts).await;

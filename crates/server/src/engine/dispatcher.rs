@@ -4,7 +4,8 @@
 //! replica at a time, which holds a lease on it in Redis. The owner recreates
 //! the bucket's durable consumer (so whatever a dead owner held comes back at
 //! once), pulls all its messages into an in-memory timer and keeps them
-//! unacknowledged. When a task is due it claims it in Redis, publishes it to
+//! unacknowledged. When a task is due (or due within the release lead: its
+//! worker holds it until the due time) it claims it in Redis, publishes it to
 //! its queue with a stable message id, waits for the publish acknowledgement,
 //! and only then acknowledges the bucket message.
 //!

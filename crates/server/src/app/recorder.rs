@@ -138,8 +138,15 @@ impl Lingering {
         }
     }
 
-    /// When the oldest waiting write is due.
-    fn next_deadline(&self) -> Option<Instant> {
+    /// When the oldest waiting write is due. Forgets the ids in front whose
+    /// write already left (a start taken along by its result), so the
+    /// recorder does not wake for them.
+    fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some((_, id)) = self.order.front()
+            && !self.waiting.contains_key(id)
+        {
+            self.order.pop_front();
+        }
         self.order.front().map(|(deadline, _)| *deadline)
     }
 
@@ -174,7 +181,7 @@ struct Held {
 }
 
 impl Held {
-    fn next_deadline(&self) -> Option<Instant> {
+    fn next_deadline(&mut self) -> Option<Instant> {
         match (
             self.dispatched.next_deadline(),
             self.started.next_deadline(),
@@ -397,6 +404,10 @@ mod tests {
             StatusWrite::Finished { id: b, .. },
         ] if a == quick && b == quick));
         assert_eq!(waiters.len(), 1);
+        let mut only_quick = Lingering::new(STARTED_LINGER);
+        let _ = only_quick.add(started(quick, 1));
+        let _ = only_quick.remove(quick);
+        assert_eq!(only_quick.next_deadline(), None, "no wake for a start gone");
 
         writes.clear();
         lingering.take_due(&mut writes, false);

@@ -126,6 +126,14 @@ struct Args {
     plot: Option<PathBuf>,
 }
 
+/// CPU seconds of the processes beside kairos-server (see `Bench::others_cpu`).
+struct OthersCpu {
+    nats: f64,
+    redis: f64,
+    /// This process: the in-process workers, or the raw baseline's client.
+    workers: f64,
+}
+
 struct Bench {
     args: Args,
     js: async_nats::jetstream::Context,
@@ -176,18 +184,18 @@ impl Bench {
 
     /// CPU seconds so far of nats-server, redis-server and this process (the
     /// in-process workers), for the per-process split of a phase.
-    fn others_cpu(&self) -> [f64; 3] {
+    fn others_cpu(&self) -> OthersCpu {
         let of_pid_file = |file: &Option<PathBuf>| {
             file.as_ref()
                 .and_then(|f| std::fs::read_to_string(f).ok())
                 .and_then(|pid| pid.trim().parse().ok())
                 .map_or(0.0, |pid| proc_usage(pid).0)
         };
-        [
-            of_pid_file(&self.args.nats_pid_file),
-            of_pid_file(&self.args.redis_pid_file),
-            proc_usage(std::process::id()).0,
-        ]
+        OthersCpu {
+            nats: of_pid_file(&self.args.nats_pid_file),
+            redis: of_pid_file(&self.args.redis_pid_file),
+            workers: proc_usage(std::process::id()).0,
+        }
     }
 
     fn base(&self, scenario: &str, tasks: usize) -> serde_json::Map<String, Value> {
@@ -324,22 +332,17 @@ impl Bench {
         m.insert("rss_mb".into(), json!(peak.round()));
         // Where the drain's CPU goes, beside the relay's, in µs per task.
         let per_task = |s: f64| json!((s * 1e6 / n as f64).round());
-        let names = ["nats", "redis", "workers"];
-        for (i, name) in names.iter().enumerate() {
-            m.insert(
-                format!("{name}_us_per_task"),
-                per_task(others1[i] - others0[i]),
-            );
+        let split = [
+            ("nats", others1.nats - others0.nats),
+            ("redis", others1.redis - others0.redis),
+            ("workers", others1.workers - others0.workers),
+            ("server", cpu1 - drain_cpu0),
+            ("raw_relay_nats", raw1.nats - raw0.nats),
+            ("raw_relay_client", raw1.workers - raw0.workers),
+        ];
+        for (name, cpu_s) in split {
+            m.insert(format!("{name}_us_per_task"), per_task(cpu_s));
         }
-        m.insert("server_us_per_task".into(), per_task(cpu1 - drain_cpu0));
-        m.insert(
-            "raw_relay_nats_us_per_task".into(),
-            per_task(raw1[0] - raw0[0]),
-        );
-        m.insert(
-            "raw_relay_client_us_per_task".into(),
-            per_task(raw1[2] - raw0[2]),
-        );
         let mut goals = vec![
             verdict(first <= 10.0, "first task <= 10 ms late"),
             verdict(drain_rate / raw_rate >= 0.8, "drain >= 0.8 x raw relay"),

@@ -175,12 +175,21 @@ impl Lingering {
 }
 
 /// The writes the recorder keeps back, by kind.
-struct Held {
+struct KeptBack {
     dispatched: Lingering,
     started: Lingering,
 }
 
-impl Held {
+impl Default for KeptBack {
+    fn default() -> Self {
+        Self {
+            dispatched: Lingering::new(DISPATCHED_LINGER),
+            started: Lingering::new(STARTED_LINGER),
+        }
+    }
+}
+
+impl KeptBack {
     fn next_deadline(&mut self) -> Option<Instant> {
         match (
             self.dispatched.next_deadline(),
@@ -210,10 +219,7 @@ async fn run(
 ) {
     let mut writes = Vec::with_capacity(MAX_BATCH);
     let mut waiters = Vec::with_capacity(MAX_BATCH);
-    let mut lingering = Held {
-        dispatched: Lingering::new(DISPATCHED_LINGER),
-        started: Lingering::new(STARTED_LINGER),
-    };
+    let mut lingering = KeptBack::default();
     let mut closing = false;
     loop {
         let first = if closing {
@@ -280,7 +286,7 @@ fn take(
     (write, waiter): (StatusWrite, Option<Waiter>),
     writes: &mut Vec<StatusWrite>,
     waiters: &mut Vec<Waiter>,
-    lingering: &mut Held,
+    lingering: &mut KeptBack,
 ) {
     match (&write, waiter) {
         (StatusWrite::Dispatched { .. }, None) => {
@@ -332,13 +338,6 @@ mod tests {
         }
     }
 
-    fn held() -> Held {
-        Held {
-            dispatched: Lingering::new(DISPATCHED_LINGER),
-            started: Lingering::new(STARTED_LINGER),
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_first_start_drops_the_lingering_release_and_the_rest_wait_their_turn() {
         let (a, b, c) = (TaskId::new(), TaskId::new(), TaskId::new());
@@ -370,7 +369,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_result_takes_its_lingering_start_along_and_a_lone_start_waits_its_turn() {
         let (quick, slow) = (TaskId::new(), TaskId::new());
-        let mut lingering = held();
+        let mut lingering = KeptBack::default();
         let (mut writes, mut waiters) = (Vec::new(), Vec::new());
         for id in [quick, slow] {
             take(
@@ -424,7 +423,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn shutdown_writes_everything_lingering_at_once() {
-        let mut lingering = held();
+        let mut lingering = KeptBack::default();
         let (mut writes, mut waiters) = (Vec::new(), Vec::new());
         take(
             (dispatched(TaskId::new()), None),

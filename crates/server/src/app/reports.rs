@@ -67,6 +67,13 @@ pub enum StartOutcome {
     },
 }
 
+/// Returns how long a start asked before its task's due time must wait
+/// (released ahead by KAIROS_RELEASE_LEAD, by a worker whose clock runs ahead
+/// of ours); `None` once it is due.
+fn not_due_for(start: &AttemptStart, now_ms: i64) -> Option<i64> {
+    (start.due_at_ms > now_ms).then(|| start.due_at_ms - now_ms)
+}
+
 /// Returns the claim request for a start.
 fn request(s: &AttemptStart) -> StartRequest<'_> {
     StartRequest {
@@ -114,10 +121,8 @@ impl ReportService {
         // A batch is mostly one queue: look each up once, not once per start.
         let mut rates: HashMap<&str, Option<(f64, u32)>> = HashMap::new();
         for (i, start) in starts.iter().enumerate() {
-            if start.due_at_ms > now_ms {
-                // Released ahead (KAIROS_RELEASE_LEAD), asked before it is due:
-                // the worker's clock runs ahead of ours.
-                waits[i] = start.due_at_ms - now_ms;
+            if let Some(wait) = not_due_for(start, now_ms) {
+                waits[i] = wait;
                 continue;
             }
             if !kairos_proto::wire::is_valid_queue(&start.queue) {
@@ -166,7 +171,7 @@ impl ReportService {
         let mut outcomes: Vec<Option<StartOutcome>> = Vec::with_capacity(starts.len());
         for (start, wait) in starts.into_iter().zip(waits) {
             if wait > 0 {
-                let reason = if start.due_at_ms > now_ms {
+                let reason = if not_due_for(&start, now_ms).is_some() {
                     "not due yet"
                 } else {
                     "queue rate limit"

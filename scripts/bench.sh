@@ -6,8 +6,9 @@
 #               implied by the durable scenario
 #   --postgres  Postgres (a private one on port 25433) instead of SQLite
 #   any other argument goes to kairos-bench (e.g. --tasks 1000000 --plot burst.png)
-# KAIROS_SERVER_BIN runs another kairos-server build (e.g. a copy of an older
-# one, to compare two builds back to back on the same servers).
+# KAIROS_SERVER_BIN and KAIROS_BENCH_BIN run other kairos-server and
+# kairos-bench (worker) builds (e.g. copies of older ones, to compare two
+# builds back to back on the same servers).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$KAIROS_ROOT"
@@ -46,7 +47,7 @@ if [ "$postgres" = yes ]; then
   args+=(--postgres-url "postgres://kairos@127.0.0.1:$PG_PORT/postgres")
 fi
 
-./target/release/kairos-bench \
+"${KAIROS_BENCH_BIN:-target/release/kairos-bench}" \
   --nats-url "nats://127.0.0.1:$NATS_PORT" --nats-sync "$sync" \
   --nats-conf "$KAIROS_DIR/$name/nats.conf" --nats-pid-file "$KAIROS_DIR/$name/nats.pid" \
   --redis-pid-file "$KAIROS_DIR/bench-redis/redis.pid" \

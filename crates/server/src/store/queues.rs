@@ -107,7 +107,7 @@ macro_rules! impl_queue_store {
                 .bind(i64::from(queue.paused))
                 .bind(queue.created_at.timestamp_millis())
                 .bind(queue.updated_at.timestamp_millis())
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?
                 .rows_affected();
                 Ok(inserted == 1)
@@ -147,7 +147,7 @@ macro_rules! impl_queue_store {
                 let updated = bind_settings!(query, s)
                 .bind(now.timestamp_millis())
                 .bind(name.to_owned())
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?
                 .rows_affected();
                 Ok(updated == 1)
@@ -165,7 +165,7 @@ macro_rules! impl_queue_store {
                 .bind(i64::from(paused))
                 .bind(now.timestamp_millis())
                 .bind(name.to_owned())
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?
                 .rows_affected();
                 Ok(updated == 1)

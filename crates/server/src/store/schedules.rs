@@ -255,7 +255,7 @@ macro_rules! impl_schedule_store {
         impl ScheduleStore for $store {
             async fn insert_schedule(&self, s: &Schedule) -> StoreResult<ScheduleInsert> {
                 let headers = headers_json(s)?;
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer().begin().await?;
                 let inserted = bind_definition!(
                     sqlx::query(sqlx::AssertSqlSafe(INSERT.as_str()))
                         .bind(s.id.to_string())
@@ -332,7 +332,7 @@ macro_rules! impl_schedule_store {
                     .bind(paused)
                     .bind(now.timestamp_millis())
                     .bind(id.to_string())
-                    .execute(&self.pool)
+                    .execute(self.writer())
                     .await?;
                 self.get_schedule(id).await
             }
@@ -351,7 +351,7 @@ macro_rules! impl_schedule_store {
                 .bind(s.id.to_string())
                 .bind(expected.map_or(-1, |t| t.timestamp_millis()))
                 .bind(i64::from(expected.is_none()))
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?
                 .rows_affected();
                 Ok(updated == 1)
@@ -360,7 +360,7 @@ macro_rules! impl_schedule_store {
             async fn delete_schedule(&self, id: TaskId) -> StoreResult<bool> {
                 let deleted = sqlx::query("DELETE FROM schedules WHERE id = $1")
                     .bind(id.to_string())
-                    .execute(&self.pool)
+                    .execute(self.writer())
                     .await?
                     .rows_affected();
                 Ok(deleted == 1)
@@ -402,7 +402,7 @@ macro_rules! impl_schedule_store {
                 .bind(now.timestamp_millis())
                 .bind(id.to_string())
                 .bind(expected.timestamp_millis())
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?
                 .rows_affected();
                 Ok(moved == 1)

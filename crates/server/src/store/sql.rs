@@ -25,12 +25,31 @@ pub static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migratio
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pub(super) pool: Pool<Sqlite>,
+    /// The one connection that writes. SQLite has one writer at a time
+    /// anyway; with one connection its page cache stays warm (a connection
+    /// drops its cache whenever another one has written), and writers queue
+    /// in the pool instead of polling SQLite's busy lock.
+    writer: Pool<Sqlite>,
 }
 
 /// The Postgres store (for several replicas).
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pub(super) pool: Pool<Postgres>,
+}
+
+impl SqliteStore {
+    /// The pool that writes: one connection.
+    pub(super) fn writer(&self) -> &Pool<Sqlite> {
+        &self.writer
+    }
+}
+
+impl PgStore {
+    /// The pool that writes: the same as for reads.
+    pub(super) fn writer(&self) -> &Pool<Postgres> {
+        &self.pool
+    }
 }
 
 /// Connects to `url` (`sqlite://…` or `postgres://…`), applies migrations and
@@ -59,10 +78,17 @@ pub async fn connect(url: &str) -> StoreResult<DynStore> {
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         SQLITE_MIGRATOR.run(&pool).await?;
-        Ok(Arc::new(SqliteStore { pool }))
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            // 8 MiB of cache, not 2: a batch's task rows and index pages stay
+            // in memory from one of its transactions to the next.
+            .connect_with(options.pragma("cache_size", "-8192"))
+            .await?;
+        Ok(Arc::new(SqliteStore { pool, writer }))
     }
 }
 
@@ -502,7 +528,7 @@ macro_rules! impl_task_store {
                 tasks: &[NewTask],
                 bucket_ms: &[i64],
             ) -> StoreResult<Vec<InsertOutcome>> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer().begin().await?;
                 let mut inserted = std::collections::HashSet::new();
                 let items: Vec<(&NewTask, &i64)> = tasks.iter().zip(bucket_ms).collect();
                 for chunk in shaped_chunks(&items) {
@@ -597,7 +623,7 @@ macro_rules! impl_task_store {
             }
 
             async fn delete_tasks(&self, ids: &[TaskId]) -> StoreResult<()> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer().begin().await?;
                 if let Some(lock) = $serialize {
                     sqlx::query(lock).execute(&mut *tx).await?;
                 }
@@ -663,7 +689,7 @@ macro_rules! impl_task_store {
                 max_attempts: u32,
                 at: chrono::DateTime<chrono::Utc>,
             ) -> StoreResult<bool> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer().begin().await?;
                 if let Some(lock) = $serialize {
                     sqlx::query(lock).execute(&mut *tx).await?;
                 }
@@ -757,7 +783,7 @@ macro_rules! impl_task_store {
                     last = Some(row.try_get::<i64, _>("id")?);
                 }
                 let Some(last) = last else { return Ok(0) };
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer().begin().await?;
                 let deleted = sqlx::query("DELETE FROM task_events WHERE id > $1 AND id <= $2")
                     .bind(through)
                     .bind(last)
@@ -777,7 +803,7 @@ macro_rules! impl_task_store {
 
             async fn apply(&self, writes: &[StatusWrite]) -> StoreResult<()> {
                 let (tasks, runs, events) = plan(writes);
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer().begin().await?;
                 if let Some(lock) = $serialize {
                     sqlx::query(lock).execute(&mut *tx).await?;
                 }

@@ -84,9 +84,7 @@ pub async fn connect(url: &str) -> StoreResult<DynStore> {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(10))
-            // 8 MiB of cache, not 2: a batch's task rows and index pages stay
-            // in memory from one of its transactions to the next.
-            .connect_with(options.pragma("cache_size", "-8192"))
+            .connect_with(options)
             .await?;
         Ok(Arc::new(SqliteStore { pool, writer }))
     }

@@ -625,7 +625,14 @@ async fn pull(
                     }
                 }
             },
-            Err(err) => debug!(bucket, error = %err, "bucket pull interrupted"),
+            Err(err) => {
+                debug!(bucket, error = %err, "bucket pull interrupted");
+                if bus.bucket_consumer_lost(bucket, &err).await {
+                    // Ending makes the dispatcher reopen the bucket with a fresh consumer.
+                    warn!(bucket, "bucket consumer lost; reopening the bucket");
+                    return;
+                }
+            }
         }
     }
 }

@@ -594,31 +594,33 @@ impl Bus {
         match err.kind() {
             MessagesErrorKind::ConsumerDeleted => true,
             MessagesErrorKind::MissingHeartbeat | MessagesErrorKind::NoResponders => {
-                let Ok(stream) = self.js.get_stream(wire::TASKS_STREAM).await else {
-                    return false;
-                };
-                matches!(
-                    stream.consumer_info(wire::bucket_consumer(bucket_ms)).await,
-                    Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound
-                )
+                matches!(self.bucket_consumer_info(bucket_ms).await, Ok(None))
             }
             _ => false,
         }
     }
 
-    /// Tells whether a bucket's consumer has nothing left to deliver or acknowledge.
+    /// Tells whether a bucket's consumer has nothing left to deliver or
+    /// acknowledge; false while it does not exist.
     pub async fn bucket_drained(&self, bucket_ms: i64) -> BusResult<bool> {
+        Ok(self
+            .bucket_consumer_info(bucket_ms)
+            .await?
+            .is_some_and(|info| info.num_pending == 0 && info.num_ack_pending == 0))
+    }
+
+    /// Reads a bucket consumer's info in one request; `None` when it does not exist.
+    async fn bucket_consumer_info(&self, bucket_ms: i64) -> BusResult<Option<consumer::Info>> {
         let stream = self
             .js
             .get_stream(wire::TASKS_STREAM)
             .await
             .map_err(BusError::from_any)?;
-        let mut consumer: consumer::PullConsumer = stream
-            .get_consumer(&wire::bucket_consumer(bucket_ms))
-            .await
-            .map_err(BusError::from_any)?;
-        let info = consumer.info().await.map_err(BusError::from_any)?;
-        Ok(info.num_pending == 0 && info.num_ack_pending == 0)
+        match stream.consumer_info(wire::bucket_consumer(bucket_ms)).await {
+            Ok(info) => Ok(Some(info)),
+            Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => Ok(None),
+            Err(err) => Err(BusError::from_any(err)),
+        }
     }
 
     /// Deletes a drained bucket's consumer.

@@ -21,6 +21,9 @@ use async_nats::Subject;
 
 use crate::domain::{NewTask, Queue, TaskId};
 
+mod bucket;
+pub use bucket::{AckSubject, BucketMessage, Interner, decode_bucket_message};
+
 /// Errors talking to NATS.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -81,32 +84,6 @@ struct BatchAck {
 struct BatchAckError {
     #[serde(default)]
     description: String,
-}
-
-/// A task message pulled from a bucket, kept in memory until due. Small on
-/// purpose (a million of these may wait in one replica): the id as 16 bytes,
-/// the queue name shared, the body copied to its exact size so the NATS read
-/// buffer it arrived in is freed, and only the reply subject to acknowledge it.
-#[derive(Debug)]
-pub struct BucketMessage {
-    /// Task id.
-    pub task_id: TaskId,
-    /// Queue to release it to.
-    pub queue: Arc<str>,
-    /// Due instant (ms since epoch).
-    pub due_ms: i64,
-    /// Start deadline (ms since epoch), 0 when none.
-    pub expire_at_ms: i64,
-    /// Bucket that holds its claim (from the subject).
-    pub bucket_ms: i64,
-    /// Stream sequence, to order ties.
-    pub seq: u64,
-    /// The encoded envelope, released as-is; `None` when pulled headers-only
-    /// (a bucket far from due holds no bodies, see `DispatchSettings::body_prefetch`).
-    pub body: Option<Bytes>,
-    /// Where to acknowledge the bucket message once the release is durable
-    /// (a boxed str: 16 bytes less than a Subject, per held task).
-    pub reply: Box<str>,
 }
 
 impl Bus {
@@ -685,65 +662,4 @@ fn ms_to_proto(ms: i64) -> prost_types::Duration {
         seconds: ms.div_euclid(1000),
         nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
     }
-}
-
-/// Interns queue names, so a million held tasks share a handful of strings.
-#[derive(Debug, Default)]
-pub struct QueueNames(HashMap<String, Arc<str>>);
-
-impl QueueNames {
-    fn get(&mut self, name: &str) -> Arc<str> {
-        if let Some(shared) = self.0.get(name) {
-            return Arc::clone(shared);
-        }
-        let shared: Arc<str> = Arc::from(name);
-        self.0.insert(name.to_owned(), Arc::clone(&shared));
-        shared
-    }
-}
-
-/// Reads a bucket message's headers into what the dispatcher holds in memory.
-/// A message that is not a Kairos task comes back as an error with its reply
-/// subject, so the caller can terminate it rather than let it block the bucket.
-pub fn decode_bucket_message(
-    msg: jetstream::Message,
-    queues: &mut QueueNames,
-    headers_only: bool,
-) -> Result<BucketMessage, (&'static str, Option<Box<str>>)> {
-    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-    let msg = msg.message;
-    let reply = msg.reply.as_ref().map(|r| Box::<str>::from(r.as_str()));
-    let Some(reply) = reply else {
-        return Err(("message without reply subject", None));
-    };
-    let Some(headers) = msg.headers.as_ref() else {
-        return Err(("message without headers", Some(reply)));
-    };
-    let get = |name: &str| headers.get(name).map(|v| v.as_str());
-    let task_id = get(wire::TASK_ID_HEADER).and_then(|v| v.parse::<TaskId>().ok());
-    let due_ms = get(wire::DUE_HEADER).and_then(|v| v.parse().ok());
-    let (Some(task_id), Some(queue), Some(due_ms)) = (task_id, get(wire::QUEUE_HEADER), due_ms)
-    else {
-        return Err(("missing or bad task id, queue or due header", Some(reply)));
-    };
-    let expire_at_ms = get(wire::EXPIRE_HEADER)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let bucket_ms = msg
-        .subject
-        .as_str()
-        .rsplit('.')
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    Ok(BucketMessage {
-        task_id,
-        queue: queues.get(queue),
-        due_ms,
-        expire_at_ms,
-        bucket_ms,
-        seq,
-        body: (!headers_only).then(|| Bytes::copy_from_slice(&msg.payload)),
-        reply,
-    })
 }

@@ -741,6 +741,30 @@ async fn far_buckets_wait_without_bodies(backend: Backend) {
             assert_eq!(expected.remove(&id), Some(payload), "its own payload, once");
             assert!(at >= due, "ran {at} before due {due}");
         }
+
+        // Each bucket message was acknowledged on the subject the dispatcher
+        // rebuilt from its shared prefix and numbers: none is left pending (a
+        // drained bucket's consumer is deleted, which needs the same).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match stream.consumer_info(wire::bucket_consumer(due_ms)).await {
+                Ok(info) if info.num_ack_pending == 0 => break,
+                Ok(info) => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{} bucket messages never acknowledged ({prefetch:?})",
+                    info.num_ack_pending
+                ),
+                Err(err) => {
+                    assert_eq!(
+                        err.kind(),
+                        async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound,
+                        "{err}"
+                    );
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 

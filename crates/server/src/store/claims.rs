@@ -354,10 +354,15 @@ impl Claims {
     /// Records new tasks as scheduled, grouped by bucket (one round trip).
     pub async fn seed(&self, tasks: &[(i64, TaskId)], width_ms: i64) -> ClaimResult<()> {
         let mut pipe = redis::pipe();
+        let mut buckets = std::collections::BTreeSet::new();
         for (bucket, id) in tasks {
             pipe.hset_nx(claims_key(*bucket), id.to_string(), "S")
-                .ignore()
-                .pexpire_at(claims_key(*bucket), self.expire_at(*bucket, width_ms))
+                .ignore();
+            buckets.insert(*bucket);
+        }
+        // Once per hash, not per task: half the commands of a batch.
+        for bucket in buckets {
+            pipe.pexpire_at(claims_key(bucket), self.expire_at(bucket, width_ms))
                 .ignore();
         }
         let mut conn = self.conn.clone();

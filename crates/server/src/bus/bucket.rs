@@ -63,7 +63,11 @@ impl AckSubject {
     /// Splits `reply` into its shared prefix and numbers, with the stream
     /// sequence it carries; a subject that would not be rebuilt byte for byte
     /// is kept whole, with the sequence as nats-server reported it.
-    fn parse(reply: &str, prefixes: &mut Interner, reported_seq: u64) -> (Self, u64) {
+    fn parse(
+        reply: &str,
+        prefixes: &mut Interner,
+        reported_seq: impl FnOnce() -> u64,
+    ) -> (Self, u64) {
         if let Some(split) = Self::split(reply, prefixes) {
             return split;
         }
@@ -74,7 +78,7 @@ impl AckSubject {
             published_ns: 0,
             pending: 0,
         };
-        (whole, reported_seq)
+        (whole, reported_seq())
     }
 
     fn split(reply: &str, prefixes: &mut Interner) -> Option<(Self, u64)> {
@@ -139,8 +143,9 @@ pub fn decode_bucket_message(
     shared: &mut Interner,
     headers_only: bool,
 ) -> Result<BucketMessage, (&'static str, Option<Box<str>>)> {
-    let reported_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-    let msg = msg.message;
+    // Asked only for a subject kept whole: the split reads the same number.
+    let reported_seq = || msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+    let msg = &msg.message;
     let Some(reply) = msg.reply.as_ref().map(|r| r.as_str()) else {
         return Err(("message without reply subject", None));
     };
@@ -189,12 +194,12 @@ mod tests {
         let mut shared = Interner::default();
         let reply =
             "$JS.ACK.KAIROS_TASKS.kairos-bucket-1764300000000.1.42.7.1764300001234567890.99";
-        let (ack, seq) = AckSubject::parse(reply, &mut shared, 0);
+        let (ack, seq) = AckSubject::parse(reply, &mut shared, || 0);
         assert_eq!(seq, 42);
         assert_eq!(ack.rebuild(seq), reply);
         // The prefix is shared with the next message of the same consumer.
         let next = "$JS.ACK.KAIROS_TASKS.kairos-bucket-1764300000000.2.43.8.1764300001234567891.98";
-        let (other, seq) = AckSubject::parse(next, &mut shared, 0);
+        let (other, seq) = AckSubject::parse(next, &mut shared, || 0);
         assert!(Arc::ptr_eq(&ack.prefix, &other.prefix));
         assert_eq!(other.rebuild(seq), next);
     }
@@ -210,7 +215,7 @@ mod tests {
             "$JS.ACK.KAIROS_TASKS.c.0.42.7.1764300001234567890.99",
             "_INBOX.short",
         ] {
-            let (ack, seq) = AckSubject::parse(reply, &mut shared, 42);
+            let (ack, seq) = AckSubject::parse(reply, &mut shared, || 42);
             assert_eq!(seq, 42, "{reply}");
             assert_eq!(ack.rebuild(seq), reply);
         }

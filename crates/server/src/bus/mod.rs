@@ -477,7 +477,7 @@ impl Bus {
     }
 
     /// Acknowledges a bucket message: the task has left the bucket for good.
-    pub async fn ack(&self, reply: &str) -> BusResult<()> {
+    pub async fn ack(&self, reply: String) -> BusResult<()> {
         self.client
             .publish(Subject::from(reply), Bytes::new())
             .await

@@ -403,7 +403,7 @@ impl Dispatcher {
     /// Acknowledges a bucket message: the task has left the bucket for good.
     async fn finish(&mut self, held: Held) {
         self.unhold(held.bucket(), held.generation);
-        if let Err(err) = self.bus.ack(&held.msg.ack_subject()).await {
+        if let Err(err) = self.bus.ack(held.msg.ack_subject()).await {
             // The message comes back after ack_wait; the claim makes that copy harmless.
             debug!(task_id = %held.msg.task_id, error = %err, "bucket ack failed");
         }

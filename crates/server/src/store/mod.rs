@@ -136,3 +136,11 @@ pub(crate) fn ms_to_time(table: &'static str, ms: i64) -> StoreResult<DateTime<U
         reason: format!("time {ms} out of range"),
     })
 }
+
+/// Reads a task (or schedule) id stored as text; a bad one means the row is corrupt.
+pub(crate) fn id_from_text(table: &'static str, text: &str) -> StoreResult<crate::domain::TaskId> {
+    text.parse().map_err(|e| StoreError::Corrupt {
+        table,
+        reason: format!("bad id `{text}`: {e}"),
+    })
+}

@@ -3,7 +3,6 @@
 //! compare-and-set, so replicas never make an occurrence twice.
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use super::sql::{PgStore, SqliteStore};
-use super::{StoreError, StoreResult, ms_to_time};
+use super::{StoreError, StoreResult, id_from_text, ms_to_time};
 use crate::domain::{CatchUp, MissingDay, Overlap, Schedule, TaskId};
 
 /// What inserting a schedule did.
@@ -108,7 +107,7 @@ where
     let overlap: String = row.try_get("overlap")?;
     let count = |name: &str| -> StoreResult<i64> { Ok(row.try_get::<i64, _>(name)?) };
     Ok(Schedule {
-        id: TaskId::from_str(&id).map_err(|e| corrupt(format!("bad id `{id}`: {e}")))?,
+        id: id_from_text("schedules", &id)?,
         queue: row.try_get("queue")?,
         payload: Bytes::from(row.try_get::<Vec<u8>, _>("payload")?),
         content_type: row.try_get("content_type")?,

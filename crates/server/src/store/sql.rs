@@ -10,7 +10,10 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Pool, Postgres, Row, Sqlite};
 
-use super::{DynStore, InsertOutcome, StoreError, StoreResult, TaskFilter, TaskStore, ms_to_time};
+use super::{
+    DynStore, InsertOutcome, StoreError, StoreResult, TaskFilter, TaskStore, id_from_text,
+    ms_to_time,
+};
 use crate::domain::{
     AttemptOutcome, AttemptRecord, EventFilter, NewTask, Occurrence, StatusWrite, TaskEvent,
     TaskId, TaskRecord, TaskState, version_of,
@@ -118,7 +121,7 @@ where
         _ => None,
     };
     Ok(TaskRecord {
-        id: TaskId::from_str(&id).map_err(|e| corrupt(format!("bad id `{id}`: {e}")))?,
+        id: id_from_text("tasks", &id)?,
         queue: row.try_get("queue")?,
         state: TaskState::parse(&state).ok_or_else(|| corrupt(format!("bad state `{state}`")))?,
         due_at: ms_to_time("tasks", row.try_get("due_at_ms")?)?,
@@ -418,9 +421,7 @@ where
         table: "task_events",
         reason,
     };
-    let id = |text: String| {
-        TaskId::from_str(&text).map_err(|e| corrupt(format!("bad id `{text}`: {e}")))
-    };
+    let id = |text: String| id_from_text("task_events", &text);
     let state: String = row.try_get("state")?;
     let schedule_id: Option<String> = row.try_get("schedule_id")?;
     Ok(TaskEvent {
@@ -573,18 +574,14 @@ macro_rules! impl_task_store {
                             .bind(task.occurrence.map(|o| o.schedule_id.to_string()))
                             .bind(task.occurrence.map(|o| o.fire_at.timestamp_millis()));
                     }
-                    if !keyed {
-                        query.execute(&mut *tx).await?;
-                        inserted.extend(chunk.iter().map(|(t, _)| t.id));
-                    } else {
+                    if keyed {
                         for row in query.fetch_all(&mut *tx).await? {
                             let id: String = row.try_get("id")?;
-                            let id = TaskId::from_str(&id).map_err(|e| StoreError::Corrupt {
-                                table: "tasks",
-                                reason: format!("bad id `{id}`: {e}"),
-                            })?;
-                            inserted.insert(id);
+                            inserted.insert(id_from_text("tasks", &id)?);
                         }
+                    } else {
+                        query.execute(&mut *tx).await?;
+                        inserted.extend(chunk.iter().map(|(t, _)| t.id));
                     }
                 }
                 if !inserted.is_empty() {

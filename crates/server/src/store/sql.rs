@@ -243,6 +243,38 @@ struct EventRow {
     error: Option<String>,
 }
 
+/// The text parameters of one batch of statements, each allocated once.
+///
+/// sqlx 0.9 copies every bound `&str` or `String` into a new `Arc` (two
+/// allocations, freed later on the SQLite thread), while an `Arc<str>` is bound
+/// by its reference count. A batch binds the same few texts (states, queues,
+/// worker ids) and each task's id several times.
+#[derive(Default)]
+struct Texts {
+    words: std::collections::HashMap<String, Arc<str>>,
+    ids: std::collections::HashMap<TaskId, Arc<str>>,
+}
+
+impl Texts {
+    /// A text that recurs across rows (a state, a queue, a worker id).
+    fn word(&mut self, text: &str) -> Arc<str> {
+        if let Some(shared) = self.words.get(text) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(text);
+        self.words.insert(text.to_owned(), shared.clone());
+        shared
+    }
+
+    /// A task id, as stored.
+    fn id(&mut self, id: TaskId) -> Arc<str> {
+        self.ids
+            .entry(id)
+            .or_insert_with(|| Arc::from(id.to_string()))
+            .clone()
+    }
+}
+
 /// The net effect of a batch on one run-log row.
 #[derive(Debug, Clone, PartialEq)]
 struct RunRow {
@@ -533,6 +565,7 @@ macro_rules! impl_task_store {
                 let mut inserted: std::collections::HashSet<TaskId> =
                     std::collections::HashSet::with_capacity(tasks.len());
                 let items: Vec<(&NewTask, &i64)> = tasks.iter().zip(bucket_ms).collect();
+                let mut texts = Texts::default();
                 for chunk in shaped_chunks(&items) {
                     // Only an idempotency key can conflict (ids are fresh UUIDv7s).
                     // Without one, every row goes in, and not reading 1,000 ids
@@ -555,9 +588,9 @@ macro_rules! impl_task_store {
                     for (task, bucket) in chunk {
                         let created = task.created_at.timestamp_millis();
                         query = query
-                            .bind(task.id.to_string())
-                            .bind(task.queue.clone())
-                            .bind(TaskState::Scheduled.as_str())
+                            .bind(texts.id(task.id))
+                            .bind(texts.word(&task.queue))
+                            .bind(texts.word(TaskState::Scheduled.as_str()))
                             .bind(0_i64)
                             .bind(task.due_at.timestamp_millis())
                             .bind(**bucket)
@@ -565,8 +598,8 @@ macro_rules! impl_task_store {
                             .bind(i64::from(task.max_attempts))
                             .bind(0_i64)
                             .bind(task.idempotency_key.clone())
-                            .bind(task.content_hash.clone())
-                            .bind(task.content_type.clone())
+                            .bind(texts.word(&task.content_hash))
+                            .bind(texts.word(&task.content_type))
                             .bind(task.payload.len() as i64)
                             .bind(None::<String>)
                             .bind(created)
@@ -601,13 +634,13 @@ macro_rules! impl_task_store {
                         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
                         for task in chunk {
                             query = query
-                                .bind(task.id.to_string())
+                                .bind(texts.id(task.id))
                                 .bind(task.occurrence.map(|o| o.schedule_id.to_string()))
-                                .bind(task.queue.clone())
+                                .bind(texts.word(&task.queue))
                                 .bind(0_i64)
-                                .bind(TaskState::Scheduled.as_str())
+                                .bind(texts.word(TaskState::Scheduled.as_str()))
                                 .bind(task.created_at.timestamp_millis())
-                                .bind("")
+                                .bind(texts.word(""))
                                 .bind(None::<String>);
                         }
                         query.execute(&mut *tx).await?;
@@ -819,6 +852,7 @@ macro_rules! impl_task_store {
 
             async fn apply(&self, writes: &[StatusWrite]) -> StoreResult<()> {
                 let (tasks, runs, events) = plan(writes);
+                let mut texts = Texts::default();
                 let mut tx = self.writer().begin().await?;
                 if let Some(lock) = $serialize {
                     sqlx::query(lock).execute(&mut *tx).await?;
@@ -843,12 +877,12 @@ macro_rules! impl_task_store {
                     for (n, e) in chunk.iter().enumerate() {
                         query = query
                             .bind(n as i64)
-                            .bind(e.task_id.to_string())
+                            .bind(texts.id(e.task_id))
                             .bind(e.version)
-                            .bind(e.state.as_str())
+                            .bind(texts.word(e.state.as_str()))
                             .bind(e.attempt)
                             .bind(e.at_ms)
-                            .bind(e.worker_id.clone())
+                            .bind(texts.word(&e.worker_id))
                             .bind(e.error.clone());
                     }
                     query.execute(&mut *tx).await?;
@@ -865,8 +899,8 @@ macro_rules! impl_task_store {
                     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
                     for t in chunk {
                         query = query
-                            .bind(t.id.to_string())
-                            .bind(t.state.as_str())
+                            .bind(texts.id(t.id))
+                            .bind(texts.word(t.state.as_str()))
                             .bind(t.version)
                             .bind(t.at_ms)
                             .bind(t.attempts)
@@ -885,9 +919,9 @@ macro_rules! impl_task_store {
                     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
                     for r in chunk {
                         query = query
-                            .bind(r.task_id.to_string())
+                            .bind(texts.id(r.task_id))
                             .bind(r.attempt)
-                            .bind(r.worker_id.clone())
+                            .bind(texts.word(&r.worker_id))
                             .bind(r.started_at_ms);
                     }
                     query.execute(&mut *tx).await?;
@@ -906,12 +940,12 @@ macro_rules! impl_task_store {
                         let (finished_at_ms, outcome, error, detail) =
                             r.finished.clone().expect("partitioned");
                         query = query
-                            .bind(r.task_id.to_string())
+                            .bind(texts.id(r.task_id))
                             .bind(r.attempt)
-                            .bind(r.worker_id.clone())
+                            .bind(texts.word(&r.worker_id))
                             .bind(r.started_at_ms)
                             .bind(finished_at_ms)
-                            .bind(outcome.as_str())
+                            .bind(texts.word(outcome.as_str()))
                             .bind(error)
                             .bind(detail);
                     }

@@ -248,7 +248,8 @@ struct EventRow {
 /// sqlx 0.9 copies every bound `&str` or `String` into a new `Arc` (two
 /// allocations, freed later on the SQLite thread), while an `Arc<str>` is bound
 /// by its reference count. A batch binds the same few texts (states, queues,
-/// worker ids) and each task's id several times.
+/// worker ids, the fingerprint, empty without an idempotency key) and each
+/// task's id several times.
 #[derive(Default)]
 struct Texts {
     words: std::collections::HashMap<String, Arc<str>>,

@@ -252,7 +252,7 @@ struct EventRow {
 /// task's id several times.
 #[derive(Default)]
 struct Texts {
-    words: std::collections::HashMap<String, Arc<str>>,
+    words: std::collections::HashSet<Arc<str>>,
     ids: std::collections::HashMap<TaskId, Arc<str>>,
 }
 
@@ -263,7 +263,7 @@ impl Texts {
             return shared.clone();
         }
         let shared: Arc<str> = Arc::from(text);
-        self.words.insert(text.to_owned(), shared.clone());
+        self.words.insert(shared.clone());
         shared
     }
 

@@ -830,6 +830,57 @@ async fn released_ahead_starts_at_due_time_not_before() {
     assert_eq!(log.len(), 1, "ran once");
 }
 
+/// Of a burst due at one instant only the first 64 tasks are released ahead
+/// (within KAIROS_RELEASE_LEAD); the rest go from the instant on, and every
+/// task still runs once, not before its due time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_sends_only_its_first_tasks_ahead() {
+    let stack = Stack::start(Backend::Sqlite).await;
+    let mut config = stack.config();
+    config.release_lead = Duration::from_secs(2);
+    let server = stack.server_with(config).await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "default", 16, log.handler());
+    let mut client = client(&server).await;
+
+    let due_at = Utc::now() + chrono::Duration::seconds(4);
+    let tasks = (0..200)
+        .map(|i| {
+            NewTask::new("default")
+                .payload(format!("burst-{i}"))
+                .at(due_at)
+        })
+        .collect();
+    let mut due = HashMap::new();
+    for result in client.schedule_batch(tasks).await.expect("batch") {
+        let task = result.expect("item stored");
+        due.insert(task.id, task.due_at);
+    }
+    let one_second_before = (due_at - chrono::Duration::seconds(1) - Utc::now())
+        .to_std()
+        .expect("booked 4 s ahead");
+    tokio::time::sleep(one_second_before).await;
+    assert_eq!(
+        stack.stream_state("KAIROS_READY").await.0,
+        64,
+        "the burst's first 64 released 2 s ahead, the rest held for the due time"
+    );
+    assert!(log.is_empty(), "none started a second before the due time");
+
+    log.wait_for(200, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let counts = log.counts();
+    assert_eq!(counts.len(), 200, "every task ran");
+    assert!(counts.values().all(|&n| n == 1), "each task ran once");
+    for run in log.runs() {
+        assert!(
+            run.at >= due[&run.task_id],
+            "task {} ran early",
+            run.task_id
+        );
+    }
+}
+
 /// A worker whose clock runs ahead asks to start before the due time: the
 /// server answers WAIT for the time left and claims nothing, so the task can
 /// still be cancelled.

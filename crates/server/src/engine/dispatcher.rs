@@ -37,6 +37,12 @@ const MAX_RELEASE: usize = 4096;
 /// Size of the first round after the timer was idle: a burst's first tasks
 /// leave after a small claim and publish, then rounds double up to MAX_RELEASE.
 const FIRST_RELEASE: usize = 64;
+/// Most tasks of one due instant released ahead of it (within the release
+/// lead); the rest of a burst waits for the instant itself. Workers ask to
+/// start the tasks they hold at the due time: releasing the whole burst
+/// ahead would have the dispatcher, NATS and the workers busy with it just
+/// when the first starts need the CPU.
+const MAX_AHEAD: usize = 64;
 /// How long a task waits before another try when a backend failed its release.
 const RETRY_DELAY_MS: i64 = 1000;
 
@@ -124,6 +130,9 @@ pub struct Dispatcher {
     next_generation: u64,
     /// Size of the next release round (slow start, see FIRST_RELEASE).
     round: usize,
+    /// The due instant of the tasks last released ahead, and how many of
+    /// its tasks went ahead (see MAX_AHEAD).
+    ahead: (i64, usize),
     tx: mpsc::Sender<(i64, u64, BucketMessage)>,
     rx: mpsc::Receiver<(i64, u64, BucketMessage)>,
 }
@@ -161,6 +170,7 @@ impl Dispatcher {
             known: BTreeSet::new(),
             next_generation: 0,
             round: FIRST_RELEASE,
+            ahead: (i64::MIN, 0),
             tx,
             rx,
         }
@@ -177,7 +187,7 @@ impl Dispatcher {
             let wake = async {
                 match next_due {
                     Some(due_ms) => {
-                        let release_ms = due_ms - self.lead_ms;
+                        let release_ms = release_at(due_ms, self.lead_ms, self.ahead);
                         let wait = (release_ms - Utc::now().timestamp_millis()).max(0) as u64;
                         tokio::time::sleep(Duration::from_millis(wait)).await;
                     }
@@ -231,16 +241,25 @@ impl Dispatcher {
         self.timer.push(Reverse(held));
     }
 
-    /// Releases every task due within the release lead, oldest first, in rounds.
+    /// Releases every task due within the release lead (a burst: its first
+    /// MAX_AHEAD tasks), oldest first, in rounds.
     async fn release_due(&mut self) {
         let now_ms = Utc::now().timestamp_millis();
-        let release_by = now_ms + self.lead_ms;
         let mut due: Vec<Held> = Vec::new();
         let mut without_body = BTreeSet::new();
+        let lead_ms = self.lead_ms;
+        let releasable = |ahead, top: &Held| release_at(top.msg.due_ms, lead_ms, ahead) <= now_ms;
         while due.len() < self.round {
             match self.timer.peek() {
-                Some(Reverse(top)) if top.msg.due_ms <= release_by => {
+                Some(Reverse(top)) if releasable(self.ahead, top) => {
                     let Reverse(held) = self.timer.pop().expect("peeked");
+                    let due_ms = held.msg.due_ms;
+                    if due_ms > now_ms {
+                        self.ahead = match self.ahead {
+                            (instant, n) if instant == due_ms => (instant, n + 1),
+                            _ => (due_ms, 1),
+                        };
+                    }
                     let current = self
                         .owned
                         .get(&held.bucket())
@@ -263,7 +282,7 @@ impl Dispatcher {
         let more_due = self
             .timer
             .peek()
-            .is_some_and(|Reverse(top)| top.msg.due_ms <= release_by);
+            .is_some_and(|Reverse(top)| releasable(self.ahead, top));
         self.round = if more_due {
             (self.round * 2).min(MAX_RELEASE)
         } else {
@@ -638,9 +657,29 @@ async fn pull(
     }
 }
 
+/// When a task due at `due_ms` may be released: `lead_ms` ahead, unless
+/// MAX_AHEAD tasks of its due instant already went ahead (`ahead`).
+fn release_at(due_ms: i64, lead_ms: i64, ahead: (i64, usize)) -> i64 {
+    if ahead.0 == due_ms && ahead.1 >= MAX_AHEAD {
+        due_ms
+    } else {
+        due_ms - lead_ms
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_burst_sends_only_its_first_tasks_ahead() {
+        let (due, lead) = (1_000_000, 20);
+        assert_eq!(release_at(due, lead, (i64::MIN, 0)), due - lead);
+        assert_eq!(release_at(due, lead, (due, MAX_AHEAD - 1)), due - lead);
+        assert_eq!(release_at(due, lead, (due, MAX_AHEAD)), due);
+        // Another instant's tasks still go ahead.
+        assert_eq!(release_at(due + 1, lead, (due, MAX_AHEAD)), due + 1 - lead);
+    }
 
     /// A million of these wait at once (the idle goal is 300 MB for them all).
     /// Nothing of a held task lives on the heap but its body, which a bucket

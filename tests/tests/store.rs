@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 use chrono::{DateTime, Duration, Utc};
 use kairos_server::domain::{
-    AttemptOutcome, NewTask, Occurrence, StatusWrite, TaskId, TaskState, content_hash,
+    AttemptOutcome, EventFilter, NewTask, Occurrence, StatusWrite, TaskId, TaskState, content_hash,
 };
 use kairos_server::store::{self, DynStore, InsertOutcome, TaskFilter};
 use kairos_tests::stack::fresh_postgres_database;
@@ -345,7 +345,72 @@ async fn concurrent_batches_in_opposite_orders_do_not_deadlock(backend: Backend)
     assert_eq!(got.attempts, 20);
 }
 
+/// The recorder begins a batch once the one before holds its rows: the later
+/// batch, though it runs alongside, sees the earlier one's changes, so a start
+/// reported twice is logged once and each task's events stay in order.
+async fn a_batch_begun_in_turn_applies_after_the_one_before(backend: Backend) {
+    let (store, _dir) = open(backend).await;
+    let tasks: Vec<NewTask> = (0..300).map(|_| task("q", None, "p")).collect();
+    store
+        .insert_tasks(&tasks, &vec![0; tasks.len()])
+        .await
+        .expect("insert");
+    let at = Utc::now();
+    let started: Vec<StatusWrite> = tasks
+        .iter()
+        .map(|t| StatusWrite::Started {
+            id: t.id,
+            attempt: 1,
+            worker_id: "w".into(),
+            at,
+        })
+        .collect();
+    // The start again (a report sent twice), then the result.
+    let mut finished = started.clone();
+    finished.extend(tasks.iter().map(|t| StatusWrite::Finished {
+        id: t.id,
+        attempt: 1,
+        worker_id: "w".into(),
+        state: TaskState::Succeeded,
+        error: None,
+        detail: None,
+        at,
+    }));
+    let (held, rows_held) = tokio::sync::oneshot::channel();
+    let first = store.apply_in_turn(&started, Some(held));
+    let second = async {
+        rows_held.await.expect("the first batch holds its rows");
+        store.apply(&finished).await
+    };
+    let (a, b) = tokio::join!(first, second);
+    a.expect("first batch");
+    b.expect("second batch");
+
+    let events = store
+        .read_events(0, i64::MAX, &EventFilter::default(), 10_000)
+        .await
+        .expect("events");
+    let mut lives: HashMap<TaskId, Vec<TaskState>> = HashMap::new();
+    for e in &events {
+        lives.entry(e.task_id).or_default().push(e.state);
+    }
+    assert_eq!(lives.len(), tasks.len());
+    for (id, life) in lives {
+        assert_eq!(
+            life,
+            [
+                TaskState::Scheduled,
+                TaskState::Dispatched,
+                TaskState::Running,
+                TaskState::Succeeded
+            ],
+            "task {id}"
+        );
+    }
+}
+
 backend_tests!(
+    a_batch_begun_in_turn_applies_after_the_one_before,
     concurrent_batches_in_opposite_orders_do_not_deadlock,
     tasks_round_trip_and_list_newest_first,
     every_list_filter_matches_a_full_scan,

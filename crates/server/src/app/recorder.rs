@@ -1,5 +1,7 @@
 //! Writes status changes to SQL in batches: many concurrent reports share one
-//! transaction, which is what keeps SQLite fast under bursts.
+//! transaction, which is what keeps SQLite fast under bursts. Where the store
+//! allows it (Postgres), a batch begins as soon as the one before holds its
+//! rows, so the two overlap; a task they share still changes in order.
 //!
 //! A DISPATCHED write waits up to `DISPATCHED_LINGER` before it is written:
 //! a first start implies the release (the store logs both events), so when
@@ -14,6 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -221,6 +224,8 @@ async fn run(
     let mut waiters = Vec::with_capacity(MAX_BATCH);
     let mut lingering = KeptBack::default();
     let mut closing = false;
+    let at_once = store.batches_at_once().max(1);
+    let mut applying = futures::stream::FuturesUnordered::new();
     loop {
         let first = if closing {
             // Take what is already queued, then the lingering writes, then stop.
@@ -267,18 +272,42 @@ async fn run(
         if writes.is_empty() {
             continue;
         }
-        let result = store.apply(&writes).await;
-        match &result {
-            Ok(()) => bus.signal_events().await,
-            Err(err) => warn!(writes = writes.len(), error = %err, "status batch not recorded"),
+        let (held, rows_held) = oneshot::channel();
+        applying.push(tokio::spawn(apply(
+            store.clone(),
+            bus.clone(),
+            std::mem::replace(&mut writes, Vec::with_capacity(MAX_BATCH)),
+            std::mem::take(&mut waiters),
+            held,
+        )));
+        // The next batch begins once this one holds its rows, so a task's
+        // changes still apply in the order they came (an error drops `held`).
+        let _ = rows_held.await;
+        while applying.len() >= at_once {
+            applying.next().await;
         }
-        let outcome = result.map_err(|e| e.to_string());
-        for waiter in waiters.drain(..) {
-            let _ = waiter.send(outcome.clone());
-        }
-        writes.clear();
     }
+    while applying.next().await.is_some() {}
     debug!("recorder stopped");
+}
+
+/// Applies one batch and tells everyone waiting for it how it went.
+async fn apply(
+    store: DynStore,
+    bus: Bus,
+    writes: Vec<StatusWrite>,
+    waiters: Vec<Waiter>,
+    held: oneshot::Sender<()>,
+) {
+    let result = store.apply_in_turn(&writes, Some(held)).await;
+    match &result {
+        Ok(()) => bus.signal_events().await,
+        Err(err) => warn!(writes = writes.len(), error = %err, "status batch not recorded"),
+    }
+    let outcome = result.map_err(|e| e.to_string());
+    for waiter in waiters {
+        let _ = waiter.send(outcome.clone());
+    }
 }
 
 /// Adds one queued write to the batch, or keeps it back (see `Lingering`).

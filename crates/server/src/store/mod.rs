@@ -94,7 +94,22 @@ pub trait TaskStore: ScheduleStore + QueueStore + std::fmt::Debug + Send + Sync 
 
     /// Applies status changes in one transaction and appends each to the
     /// event log; a change older than the stored state is ignored.
-    async fn apply(&self, writes: &[StatusWrite]) -> StoreResult<()>;
+    async fn apply(&self, writes: &[StatusWrite]) -> StoreResult<()> {
+        self.apply_in_turn(writes, None).await
+    }
+
+    /// `apply`, telling `rows_held` once the transaction holds its tasks'
+    /// rows: a batch begun after that applies after this one wherever the
+    /// two share a task, so the recorder may start it then.
+    async fn apply_in_turn(
+        &self,
+        writes: &[StatusWrite],
+        rows_held: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> StoreResult<()>;
+
+    /// How many status batches are worth applying at once: 1 where there is
+    /// a single writer (SQLite).
+    fn batches_at_once(&self) -> usize;
 
     /// Moves a DEAD task back to DISPATCHED for a fresh set of attempts,
     /// allowing `max_attempts` in all from now on, and logs the change;

@@ -243,6 +243,14 @@ struct EventRow {
     error: Option<String>,
 }
 
+/// What a status batch reads of a task before it logs the task's events.
+struct StoredTask {
+    version: i64,
+    attempts: i64,
+    schedule_id: Option<String>,
+    queue: Arc<str>,
+}
+
 /// The text parameters of one batch of statements, each allocated once.
 ///
 /// sqlx 0.9 copies every bound `&str` or `String` into a new `Arc` (two
@@ -433,11 +441,13 @@ fn plan(writes: &[StatusWrite]) -> (Vec<TaskUpdate>, Vec<RunRow>, Vec<EventRow>)
     (tasks, runs, events)
 }
 
-/// Statement that serializes event-log appends on Postgres, taken before a
-/// transaction touches existing task rows or appends events and held to its
-/// commit: ids then commit in id order, so a reader never sees id N+1
-/// before id N, and the version guard reads committed states. SQLite needs
-/// none: it has one writer at a time.
+/// Statement that serializes event-log appends on Postgres, taken just
+/// before a transaction appends events and held to its commit: ids then
+/// commit in id order, so a reader never sees id N+1 before id N. A
+/// transaction takes it only after the task rows it changes are locked and
+/// never waits for a row while holding it, so it cannot deadlock with them;
+/// the row locks are what make the version guard read committed states.
+/// SQLite needs none: it has one writer at a time.
 const PG_EVENT_LOCK: &str = "SELECT pg_advisory_xact_lock(7411000)";
 
 /// Columns of an event row read back.
@@ -554,7 +564,7 @@ fn list_query(filter: &TaskFilter, placeholder: Placeholder) -> (String, Vec<Str
 }
 
 macro_rules! impl_task_store {
-    ($store:ty, $placeholder:expr, $serialize:expr) => {
+    ($store:ty, $placeholder:expr, $serialize:expr, $lock_rows:expr, $batches_at_once:expr) => {
         #[tonic::async_trait]
         impl TaskStore for $store {
             async fn insert_tasks(
@@ -674,6 +684,18 @@ macro_rules! impl_task_store {
 
             async fn delete_tasks(&self, ids: &[TaskId]) -> StoreResult<()> {
                 let mut tx = self.writer().begin().await?;
+                let mut ids = ids.to_vec();
+                ids.sort_unstable();
+                // Rows first, then the log's lock (see PG_EVENT_LOCK).
+                for id in &ids {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "SELECT id FROM tasks WHERE id = $1{}",
+                        $lock_rows
+                    )))
+                    .bind(id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                }
                 if let Some(lock) = $serialize {
                     sqlx::query(lock).execute(&mut *tx).await?;
                 }
@@ -740,9 +762,6 @@ macro_rules! impl_task_store {
                 at: chrono::DateTime<chrono::Utc>,
             ) -> StoreResult<bool> {
                 let mut tx = self.writer().begin().await?;
-                if let Some(lock) = $serialize {
-                    sqlx::query(lock).execute(&mut *tx).await?;
-                }
                 // Version 1 (dispatched): the next attempt's RUNNING moves it on.
                 let revived = sqlx::query(
                     "UPDATE tasks SET state = $1, version = $2, max_attempts = $3, \
@@ -759,6 +778,10 @@ macro_rules! impl_task_store {
                 .rows_affected()
                     == 1;
                 if revived {
+                    // After the update has locked the row (see PG_EVENT_LOCK).
+                    if let Some(lock) = $serialize {
+                        sqlx::query(lock).execute(&mut *tx).await?;
+                    }
                     sqlx::query(
                         "INSERT INTO task_events (task_id, schedule_id, queue, attempt, state, \
                          at_ms, worker_id, error) SELECT id, schedule_id, queue, attempts, $2, $3, '', \
@@ -851,42 +874,98 @@ macro_rules! impl_task_store {
                 Ok(deleted)
             }
 
-            async fn apply(&self, writes: &[StatusWrite]) -> StoreResult<()> {
+            fn batches_at_once(&self) -> usize {
+                $batches_at_once
+            }
+
+            async fn apply_in_turn(
+                &self,
+                writes: &[StatusWrite],
+                rows_held: Option<tokio::sync::oneshot::Sender<()>>,
+            ) -> StoreResult<()> {
                 let (tasks, runs, events) = plan(writes);
                 let mut texts = Texts::default();
                 let mut tx = self.writer().begin().await?;
-                if let Some(lock) = $serialize {
-                    sqlx::query(lock).execute(&mut *tx).await?;
-                }
-                // Before the tasks move: an event is kept only if its version
-                // is past the stored one, so the log of each task is in order
-                // and a change reported twice is logged once.
-                for chunk in shaped_chunks(&events) {
-                    let sql = format!(
-                        "WITH v (n, task_id, version, state, attempt, at_ms, worker_id, error) AS \
-                         (VALUES {}) \
-                         INSERT INTO task_events (task_id, schedule_id, queue, attempt, state, at_ms, \
-                         worker_id, error) \
-                         SELECT v.task_id, t.schedule_id, t.queue, \
-                         CASE WHEN v.attempt = 0 THEN t.attempts ELSE v.attempt END, \
-                         v.state, v.at_ms, v.worker_id, v.error \
-                         FROM v JOIN tasks t ON t.id = v.task_id \
-                         WHERE t.version < v.version ORDER BY v.n",
-                        rows(chunk.len(), 8, $placeholder)
-                    );
-                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-                    for (n, e) in chunk.iter().enumerate() {
-                        query = query
-                            .bind(n as i64)
-                            .bind(texts.id(e.task_id))
-                            .bind(e.version)
-                            .bind(texts.word(e.state.as_str()))
-                            .bind(e.attempt)
-                            .bind(e.at_ms)
-                            .bind(texts.word(&e.worker_id))
-                            .bind(e.error.clone());
+                let mut stored: std::collections::HashMap<TaskId, StoredTask> =
+                    std::collections::HashMap::new();
+                // An event is kept only if its version is past the stored
+                // one, so the log of each task is in order and a change
+                // reported twice is logged once.
+                let mut logged: Vec<(&EventRow, &StoredTask)> = Vec::new();
+                if $batches_at_once > 1 {
+                    // Batches overlap: hold this one's task rows first, in id
+                    // order (`tasks` is sorted), and read what each event is
+                    // checked against; a batch begun later waits here for the
+                    // tasks it shares. The events go last (see PG_EVENT_LOCK).
+                    for chunk in shaped_chunks(&tasks) {
+                        let sql = format!(
+                            "SELECT id, version, attempts, schedule_id, queue FROM tasks \
+                             WHERE id IN ({}) ORDER BY id{}",
+                            rows(chunk.len(), 1, $placeholder),
+                            $lock_rows
+                        );
+                        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                        for t in chunk {
+                            query = query.bind(texts.id(t.id));
+                        }
+                        for row in query.fetch_all(&mut *tx).await? {
+                            let id: String = row.try_get("id")?;
+                            let queue: String = row.try_get("queue")?;
+                            stored.insert(
+                                id_from_text("tasks", &id)?,
+                                StoredTask {
+                                    version: row.try_get("version")?,
+                                    attempts: row.try_get("attempts")?,
+                                    schedule_id: row.try_get("schedule_id")?,
+                                    queue: texts.word(&queue),
+                                },
+                            );
+                        }
                     }
-                    query.execute(&mut *tx).await?;
+                    logged = events
+                        .iter()
+                        .filter_map(|e| {
+                            let task = stored.get(&e.task_id)?;
+                            (task.version < e.version).then_some((e, task))
+                        })
+                        .collect();
+                } else {
+                    // One writer: log the events before the tasks move, checked
+                    // against the stored versions inside the statement, which
+                    // costs less than reading the rows back.
+                    if let Some(lock) = $serialize {
+                        sqlx::query(lock).execute(&mut *tx).await?;
+                    }
+                    for chunk in shaped_chunks(&events) {
+                        let sql = format!(
+                            "WITH v (n, task_id, version, state, attempt, at_ms, worker_id, error) AS \
+                             (VALUES {}) \
+                             INSERT INTO task_events (task_id, schedule_id, queue, attempt, state, at_ms, \
+                             worker_id, error) \
+                             SELECT v.task_id, t.schedule_id, t.queue, \
+                             CASE WHEN v.attempt = 0 THEN t.attempts ELSE v.attempt END, \
+                             v.state, v.at_ms, v.worker_id, v.error \
+                             FROM v JOIN tasks t ON t.id = v.task_id \
+                             WHERE t.version < v.version ORDER BY v.n",
+                            rows(chunk.len(), 8, $placeholder)
+                        );
+                        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                        for (n, e) in chunk.iter().enumerate() {
+                            query = query
+                                .bind(n as i64)
+                                .bind(texts.id(e.task_id))
+                                .bind(e.version)
+                                .bind(texts.word(e.state.as_str()))
+                                .bind(e.attempt)
+                                .bind(e.at_ms)
+                                .bind(texts.word(&e.worker_id))
+                                .bind(e.error.clone());
+                        }
+                        query.execute(&mut *tx).await?;
+                    }
+                }
+                if let Some(held) = rows_held {
+                    let _ = held.send(());
                 }
                 for chunk in shaped_chunks(&tasks) {
                     let sql = format!(
@@ -952,6 +1031,34 @@ macro_rules! impl_task_store {
                     }
                     query.execute(&mut *tx).await?;
                 }
+                // Last, so that the lock ordering the log covers only the
+                // append and the commit.
+                if !logged.is_empty() {
+                    if let Some(lock) = $serialize {
+                        sqlx::query(lock).execute(&mut *tx).await?;
+                    }
+                }
+                for chunk in shaped_chunks(&logged) {
+                    let sql = format!(
+                        "INSERT INTO task_events (task_id, schedule_id, queue, attempt, state, at_ms, \
+                         worker_id, error) VALUES {}",
+                        rows(chunk.len(), 8, $placeholder)
+                    );
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for (e, task) in chunk {
+                        let attempt = if e.attempt == 0 { task.attempts } else { e.attempt };
+                        query = query
+                            .bind(texts.id(e.task_id))
+                            .bind(task.schedule_id.clone())
+                            .bind(task.queue.clone())
+                            .bind(attempt)
+                            .bind(texts.word(e.state.as_str()))
+                            .bind(e.at_ms)
+                            .bind(texts.word(&e.worker_id))
+                            .bind(e.error.clone());
+                    }
+                    query.execute(&mut *tx).await?;
+                }
                 tx.commit().await?;
                 Ok(())
             }
@@ -959,8 +1066,8 @@ macro_rules! impl_task_store {
     };
 }
 
-impl_task_store!(SqliteStore, question_mark, None::<&str>);
-impl_task_store!(PgStore, dollar, Some(PG_EVENT_LOCK));
+impl_task_store!(SqliteStore, question_mark, None::<&str>, "", 1);
+impl_task_store!(PgStore, dollar, Some(PG_EVENT_LOCK), " FOR UPDATE", 2);
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,7 @@
 //! time takes it along into its own batch, where the two collapse into one
 //! task-row update and one run row; both events are still logged.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -177,10 +177,51 @@ impl Lingering {
     }
 }
 
+/// Tasks whose first attempt started lately. The dispatcher records a round's
+/// releases once the whole round is published, and workers often start a
+/// task before that: its DISPATCHED write then arrives implied already, and
+/// would cost a task-row lookup for nothing.
+struct Begun {
+    ids: HashSet<TaskId>,
+    /// Ids in arrival order with the time they are forgotten.
+    order: VecDeque<(Instant, TaskId)>,
+}
+
+impl Begun {
+    fn new() -> Self {
+        Self {
+            ids: HashSet::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Remembers a first start for as long as a DISPATCHED write may linger.
+    fn note(&mut self, write: &StatusWrite) {
+        if let StatusWrite::Started { id, attempt: 1, .. } = write {
+            let now = Instant::now();
+            while let Some(&(until, old)) = self.order.front()
+                && (until <= now || self.order.len() >= MAX_LINGERING)
+            {
+                self.order.pop_front();
+                self.ids.remove(&old);
+            }
+            if self.ids.insert(*id) {
+                self.order.push_back((now + DISPATCHED_LINGER, *id));
+            }
+        }
+    }
+
+    /// Tells whether a DISPATCHED write for `id` came after its first start.
+    fn implies(&self, id: TaskId) -> bool {
+        self.ids.contains(&id)
+    }
+}
+
 /// The writes the recorder keeps back, by kind.
 struct KeptBack {
     dispatched: Lingering,
     started: Lingering,
+    begun: Begun,
 }
 
 impl Default for KeptBack {
@@ -188,6 +229,7 @@ impl Default for KeptBack {
         Self {
             dispatched: Lingering::new(DISPATCHED_LINGER),
             started: Lingering::new(STARTED_LINGER),
+            begun: Begun::new(),
         }
     }
 }
@@ -318,16 +360,20 @@ fn take(
     lingering: &mut KeptBack,
 ) {
     match (&write, waiter) {
-        (StatusWrite::Dispatched { .. }, None) => {
-            // A release sent again replaces the one waiting.
-            let _ = lingering.dispatched.add(write);
+        (StatusWrite::Dispatched { id, .. }, None) => {
+            if !lingering.begun.implies(*id) {
+                // A release sent again replaces the one waiting.
+                let _ = lingering.dispatched.add(write);
+            }
         }
         (StatusWrite::Started { .. }, None) => {
             lingering.dispatched.implied_by(&write);
+            lingering.begun.note(&write);
             writes.extend(lingering.started.add(write));
         }
         (_, waiter) => {
             lingering.dispatched.implied_by(&write);
+            lingering.begun.note(&write);
             // The attempt's RUNNING goes in the same batch as its result.
             writes.extend(lingering.started.remove(write.task_id()));
             writes.push(write);
@@ -448,6 +494,45 @@ mod tests {
         lingering.take_due(&mut writes, false);
         assert!(matches!(writes[..], [StatusWrite::Started { id, .. }] if id == slow));
         assert!(lingering.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_release_recorded_after_its_first_start_is_dropped() {
+        let (early, retried, late) = (TaskId::new(), TaskId::new(), TaskId::new());
+        let mut lingering = KeptBack::default();
+        let (mut writes, mut waiters) = (Vec::new(), Vec::new());
+        for write in [started(early, 1), started(retried, 2), dispatched(early)] {
+            take((write, None), &mut writes, &mut waiters, &mut lingering);
+        }
+        take(
+            (dispatched(retried), None),
+            &mut writes,
+            &mut waiters,
+            &mut lingering,
+        );
+        let waiting: Vec<TaskId> = lingering.dispatched.waiting.keys().copied().collect();
+        assert_eq!(
+            waiting,
+            vec![retried],
+            "only a first start implies the release"
+        );
+
+        // Remembered only as long as a release may linger.
+        take(
+            (started(late, 1), None),
+            &mut writes,
+            &mut waiters,
+            &mut lingering,
+        );
+        tokio::time::advance(DISPATCHED_LINGER).await;
+        take(
+            (started(TaskId::new(), 1), None),
+            &mut writes,
+            &mut waiters,
+            &mut lingering,
+        );
+        assert!(!lingering.begun.implies(late));
+        assert_eq!(lingering.begun.ids.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -44,7 +44,8 @@ cleanup() {
 trap cleanup EXIT
 if [ "$postgres" = yes ]; then
   start_postgres bench-postgres "$PG_PORT"
-  args+=(--postgres-url "postgres://kairos@127.0.0.1:$PG_PORT/postgres")
+  args+=(--postgres-url "postgres://kairos@127.0.0.1:$PG_PORT/postgres"
+    --postgres-pid-file "$KAIROS_DIR/bench-postgres/data/postmaster.pid")
 fi
 
 "${KAIROS_BENCH_BIN:-target/release/kairos-bench}" \

@@ -103,6 +103,10 @@ struct Args {
     /// redis-server pid file, so the burst can report Redis's CPU.
     #[arg(long)]
     redis_pid_file: Option<PathBuf>,
+    /// Postgres's `postmaster.pid`, so the burst can report Postgres's CPU
+    /// (the postmaster and its backends).
+    #[arg(long)]
+    postgres_pid_file: Option<PathBuf>,
     /// Folder for the SQLite files of each run.
     #[arg(long, default_value = ".kairos/bench")]
     work_dir: PathBuf,
@@ -130,6 +134,8 @@ struct Args {
 struct OthersCpu {
     nats: f64,
     redis: f64,
+    /// The postmaster and its children; 0 without a pid file.
+    postgres: f64,
     /// This process: the in-process workers, or the raw baseline's client.
     workers: f64,
 }
@@ -185,15 +191,17 @@ impl Bench {
     /// CPU seconds so far of nats-server, redis-server and this process (the
     /// in-process workers), for the per-process split of a phase.
     fn others_cpu(&self) -> OthersCpu {
-        let of_pid_file = |file: &Option<PathBuf>| {
-            file.as_ref()
-                .and_then(|f| std::fs::read_to_string(f).ok())
-                .and_then(|pid| pid.trim().parse().ok())
-                .map_or(0.0, |pid| proc_usage(pid).0)
+        let pid_in = |file: &Option<PathBuf>| -> Option<u32> {
+            let text = std::fs::read_to_string(file.as_ref()?).ok()?;
+            // postmaster.pid holds more lines; the pid is the first.
+            text.lines().next()?.trim().parse().ok()
         };
+        let of_pid_file =
+            |file: &Option<PathBuf>| pid_in(file).map_or(0.0, |pid| proc_usage(pid).0);
         OthersCpu {
             nats: of_pid_file(&self.args.nats_pid_file),
             redis: of_pid_file(&self.args.redis_pid_file),
+            postgres: pid_in(&self.args.postgres_pid_file).map_or(0.0, server::tree_cpu),
             workers: proc_usage(std::process::id()).0,
         }
     }
@@ -335,12 +343,16 @@ impl Bench {
         let split = [
             ("nats", others1.nats - others0.nats),
             ("redis", others1.redis - others0.redis),
+            ("postgres", others1.postgres - others0.postgres),
             ("workers", others1.workers - others0.workers),
             ("server", cpu1 - drain_cpu0),
             ("raw_relay_nats", raw1.nats - raw0.nats),
             ("raw_relay_client", raw1.workers - raw0.workers),
         ];
         for (name, cpu_s) in split {
+            if name == "postgres" && self.args.postgres_pid_file.is_none() {
+                continue;
+            }
             m.insert(format!("{name}_us_per_task"), per_task(cpu_s));
         }
         let mut goals = vec![

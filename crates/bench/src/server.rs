@@ -104,18 +104,55 @@ pub(crate) fn proc_usage(pid: u32) -> (f64, f64, f64) {
     (cpu_s, kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
 }
 
-/// Creates an empty database `name` on the Postgres server at `base_url` and
-/// returns its URL.
+/// CPU seconds of a process and of its children alive now (Postgres: the
+/// postmaster and one backend per connection, which live as long as the pool).
+pub(crate) fn tree_cpu(root: u32) -> f64 {
+    let mut total = proc_usage(root).0;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return total;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The parent pid is the second field after the command name.
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u32>().ok());
+        if parent == Some(root) {
+            total += proc_usage(pid).0;
+        }
+    }
+    total
+}
+
+/// Creates an empty database `name` on the Postgres server at `base_url`, after
+/// dropping those of earlier runs, and returns its URL.
 pub(crate) async fn fresh_postgres_database(base_url: &str, name: &str) -> anyhow::Result<String> {
     use sqlx::Connection as _;
     let mut conn = sqlx::PgConnection::connect(base_url)
         .await
         .with_context(|| format!("cannot connect to postgres at {base_url}"))?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name}"
-    )))
-    .execute(&mut conn)
+    // Earlier runs' databases go too: left behind, they cost disk, and
+    // autovacuum working through them ran into the next run and its figures.
+    let earlier: Vec<String> = sqlx::query_scalar(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'kairos\\_bench\\_%'",
+    )
+    .fetch_all(&mut conn)
     .await?;
+    for old in earlier.iter().map(String::as_str).chain([name]) {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {old} WITH (FORCE)"
+        )))
+        .execute(&mut conn)
+        .await?;
+    }
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut conn)
         .await?;

@@ -235,6 +235,13 @@ impl Default for KeptBack {
 }
 
 impl KeptBack {
+    /// A first start implies its release: drops the DISPATCHED write waiting,
+    /// and remembers the start for one that comes later.
+    fn note_start(&mut self, write: &StatusWrite) {
+        self.dispatched.implied_by(write);
+        self.begun.note(write);
+    }
+
     fn next_deadline(&mut self) -> Option<Instant> {
         match (
             self.dispatched.next_deadline(),
@@ -367,13 +374,11 @@ fn take(
             }
         }
         (StatusWrite::Started { .. }, None) => {
-            lingering.dispatched.implied_by(&write);
-            lingering.begun.note(&write);
+            lingering.note_start(&write);
             writes.extend(lingering.started.add(write));
         }
         (_, waiter) => {
-            lingering.dispatched.implied_by(&write);
-            lingering.begun.note(&write);
+            lingering.note_start(&write);
             // The attempt's RUNNING goes in the same batch as its result.
             writes.extend(lingering.started.remove(write.task_id()));
             writes.push(write);

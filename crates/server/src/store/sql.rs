@@ -216,6 +216,16 @@ fn rows(n: usize, cols: usize, placeholder: Placeholder) -> String {
     text
 }
 
+/// Returns the statement that reads `columns` of `n` tasks by id, in id
+/// order, followed by `suffix`: on Postgres ` FOR UPDATE`, which locks them
+/// in that order, so two transactions never wait for each other's rows.
+fn tasks_by_id(columns: &str, n: usize, placeholder: Placeholder, suffix: &str) -> String {
+    format!(
+        "SELECT {columns} FROM tasks WHERE id IN ({}) ORDER BY id{suffix}",
+        rows(n, 1, placeholder)
+    )
+}
+
 /// The net effect of a batch on one task row.
 #[derive(Debug, Clone, PartialEq)]
 struct TaskUpdate {
@@ -687,14 +697,13 @@ macro_rules! impl_task_store {
                 let mut ids = ids.to_vec();
                 ids.sort_unstable();
                 // Rows first, then the log's lock (see PG_EVENT_LOCK).
-                for id in &ids {
-                    sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "SELECT id FROM tasks WHERE id = $1{}",
-                        $lock_rows
-                    )))
-                    .bind(id.to_string())
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                for chunk in shaped_chunks(&ids) {
+                    let sql = tasks_by_id("id", chunk.len(), $placeholder, $lock_rows);
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for id in chunk {
+                        query = query.bind(id.to_string());
+                    }
+                    query.fetch_all(&mut *tx).await?;
                 }
                 if let Some(lock) = $serialize {
                     sqlx::query(lock).execute(&mut *tx).await?;
@@ -898,11 +907,11 @@ macro_rules! impl_task_store {
                     // checked against; a batch begun later waits here for the
                     // tasks it shares. The events go last (see PG_EVENT_LOCK).
                     for chunk in shaped_chunks(&tasks) {
-                        let sql = format!(
-                            "SELECT id, version, attempts, schedule_id, queue FROM tasks \
-                             WHERE id IN ({}) ORDER BY id{}",
-                            rows(chunk.len(), 1, $placeholder),
-                            $lock_rows
+                        let sql = tasks_by_id(
+                            "id, version, attempts, schedule_id, queue",
+                            chunk.len(),
+                            $placeholder,
+                            $lock_rows,
                         );
                         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
                         for t in chunk {

@@ -276,9 +276,10 @@ async fn retries_follow_the_queue_backoff(backend: Backend) {
     assert_eq!(stats.succeeded_last_hour, 1);
 }
 
-/// A worker killed mid-task: the task is delivered again once the queue's
-/// run timeout passes, and completes. A long task on a live worker keeps
-/// its delivery with in-progress acks and runs once.
+/// A worker killed mid-task: its handler stops with it, and the task is
+/// delivered again once the queue's run timeout passes, and completes. A
+/// long task on a live worker keeps its delivery with in-progress acks and
+/// runs once.
 async fn run_timeout_redelivers_only_what_a_dead_worker_held(backend: Backend) {
     let stack = Stack::start(backend).await;
     let server = stack.server().await;
@@ -291,13 +292,16 @@ async fn run_timeout_redelivers_only_what_a_dead_worker_held(backend: Backend) {
         .await
         .expect("create");
 
-    // A handler that never returns, on a worker that then dies.
+    // A handler that never returns, on a worker that then dies. Each running
+    // call holds a clone of `alive`.
     let hung = RunLog::default();
+    let alive = Arc::new(());
     let hang = {
-        let hung = hung.clone();
+        let (hung, alive) = (hung.clone(), alive.clone());
         handler_fn(move |task| {
-            let hung = hung.clone();
+            let (hung, alive) = (hung.clone(), alive.clone());
             async move {
+                let _alive = alive;
                 hung.record(&task);
                 std::future::pending::<()>().await;
                 Ok::<(), HandlerError>(())
@@ -312,6 +316,15 @@ async fn run_timeout_redelivers_only_what_a_dead_worker_held(backend: Backend) {
     hung.wait_for(1, Duration::from_secs(10)).await;
     let killed_at = Instant::now();
     doomed.kill().await;
+    // The handler goes with its worker, not left running detached.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Arc::strong_count(&alive) > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the killed worker's handler is still running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let log = RunLog::default();
     let _healthy = stack.worker(&server, "jobs", 1, log.handler());

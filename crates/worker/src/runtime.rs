@@ -8,12 +8,13 @@
 //! | terminal, or the last attempt | `Term` |
 //! | still running | `Progress` every third of `ack_wait` |
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer};
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use kairos_proto::v1 as pb;
 use kairos_proto::wire;
 use prost::Message as _;
@@ -306,7 +307,8 @@ impl Worker {
             .connect(&inner.nats)
             .await
             .map_err(|e| WorkerError::Nats(e.to_string()))?;
-        let js = jetstream::new(client.clone());
+        // Shared by reference: a context clone per delivery copies its prefix string.
+        let js = Arc::new(jetstream::new(client.clone()));
         let Some(consumer) = queue_consumer(&js, inner, &shutdown).await? else {
             return Ok(());
         };
@@ -537,31 +539,46 @@ async fn process(
     msg: jetstream::Message,
     slot: OwnedSemaphorePermit,
 ) {
+    // Polled beside the attempt rather than spawned: a task spawned per
+    // delivery cost the worker a measurable share of its CPU in a burst.
+    let every = inner.policy().ack_wait / 3;
+    tokio::select! {
+        biased;
+        () = settle(inner, reporter, js, shutdown, &msg, slot) => {}
+        never = keep_alive(&msg, every) => match never {},
+    }
+}
+
+/// Tells JetStream every `every` that `msg` is still being worked on, so a
+/// slow start answer or a long handler does not get it delivered again.
+async fn keep_alive(msg: &jetstream::Message, every: Duration) -> std::convert::Infallible {
+    loop {
+        tokio::time::sleep(every).await;
+        let _ = msg.ack_with(AckKind::Progress).await;
+    }
+}
+
+/// Asks to start one delivery, runs it and settles its message.
+async fn settle(
+    inner: &Inner,
+    reporter: &Reporter,
+    js: &jetstream::Context,
+    shutdown: CancellationToken,
+    msg: &jetstream::Message,
+    slot: OwnedSemaphorePermit,
+) {
     let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
     let envelope = match pb::TaskEnvelope::decode(msg.payload.clone()) {
         Ok(envelope) => envelope,
         Err(err) => {
             warn!(error = %err, "undecodable task message; reported dead");
             let error = format!("undecodable task message: {err}");
-            report_undecodable(reporter, &msg, delivered, error).await;
+            report_undecodable(reporter, msg, delivered, error).await;
             return;
         }
     };
     // A task re-run by RetryTask numbers its attempts after those it made.
     let attempt = envelope.attempt_offset.saturating_add(delivered);
-    // Keeps the message alive while we wait for the server or run the handler.
-    let msg = Arc::new(msg);
-    let keepalive = {
-        let msg = Arc::clone(&msg);
-        let every = inner.policy().ack_wait / 3;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let _ = msg.ack_with(AckKind::Progress).await;
-            }
-        })
-    };
-    let _stop_keepalive = AbortOnDropHandle::new(keepalive);
     let id = envelope.id.clone();
 
     // `detail` is what the handler noted; empty before it ran.
@@ -664,10 +681,14 @@ async fn process(
         note: Arc::default(),
     };
     let note = Arc::clone(&ctx.note);
-    let outcome = match tokio::spawn(inner.handler.call(ctx)).await {
+    // Run in this task: a panic is caught all the same, and a worker stopped
+    // hard drops the handler with it instead of leaving it running detached.
+    let outcome = match AssertUnwindSafe(inner.handler.call(ctx))
+        .catch_unwind()
+        .await
+    {
         Ok(outcome) => outcome,
-        Err(join) if join.is_panic() => Err(HandlerError::retryable("handler panicked")),
-        Err(_) => Err(HandlerError::retryable("handler was cancelled")),
+        Err(_) => Err(HandlerError::retryable("handler panicked")),
     };
     let detail = note
         .lock()

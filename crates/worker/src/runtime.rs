@@ -539,8 +539,8 @@ async fn process(
     msg: jetstream::Message,
     slot: OwnedSemaphorePermit,
 ) {
-    // Polled beside the attempt rather than spawned: a task spawned per
-    // delivery cost the worker a measurable share of its CPU in a burst.
+    // Polled beside the attempt rather than spawned: a burst's profile showed
+    // the bookkeeping of a task spawned per delivery (BENCHMARKS item 29).
     let every = inner.policy().ack_wait / 3;
     tokio::select! {
         biased;

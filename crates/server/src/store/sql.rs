@@ -228,7 +228,7 @@ fn tasks_by_id(columns: &str, n: usize, placeholder: Placeholder, suffix: &str) 
 
 /// Starts a statement with room for its `binds` values: a thousand-row
 /// statement's argument list, grown by doubling, was copied and page-faulted
-/// afresh at every step (a profile of a ScheduleBatch run).
+/// afresh at every step (a profile of a burst's booking; BENCHMARKS item 29).
 fn sized<DB>(sql: String, binds: usize) -> sqlx::query::Query<'static, DB, DB::Arguments>
 where
     DB: sqlx::Database,

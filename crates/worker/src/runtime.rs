@@ -394,8 +394,14 @@ impl Worker {
                     js.clone(),
                 );
                 tracker.spawn(async move {
+                    // The keep-alive is polled beside the attempt rather than
+                    // spawned: a burst's profile showed the bookkeeping of a
+                    // task spawned per delivery (BENCHMARKS item 29).
+                    let every = inner.policy().ack_wait / 3;
                     tokio::select! {
-                        () = process(&inner, &reporter, &js, cancelled, msg, permit) => {}
+                        biased;
+                        () = settle(&inner, &reporter, &js, cancelled, &msg, permit) => {}
+                        never = keep_alive(&msg, every) => match never {},
                         () = abort.cancelled() => {}
                     }
                 });
@@ -529,24 +535,6 @@ async fn report_undecodable(
         }
     }
     let _ = msg.ack_with(AckKind::Term).await;
-}
-
-async fn process(
-    inner: &Inner,
-    reporter: &Reporter,
-    js: &jetstream::Context,
-    shutdown: CancellationToken,
-    msg: jetstream::Message,
-    slot: OwnedSemaphorePermit,
-) {
-    // Polled beside the attempt rather than spawned: a burst's profile showed
-    // the bookkeeping of a task spawned per delivery (BENCHMARKS item 29).
-    let every = inner.policy().ack_wait / 3;
-    tokio::select! {
-        biased;
-        () = settle(inner, reporter, js, shutdown, &msg, slot) => {}
-        never = keep_alive(&msg, every) => match never {},
-    }
 }
 
 /// Tells JetStream every `every` that `msg` is still being worked on, so a

@@ -52,9 +52,10 @@ pub struct ServerConfig {
     pub body_prefetch: Duration,
 
     /// How long before its due time a task is released to its queue. The
-    /// worker holds it and starts it at the due time, so the release path's
-    /// latency is not added to the start; 0 releases at the due time.
-    #[arg(long, env = "KAIROS_RELEASE_LEAD", default_value = "20ms", value_parser = humantime::parse_duration)]
+    /// worker holds it and starts it at the due time, so a burst booked
+    /// ahead is released before its instant and only the workers' part is
+    /// left for the instant; 0 releases at the due time.
+    #[arg(long, env = "KAIROS_RELEASE_LEAD", default_value = "2s", value_parser = humantime::parse_duration)]
     pub release_lead: Duration,
 
     /// Furthest a task may be scheduled ahead.
@@ -275,6 +276,6 @@ mod tests {
         let config = ServerConfig::parse_from(["kairos-server", "--release-lead", "5s"]);
         assert!(config.validate().is_ok());
         let default = ServerConfig::parse_from(["kairos-server"]);
-        assert_eq!(default.release_lead, Duration::from_millis(20));
+        assert_eq!(default.release_lead, Duration::from_secs(2));
     }
 }

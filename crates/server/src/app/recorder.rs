@@ -38,13 +38,27 @@ const MAX_LINGERING: usize = 200_000;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
 
+/// How a write was sent, which decides whether the recorder may keep it back.
+#[derive(Debug)]
+enum Sent {
+    /// Someone waits for the commit.
+    Waited(Waiter),
+    /// Nobody waits: a DISPATCHED or RUNNING write may linger (see `Lingering`).
+    Later,
+    /// Nobody waits, and it goes with the next batch.
+    Plain,
+}
+
+/// A write on its way to the recorder.
+type Item = (StatusWrite, Sent);
+
 /// Handle to the recorder task. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Recorder {
     /// Writes someone waits for (a worker's start or result, a cancel).
-    urgent: mpsc::Sender<(StatusWrite, Option<Waiter>)>,
+    urgent: mpsc::Sender<Item>,
     /// Informational writes (DISPATCHED); a burst of them must not delay the urgent ones.
-    background: mpsc::Sender<(StatusWrite, Option<Waiter>)>,
+    background: mpsc::Sender<Item>,
 }
 
 impl Recorder {
@@ -69,7 +83,7 @@ impl Recorder {
             cause: "shutting down".into(),
         };
         self.urgent
-            .send((write, Some(done)))
+            .send((write, Sent::Waited(done)))
             .await
             .map_err(|_| closed())?;
         match wait.await {
@@ -84,14 +98,24 @@ impl Recorder {
 
     /// Queues a change ahead of informational ones without waiting for it.
     pub async fn record_soon(&self, write: StatusWrite) {
-        if self.urgent.send((write, None)).await.is_err() {
+        if self.urgent.send((write, Sent::Later)).await.is_err() {
             debug!("recorder closed, status change dropped");
         }
     }
 
     /// Records a change without waiting (status that is informational only).
     pub async fn record_later(&self, write: StatusWrite) {
-        if self.background.send((write, None)).await.is_err() {
+        if self.background.send((write, Sent::Later)).await.is_err() {
+            debug!("recorder closed, status change dropped");
+        }
+    }
+
+    /// Records the release of a task ahead of its due time, with the next
+    /// batch: its start cannot come before the due time, so waiting for the
+    /// start to imply it would only move the write to the due instant, where
+    /// the burst's starts need the time.
+    pub async fn record_ahead(&self, write: StatusWrite) {
+        if self.background.send((write, Sent::Plain)).await.is_err() {
             debug!("recorder closed, status change dropped");
         }
     }
@@ -265,8 +289,8 @@ impl KeptBack {
 async fn run(
     store: DynStore,
     bus: Bus,
-    mut urgent: mpsc::Receiver<(StatusWrite, Option<Waiter>)>,
-    mut background: mpsc::Receiver<(StatusWrite, Option<Waiter>)>,
+    mut urgent: mpsc::Receiver<Item>,
+    mut background: mpsc::Receiver<Item>,
     shutdown: CancellationToken,
 ) {
     let mut writes = Vec::with_capacity(MAX_BATCH);
@@ -361,28 +385,31 @@ async fn apply(
 
 /// Adds one queued write to the batch, or keeps it back (see `Lingering`).
 fn take(
-    (write, waiter): (StatusWrite, Option<Waiter>),
+    (write, sent): Item,
     writes: &mut Vec<StatusWrite>,
     waiters: &mut Vec<Waiter>,
     lingering: &mut KeptBack,
 ) {
-    match (&write, waiter) {
-        (StatusWrite::Dispatched { id, .. }, None) => {
-            if !lingering.begun.implies(*id) {
-                // A release sent again replaces the one waiting.
-                let _ = lingering.dispatched.add(write);
-            }
+    match (&write, sent) {
+        // Its first start came already and logged the release.
+        (StatusWrite::Dispatched { id, .. }, Sent::Later | Sent::Plain)
+            if lingering.begun.implies(*id) => {}
+        (StatusWrite::Dispatched { .. }, Sent::Later) => {
+            // A release sent again replaces the one waiting.
+            let _ = lingering.dispatched.add(write);
         }
-        (StatusWrite::Started { .. }, None) => {
+        (StatusWrite::Started { .. }, Sent::Later) => {
             lingering.note_start(&write);
             writes.extend(lingering.started.add(write));
         }
-        (_, waiter) => {
+        (_, sent) => {
             lingering.note_start(&write);
             // The attempt's RUNNING goes in the same batch as its result.
             writes.extend(lingering.started.remove(write.task_id()));
             writes.push(write);
-            waiters.extend(waiter);
+            if let Sent::Waited(waiter) = sent {
+                waiters.push(waiter);
+            }
         }
     }
 }
@@ -446,6 +473,30 @@ mod tests {
         assert!(lingering.is_empty());
     }
 
+    #[test]
+    fn a_release_ahead_goes_with_the_next_batch_unless_its_start_came_first() {
+        let (ahead, overtaken) = (TaskId::new(), TaskId::new());
+        let mut lingering = KeptBack::default();
+        let (mut writes, mut waiters) = (Vec::new(), Vec::new());
+        take(
+            (started(overtaken, 1), Sent::Waited(oneshot::channel().0)),
+            &mut writes,
+            &mut waiters,
+            &mut lingering,
+        );
+        writes.clear();
+        for id in [ahead, overtaken] {
+            take(
+                (dispatched(id), Sent::Plain),
+                &mut writes,
+                &mut waiters,
+                &mut lingering,
+            );
+        }
+        assert!(matches!(writes[..], [StatusWrite::Dispatched { id, .. }] if id == ahead));
+        assert!(lingering.is_empty(), "nothing kept back");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_result_takes_its_lingering_start_along_and_a_lone_start_waits_its_turn() {
         let (quick, slow) = (TaskId::new(), TaskId::new());
@@ -453,13 +504,13 @@ mod tests {
         let (mut writes, mut waiters) = (Vec::new(), Vec::new());
         for id in [quick, slow] {
             take(
-                (dispatched(id), None),
+                (dispatched(id), Sent::Later),
                 &mut writes,
                 &mut waiters,
                 &mut lingering,
             );
             take(
-                (started(id, 1), None),
+                (started(id, 1), Sent::Later),
                 &mut writes,
                 &mut waiters,
                 &mut lingering,
@@ -473,7 +524,7 @@ mod tests {
 
         let (done, _answer) = oneshot::channel();
         take(
-            (finished(quick, 1), Some(done)),
+            (finished(quick, 1), Sent::Waited(done)),
             &mut writes,
             &mut waiters,
             &mut lingering,
@@ -507,10 +558,15 @@ mod tests {
         let mut lingering = KeptBack::default();
         let (mut writes, mut waiters) = (Vec::new(), Vec::new());
         for write in [started(early, 1), started(retried, 2), dispatched(early)] {
-            take((write, None), &mut writes, &mut waiters, &mut lingering);
+            take(
+                (write, Sent::Later),
+                &mut writes,
+                &mut waiters,
+                &mut lingering,
+            );
         }
         take(
-            (dispatched(retried), None),
+            (dispatched(retried), Sent::Later),
             &mut writes,
             &mut waiters,
             &mut lingering,
@@ -524,14 +580,14 @@ mod tests {
 
         // Remembered only as long as a release may linger.
         take(
-            (started(late, 1), None),
+            (started(late, 1), Sent::Later),
             &mut writes,
             &mut waiters,
             &mut lingering,
         );
         tokio::time::advance(DISPATCHED_LINGER).await;
         take(
-            (started(TaskId::new(), 1), None),
+            (started(TaskId::new(), 1), Sent::Later),
             &mut writes,
             &mut waiters,
             &mut lingering,
@@ -545,19 +601,19 @@ mod tests {
         let mut lingering = KeptBack::default();
         let (mut writes, mut waiters) = (Vec::new(), Vec::new());
         take(
-            (dispatched(TaskId::new()), None),
+            (dispatched(TaskId::new()), Sent::Later),
             &mut writes,
             &mut waiters,
             &mut lingering,
         );
         take(
-            (dispatched(TaskId::new()), None),
+            (dispatched(TaskId::new()), Sent::Later),
             &mut writes,
             &mut waiters,
             &mut lingering,
         );
         take(
-            (started(TaskId::new(), 2), None),
+            (started(TaskId::new(), 2), Sent::Later),
             &mut writes,
             &mut waiters,
             &mut lingering,

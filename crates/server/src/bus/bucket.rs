@@ -41,6 +41,12 @@ impl BucketMessage {
     pub fn ack_subject(&self) -> String {
         self.ack.rebuild(self.seq)
     }
+
+    /// When the task was booked (its publish to the bucket stream, as the ack
+    /// subject tells), ms since the epoch; `None` when the subject did not say.
+    pub fn booked_ms(&self) -> Option<i64> {
+        (self.ack.delivered != 0).then_some(self.ack.published_ns / 1_000_000)
+    }
 }
 
 /// A bucket message's ack subject, `<prefix>.<delivered>.<stream seq>.<consumer

@@ -37,12 +37,19 @@ const MAX_RELEASE: usize = 4096;
 /// Size of the first round after the timer was idle: a burst's first tasks
 /// leave after a small claim and publish, then rounds double up to MAX_RELEASE.
 const FIRST_RELEASE: usize = 64;
-/// Most tasks of one due instant released ahead of it (within the release
-/// lead); the rest of a burst waits for the instant itself. Workers ask to
-/// start the tasks they hold at the due time: releasing the whole burst
-/// ahead would have the dispatcher, NATS and the workers busy with it just
-/// when the first starts need the CPU.
+/// A burst (more than MAX_AHEAD tasks due at one instant) goes ahead within
+/// the release lead only until QUIET_MS before its instant; what is left of
+/// it then waits for the instant. Workers start the tasks they hold at the
+/// due time, and a release round still running then (a burst larger than the
+/// lead could cover) would take the CPU the first starts need.
 const MAX_AHEAD: usize = 64;
+/// See MAX_AHEAD: several full rounds, with their SQL writes.
+const QUIET_MS: i64 = 500;
+/// The lead of a task booked less than the release lead before its due time.
+/// Tasks due after it may have gone ahead already; it is released just before
+/// its due time instead, and holds back the tasks due after it until then,
+/// so a queue still gets its tasks in due order.
+const LATE_LEAD_MS: i64 = 20;
 /// How long a task waits before another try when a backend failed its release.
 const RETRY_DELAY_MS: i64 = 1000;
 
@@ -131,7 +138,7 @@ pub struct Dispatcher {
     /// Size of the next release round (slow start, see FIRST_RELEASE).
     round: usize,
     /// The due instant of the tasks last released ahead, and how many of
-    /// its tasks went ahead (see MAX_AHEAD).
+    /// its tasks went ahead (see MAX_AHEAD and QUIET_MS).
     ahead: (i64, usize),
     tx: mpsc::Sender<(i64, u64, BucketMessage)>,
     rx: mpsc::Receiver<(i64, u64, BucketMessage)>,
@@ -183,12 +190,16 @@ impl Dispatcher {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_scan: Option<Instant> = None;
         loop {
-            let next_due = self.timer.peek().map(|Reverse(h)| h.msg.due_ms);
+            let next_due = self
+                .timer
+                .peek()
+                .map(|Reverse(h)| (h.msg.due_ms, lead_of(&h.msg, self.lead_ms)));
             let wake = async {
                 match next_due {
-                    Some(due_ms) => {
-                        let release_ms = release_at(due_ms, self.lead_ms, self.ahead);
-                        let wait = (release_ms - Utc::now().timestamp_millis()).max(0) as u64;
+                    Some((due_ms, lead_ms)) => {
+                        let now_ms = Utc::now().timestamp_millis();
+                        let release_ms = release_at(due_ms, lead_ms, self.ahead, now_ms);
+                        let wait = (release_ms - now_ms).max(0) as u64;
                         tokio::time::sleep(Duration::from_millis(wait)).await;
                     }
                     None => futures::future::pending().await,
@@ -237,18 +248,24 @@ impl Dispatcher {
     }
 
     fn retry_later(&mut self, mut held: Held) {
-        held.msg.due_ms = Utc::now().timestamp_millis() + RETRY_DELAY_MS;
+        // Past the release lead too, or the retry would come at once. The
+        // task's own due time travels in its body; this is only its place in
+        // the timer.
+        held.msg.due_ms = Utc::now().timestamp_millis() + RETRY_DELAY_MS + self.lead_ms;
         self.timer.push(Reverse(held));
     }
 
-    /// Releases every task due within the release lead (a burst: its first
-    /// MAX_AHEAD tasks), oldest first, in rounds.
+    /// Releases every task due within the release lead, oldest first, in
+    /// rounds: a burst booked ahead leaves before its instant, and only the
+    /// workers' part of each task is left for the instant itself.
     async fn release_due(&mut self) {
         let now_ms = Utc::now().timestamp_millis();
         let mut due: Vec<Held> = Vec::new();
         let mut without_body = BTreeSet::new();
         let lead_ms = self.lead_ms;
-        let releasable = |ahead, top: &Held| release_at(top.msg.due_ms, lead_ms, ahead) <= now_ms;
+        let releasable = |ahead, top: &Held| {
+            release_at(top.msg.due_ms, lead_of(&top.msg, lead_ms), ahead, now_ms) <= now_ms
+        };
         while due.len() < self.round {
             match self.timer.peek() {
                 Some(Reverse(top)) if releasable(self.ahead, top) => {
@@ -400,15 +417,22 @@ impl Dispatcher {
         }
         let results = futures::future::join_all(waits).await;
         let now = Utc::now();
+        let now_ms = now.timestamp_millis();
         for (held, result) in batch.into_iter().zip(results) {
             match result {
                 Ok(()) => {
-                    self.recorder
-                        .record_later(StatusWrite::Dispatched {
-                            id: held.msg.task_id,
-                            at: now,
-                        })
-                        .await;
+                    let write = StatusWrite::Dispatched {
+                        id: held.msg.task_id,
+                        at: now,
+                    };
+                    // A burst's releases ahead are written now, before its
+                    // instant; a lone task's may still fold into its start.
+                    let burst = self.ahead.0 == held.msg.due_ms && self.ahead.1 >= MAX_AHEAD;
+                    if burst && held.msg.due_ms > now_ms {
+                        self.recorder.record_ahead(write).await;
+                    } else {
+                        self.recorder.record_later(write).await;
+                    }
                     self.finish(held).await;
                 }
                 Err(err) => {
@@ -657,10 +681,25 @@ async fn pull(
     }
 }
 
-/// When a task due at `due_ms` may be released: `lead_ms` ahead, unless
-/// MAX_AHEAD tasks of its due instant already went ahead (`ahead`).
-fn release_at(due_ms: i64, lead_ms: i64, ahead: (i64, usize)) -> i64 {
-    if ahead.0 == due_ms && ahead.1 >= MAX_AHEAD {
+/// The release lead of one task: `lead_ms`, or LATE_LEAD_MS (at most
+/// `lead_ms`) for a task booked less than `lead_ms` before its due time.
+fn lead_of(msg: &BucketMessage, lead_ms: i64) -> i64 {
+    late_lead(msg.due_ms, msg.booked_ms(), lead_ms)
+}
+
+fn late_lead(due_ms: i64, booked_ms: Option<i64>, lead_ms: i64) -> i64 {
+    match booked_ms {
+        Some(booked) if due_ms - booked < lead_ms => lead_ms.min(LATE_LEAD_MS),
+        _ => lead_ms,
+    }
+}
+
+/// When a task due at `due_ms` may be released, seen at `now_ms`: `lead_ms`
+/// ahead, unless its instant is a burst (MAX_AHEAD of its tasks went ahead,
+/// per `ahead`) that is less than QUIET_MS away.
+fn release_at(due_ms: i64, lead_ms: i64, ahead: (i64, usize), now_ms: i64) -> i64 {
+    let burst = ahead.0 == due_ms && ahead.1 >= MAX_AHEAD;
+    if burst && now_ms > due_ms - QUIET_MS {
         due_ms
     } else {
         due_ms - lead_ms
@@ -672,13 +711,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_burst_sends_only_its_first_tasks_ahead() {
-        let (due, lead) = (1_000_000, 20);
-        assert_eq!(release_at(due, lead, (i64::MIN, 0)), due - lead);
-        assert_eq!(release_at(due, lead, (due, MAX_AHEAD - 1)), due - lead);
-        assert_eq!(release_at(due, lead, (due, MAX_AHEAD)), due);
+    fn a_burst_goes_ahead_until_shortly_before_its_instant() {
+        let (due, lead) = (1_000_000, 2_000);
+        let early = due - lead;
+        let quiet = due - QUIET_MS + 1;
+        // Within the lead and outside the quiet stretch, a burst goes ahead whole.
+        assert_eq!(release_at(due, lead, (due, MAX_AHEAD * 100), early), early);
+        // In the quiet stretch, only an instant's first tasks still go ahead.
+        assert_eq!(release_at(due, lead, (i64::MIN, 0), quiet), early);
+        assert_eq!(release_at(due, lead, (due, MAX_AHEAD - 1), quiet), early);
+        assert_eq!(release_at(due, lead, (due, MAX_AHEAD), quiet), due);
         // Another instant's tasks still go ahead.
-        assert_eq!(release_at(due + 1, lead, (due, MAX_AHEAD)), due + 1 - lead);
+        assert_eq!(
+            release_at(due + 1, lead, (due, MAX_AHEAD), quiet),
+            due + 1 - lead
+        );
+        // A lead shorter than the quiet stretch: a burst's first tasks only.
+        assert_eq!(release_at(due, 20, (due, MAX_AHEAD), due - 20), due);
+    }
+
+    #[test]
+    fn a_task_booked_within_the_lead_goes_just_before_its_due_time() {
+        let (due, lead) = (1_000_000, 2_000);
+        assert_eq!(late_lead(due, Some(due - lead), lead), lead);
+        assert_eq!(late_lead(due, None, lead), lead);
+        assert_eq!(late_lead(due, Some(due - lead + 1), lead), LATE_LEAD_MS);
+        assert_eq!(late_lead(due, Some(due - 5), 0), 0);
     }
 
     /// A million of these wait at once (the idle goal is 300 MB for them all).

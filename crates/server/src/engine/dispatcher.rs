@@ -427,8 +427,7 @@ impl Dispatcher {
                     };
                     // A burst's releases ahead are written now, before its
                     // instant; a lone task's may still fold into its start.
-                    let burst = self.ahead.0 == held.msg.due_ms && self.ahead.1 >= MAX_AHEAD;
-                    if burst && held.msg.due_ms > now_ms {
+                    if is_burst(self.ahead, held.msg.due_ms) && held.msg.due_ms > now_ms {
                         self.recorder.record_ahead(write).await;
                     } else {
                         self.recorder.record_later(write).await;
@@ -694,12 +693,17 @@ fn late_lead(due_ms: i64, booked_ms: Option<i64>, lead_ms: i64) -> i64 {
     }
 }
 
+/// Whether the instant `due_ms` is a burst: MAX_AHEAD of its tasks went
+/// ahead already (per `ahead`, the instant last released ahead and its count).
+fn is_burst(ahead: (i64, usize), due_ms: i64) -> bool {
+    ahead.0 == due_ms && ahead.1 >= MAX_AHEAD
+}
+
 /// When a task due at `due_ms` may be released, seen at `now_ms`: `lead_ms`
 /// ahead, unless its instant is a burst (MAX_AHEAD of its tasks went ahead,
 /// per `ahead`) that is less than QUIET_MS away.
 fn release_at(due_ms: i64, lead_ms: i64, ahead: (i64, usize), now_ms: i64) -> i64 {
-    let burst = ahead.0 == due_ms && ahead.1 >= MAX_AHEAD;
-    if burst && now_ms > due_ms - QUIET_MS {
+    if is_burst(ahead, due_ms) && now_ms > due_ms - QUIET_MS {
         due_ms
     } else {
         due_ms - lead_ms

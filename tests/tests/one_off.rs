@@ -925,6 +925,7 @@ async fn a_start_asked_before_due_waits_and_claims_nothing() {
             queue: "nobody-works-here".into(),
             ..Default::default()
         })),
+        ..Default::default()
     };
     let mut answers = status
         .report(futures::stream::iter([start]))
@@ -947,4 +948,100 @@ async fn a_start_asked_before_due_waits_and_claims_nothing() {
 
     let cancelled = client.cancel(&task.id).await.expect("still cancellable");
     assert_eq!(cancelled.state, TaskState::Cancelled);
+}
+
+/// A worker names itself only in its stream's first message and sends the
+/// reports it has ready in one: every attempt is still recorded under its
+/// name. Raw reports sent in one message are answered in one, by seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_sent_together_are_answered_together_under_the_worker_name() {
+    use kairos_proto::v1 as pb;
+    use kairos_proto::v1::status_service_client::StatusServiceClient;
+
+    let stack = Stack::start(Backend::Sqlite).await;
+    let server = stack.server().await;
+    let mut client = client(&server).await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "named", 64, log.handler());
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let task = client
+            .schedule(NewTask::new("named").payload(format!("task {i}")))
+            .await
+            .expect("schedule");
+        ids.push(task.id);
+    }
+    log.wait_for(100, Duration::from_secs(30)).await;
+    let ran_by: HashMap<String, String> = log
+        .runs()
+        .into_iter()
+        .map(|run| (run.task_id, run.worker_id))
+        .collect();
+    for id in &ids {
+        wait_for_state(
+            &mut client,
+            id,
+            TaskState::Succeeded,
+            Duration::from_secs(10),
+        )
+        .await;
+        let (_, attempts) = client.get_task(id).await.expect("get");
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(attempts[0].worker_id, ran_by[id], "task {id}");
+    }
+
+    let mut later = Vec::new();
+    for _ in 0..2 {
+        let task = client
+            .schedule(
+                NewTask::new("nobody-works-here")
+                    .payload("later")
+                    .delay(Duration::from_secs(30)),
+            )
+            .await
+            .expect("schedule");
+        later.push(task);
+    }
+    let reports = later
+        .iter()
+        .zip(1u64..)
+        .map(|(task, seq)| pb::Report {
+            seq,
+            event: Some(pb::report::Event::Started(pb::AttemptStarted {
+                task_id: task.id.clone(),
+                attempt: 1,
+                due_at_ms: task.due_at.timestamp_millis(),
+                queue: "nobody-works-here".into(),
+                ..Default::default()
+            })),
+        })
+        .collect();
+    let together = pb::ReportRequest {
+        worker_id: "raw".into(),
+        reports,
+        ..Default::default()
+    };
+    let mut status = StatusServiceClient::connect(server.url.clone())
+        .await
+        .expect("status client");
+    let mut answers = status
+        .report(futures::stream::iter([together]))
+        .await
+        .expect("report stream")
+        .into_inner();
+    let answer = answers
+        .message()
+        .await
+        .expect("answer")
+        .expect("one answer");
+    let mut seqs: Vec<u64> = answer.answers.iter().map(|a| a.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, [1, 2], "both answered in one message: {answer:?}");
+    assert!(
+        answer
+            .answers
+            .iter()
+            .all(|a| a.decision == i32::from(pb::StartDecision::Wait)),
+        "not due yet: {answer:?}"
+    );
 }

@@ -1,7 +1,8 @@
 //! The worker's side of `StatusService/Report`: one long-lived stream; every
-//! message waits for the server's answer, and a message not yet answered when
+//! report waits for the server's answer, and a report not yet answered when
 //! the stream breaks is sent again on the next one, so no result is lost when
-//! the server restarts.
+//! the server restarts. Reports ready at the same time go in one message,
+//! and the server answers them in one.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,10 +17,13 @@ use tracing::{debug, warn};
 
 type Reply = oneshot::Sender<pb::ReportResponse>;
 
+/// Most reports sent in one message.
+const MAX_REPORTS: usize = 256;
+
 /// Handle used by running tasks to talk to the server.
 #[derive(Debug, Clone)]
 pub(crate) struct Reporter {
-    tx: mpsc::Sender<(pb::report_request::Event, Reply)>,
+    tx: mpsc::Sender<(pb::report::Event, Reply)>,
 }
 
 /// The reporter task stopped before answering (hard shutdown).
@@ -42,7 +46,7 @@ impl Reporter {
     /// Sends one message and waits until the server has recorded it.
     pub(crate) async fn send(
         &self,
-        event: pb::report_request::Event,
+        event: pb::report::Event,
     ) -> Result<pb::ReportResponse, ReporterGone> {
         let (reply, answer) = oneshot::channel();
         self.tx
@@ -53,15 +57,58 @@ impl Reporter {
     }
 }
 
+/// Sends reports on one stream in the form its server reads.
+struct Outbox {
+    tx: mpsc::Sender<pb::ReportRequest>,
+    worker_id: String,
+    /// The worker's name went out on this stream: the server keeps it.
+    named: bool,
+    /// The server reads `reports`; false once it answered as an older one does.
+    together: bool,
+}
+
+impl Outbox {
+    /// Sends `reports`: in one message, or one message each to an older server.
+    async fn send(&mut self, reports: Vec<pb::Report>) {
+        if self.together {
+            let worker_id = if self.named {
+                String::new()
+            } else {
+                self.worker_id.clone()
+            };
+            self.named = true;
+            let message = pb::ReportRequest {
+                worker_id,
+                reports,
+                ..Default::default()
+            };
+            let _ = self.tx.send(message).await;
+            return;
+        }
+        for report in reports {
+            let message = pb::ReportRequest {
+                seq: report.seq,
+                worker_id: self.worker_id.clone(),
+                event: report.event.map(|event| match event {
+                    pb::report::Event::Started(s) => pb::report_request::Event::Started(s),
+                    pb::report::Event::Finished(f) => pb::report_request::Event::Finished(f),
+                }),
+                ..Default::default()
+            };
+            let _ = self.tx.send(message).await;
+        }
+    }
+}
+
 struct InFlight {
-    event: pb::report_request::Event,
+    event: pb::report::Event,
     reply: Reply,
 }
 
 async fn run(
     endpoint: Endpoint,
     worker_id: String,
-    mut rx: mpsc::Receiver<(pb::report_request::Event, Reply)>,
+    mut rx: mpsc::Receiver<(pb::report::Event, Reply)>,
     abort: CancellationToken,
 ) {
     let mut inflight: HashMap<u64, InFlight> = HashMap::new();
@@ -111,46 +158,82 @@ async fn run(
             }
         };
         backoff = Duration::from_millis(100);
-        let request = |seq: u64, event: &pb::report_request::Event| pb::ReportRequest {
-            seq,
+        let mut outbox = Outbox {
+            tx: out_tx,
             worker_id: worker_id.clone(),
+            named: false,
+            together: true,
+        };
+        let report = |seq: u64, event: &pb::report::Event| pb::Report {
+            seq,
             event: Some(event.clone()),
         };
         let mut resend: Vec<u64> = inflight.keys().copied().collect();
         resend.sort_unstable();
-        for seq in resend {
-            let _ = out_tx.send(request(seq, &inflight[&seq].event)).await;
+        for seqs in resend.chunks(MAX_REPORTS) {
+            let reports = seqs.iter().map(|&seq| report(seq, &inflight[&seq].event));
+            outbox.send(reports.collect()).await;
         }
         loop {
             tokio::select! {
                 () = abort.cancelled() => return,
                 next = rx.recv(), if accepting => match next {
-                    Some((event, reply)) => {
-                        let seq = next_seq;
-                        next_seq += 1;
-                        let _ = out_tx.send(request(seq, &event)).await;
-                        inflight.insert(seq, InFlight { event, reply });
+                    Some(first) => {
+                        // Tasks woken by the same answer report at about the
+                        // same time: let them run first, so that their
+                        // reports go in this message.
+                        tokio::task::yield_now().await;
+                        let mut reports = Vec::new();
+                        let mut next = Some(first);
+                        while let Some((event, reply)) = next {
+                            let seq = next_seq;
+                            next_seq += 1;
+                            reports.push(report(seq, &event));
+                            inflight.insert(seq, InFlight { event, reply });
+                            next = if reports.len() < MAX_REPORTS { rx.try_recv().ok() } else { None };
+                        }
+                        outbox.send(reports).await;
                     }
                     None => accepting = false,
                 },
                 Some(seq) = retry_rx.recv() => {
                     if let Some(item) = inflight.get(&seq) {
-                        let _ = out_tx.send(request(seq, &item.event)).await;
+                        outbox.send(vec![report(seq, &item.event)]).await;
                     }
                 }
                 answer = answers.message() => match answer {
-                    Ok(Some(answer)) if answer.error.is_empty() => {
-                        if let Some(item) = inflight.remove(&answer.seq) {
-                            let _ = item.reply.send(answer);
+                    Ok(Some(answer)) if answer.seq == 0 && answer.answers.is_empty() => {
+                        // A server older than this worker reads no `reports`:
+                        // it answered nothing. Send everything again, alone.
+                        if outbox.together {
+                            warn!("kairos-server reads one report per message; upgrade it");
+                            outbox.together = false;
+                            let mut resend: Vec<u64> = inflight.keys().copied().collect();
+                            resend.sort_unstable();
+                            let reports = resend.iter().map(|&seq| report(seq, &inflight[&seq].event));
+                            outbox.send(reports.collect()).await;
                         }
                     }
-                    Ok(Some(answer)) => {
-                        warn!(seq = answer.seq, error = answer.error, "server could not record a report; retrying");
-                        let retry_tx = retry_tx.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            let _ = retry_tx.send(answer.seq).await;
-                        });
+                    Ok(Some(mut answer)) => {
+                        let answers = std::mem::take(&mut answer.answers);
+                        let mut retry = Vec::new();
+                        for answer in answers.into_iter().chain((answer.seq != 0).then_some(answer)) {
+                            if !answer.error.is_empty() {
+                                warn!(seq = answer.seq, error = answer.error, "server could not record a report; retrying");
+                                retry.push(answer.seq);
+                            } else if let Some(item) = inflight.remove(&answer.seq) {
+                                let _ = item.reply.send(answer);
+                            }
+                        }
+                        if !retry.is_empty() {
+                            let retry_tx = retry_tx.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                for seq in retry {
+                                    let _ = retry_tx.send(seq).await;
+                                }
+                            });
+                        }
                     }
                     Ok(None) | Err(_) => {
                         debug!(pending = inflight.len(), "report stream closed; reconnecting");
@@ -161,6 +244,78 @@ async fn run(
             if !accepting && inflight.is_empty() {
                 return;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+
+    use futures::{Stream, StreamExt as _};
+    use kairos_proto::v1::status_service_server::{StatusService, StatusServiceServer};
+    use tokio_stream::wrappers::TcpListenerStream;
+
+    use super::*;
+
+    type Answers = Pin<Box<dyn Stream<Item = Result<pb::ReportResponse, tonic::Status>> + Send>>;
+
+    /// Answers as a server from before `reports` did: it reads one report per
+    /// message and answers it by its seq; `reports` it does not know.
+    struct OlderServer;
+
+    #[tonic::async_trait]
+    impl StatusService for OlderServer {
+        type ReportStream = Answers;
+
+        async fn report(
+            &self,
+            request: tonic::Request<tonic::Streaming<pb::ReportRequest>>,
+        ) -> Result<tonic::Response<Answers>, tonic::Status> {
+            let answers = request.into_inner().map(|request| {
+                let request = request?;
+                let decision = match request.event {
+                    Some(_) => pb::StartDecision::Run,
+                    None => pb::StartDecision::Unspecified,
+                };
+                Ok(pb::ReportResponse {
+                    seq: request.seq,
+                    decision: decision.into(),
+                    ..Default::default()
+                })
+            });
+            Ok(tonic::Response::new(Box::pin(answers)))
+        }
+    }
+
+    #[tokio::test]
+    async fn reports_go_one_per_message_to_an_older_server() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(StatusServiceServer::new(OlderServer))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let endpoint = Endpoint::from_shared(format!("http://{addr}")).expect("endpoint");
+        let (reporter, _task) = Reporter::spawn(endpoint, "w".into(), CancellationToken::new());
+        let started = |id: &str| {
+            pb::report::Event::Started(pb::AttemptStarted {
+                task_id: id.into(),
+                attempt: 1,
+                ..Default::default()
+            })
+        };
+        let answers = tokio::time::timeout(Duration::from_secs(10), async {
+            futures::future::join_all(["a", "b", "c"].map(|id| reporter.send(started(id)))).await
+        })
+        .await
+        .expect("every report answered");
+        for answer in answers {
+            let answer = answer.expect("reporter running");
+            assert_eq!(answer.decision, i32::from(pb::StartDecision::Run));
         }
     }
 }

@@ -520,7 +520,7 @@ async fn report_undecodable(
     };
     let bucket = header(wire::BUCKET_HEADER).and_then(|b| b.parse::<i64>().ok());
     if let (Some(task_id), Some(bucket_ms)) = (header(wire::TASK_ID_HEADER), bucket) {
-        let event = pb::report_request::Event::Finished(pb::AttemptFinished {
+        let event = pb::report::Event::Finished(pb::AttemptFinished {
             task_id,
             attempt: delivered,
             bucket_ms,
@@ -574,7 +574,7 @@ async fn settle(
                   error: String,
                   retry_at: Option<DateTime<Utc>>,
                   detail: String| {
-        pb::report_request::Event::Finished(pb::AttemptFinished {
+        pb::report::Event::Finished(pb::AttemptFinished {
             task_id: envelope.id.clone(),
             attempt,
             bucket_ms: envelope.bucket_ms,
@@ -613,7 +613,7 @@ async fn settle(
         }
     }
     let decision = loop {
-        let started = pb::report_request::Event::Started(pb::AttemptStarted {
+        let started = pb::report::Event::Started(pb::AttemptStarted {
             task_id: id.clone(),
             attempt,
             bucket_ms: envelope.bucket_ms,

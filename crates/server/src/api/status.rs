@@ -1,6 +1,7 @@
 //! `kairos.v1.StatusService/Report`: one bidirectional stream per worker.
-//! Requests that arrive together are decided as one batch, and each is
-//! answered by its seq once recorded.
+//! Reports that arrive together are decided as one batch, and each is
+//! answered by its seq once recorded: one message per report that came
+//! alone, one message for all that came in a message's `reports`.
 
 use std::pin::Pin;
 
@@ -37,39 +38,76 @@ impl StatusApi {
 /// Most reports of one stream decided together (one Redis call for each kind).
 const MAX_BATCH: usize = 512;
 
+/// One report as the server decides it, whichever form it came in.
+struct Item {
+    seq: u64,
+    event: Option<pb::report::Event>,
+    /// Sent in a message's `reports`: answered in one message's `answers`.
+    batched: bool,
+}
+
+/// Adds the reports of one message to `items`.
+fn unpack(req: pb::ReportRequest, items: &mut Vec<Item>) {
+    if req.reports.is_empty() {
+        items.push(Item {
+            seq: req.seq,
+            event: req.event.map(|event| match event {
+                pb::report_request::Event::Started(s) => pb::report::Event::Started(s),
+                pb::report_request::Event::Finished(f) => pb::report::Event::Finished(f),
+            }),
+            batched: false,
+        });
+    } else {
+        items.extend(req.reports.into_iter().map(|r| Item {
+            seq: r.seq,
+            event: r.event,
+            batched: true,
+        }));
+    }
+}
+
 /// Answers a batch of one worker's reports: the starts with one claim call,
 /// the results with another, both at once.
 async fn answer_batch(
     reports: ReportService,
-    batch: Vec<pb::ReportRequest>,
+    worker_id: String,
+    batch: Vec<Item>,
     tx: mpsc::Sender<Result<pb::ReportResponse, Status>>,
 ) {
-    let response = |seq: u64| pb::ReportResponse {
-        seq,
-        ..Default::default()
+    // Each answer keeps its report's form: (sent in `reports`, answer).
+    let answer = |item: (u64, bool)| {
+        (
+            item.1,
+            pb::ReportResponse {
+                seq: item.0,
+                ..Default::default()
+            },
+        )
     };
     let mut answers = Vec::with_capacity(batch.len());
-    let (mut starts, mut start_seqs) = (Vec::new(), Vec::new());
-    let (mut ends, mut end_seqs) = (Vec::new(), Vec::new());
-    for req in batch {
-        match req.event {
-            Some(pb::report_request::Event::Started(started)) => {
-                starts.push(convert::attempt_start(req.worker_id, started));
-                start_seqs.push(req.seq);
+    let (mut starts, mut start_items) = (Vec::new(), Vec::new());
+    let (mut ends, mut end_items) = (Vec::new(), Vec::new());
+    for item in batch {
+        let tag = (item.seq, item.batched);
+        match item.event {
+            Some(pb::report::Event::Started(started)) => {
+                starts.push(convert::attempt_start(worker_id.clone(), started));
+                start_items.push(tag);
             }
-            Some(pb::report_request::Event::Finished(finished)) => {
-                match convert::attempt_end(req.worker_id, finished) {
+            Some(pb::report::Event::Finished(finished)) => {
+                match convert::attempt_end(worker_id.clone(), finished) {
                     Ok(end) => {
                         ends.push(end);
-                        end_seqs.push(req.seq);
+                        end_items.push(tag);
                     }
-                    Err(err) => answers.push(pb::ReportResponse {
-                        error: Status::from(AppError::from(err)).message().to_owned(),
-                        ..response(req.seq)
-                    }),
+                    Err(err) => {
+                        let (batched, mut refused) = answer(tag);
+                        refused.error = Status::from(AppError::from(err)).message().to_owned();
+                        answers.push((batched, refused));
+                    }
                 }
             }
-            None => answers.push(response(req.seq)),
+            None => answers.push(answer(tag)),
         }
     }
     let (started, finished) = tokio::join!(
@@ -88,41 +126,55 @@ async fn answer_batch(
             }
         },
     );
-    let failed = |seq: u64, err: &AppError| pb::ReportResponse {
-        error: err.to_string(),
-        ..response(seq)
+    let failed = |tag: (u64, bool), err: &AppError| {
+        let (batched, mut failed) = answer(tag);
+        failed.error = err.to_string();
+        (batched, failed)
     };
     match started {
         Ok(outcomes) => {
-            for (seq, outcome) in start_seqs.into_iter().zip(outcomes) {
-                answers.push(match outcome {
-                    StartOutcome::Run => pb::ReportResponse {
-                        decision: pb::StartDecision::Run.into(),
-                        ..response(seq)
-                    },
-                    StartOutcome::Skip(reason) => pb::ReportResponse {
-                        decision: pb::StartDecision::Skip.into(),
-                        reason,
-                        ..response(seq)
-                    },
-                    StartOutcome::Wait { ms, reason } => pb::ReportResponse {
-                        decision: pb::StartDecision::Wait.into(),
-                        reason: reason.into(),
-                        wait: Some(convert::ms_duration(ms)),
-                        ..response(seq)
-                    },
-                });
+            for (tag, outcome) in start_items.into_iter().zip(outcomes) {
+                let (batched, mut decided) = answer(tag);
+                match outcome {
+                    StartOutcome::Run => decided.decision = pb::StartDecision::Run.into(),
+                    StartOutcome::Skip(reason) => {
+                        decided.decision = pb::StartDecision::Skip.into();
+                        decided.reason = reason;
+                    }
+                    StartOutcome::Wait { ms, reason } => {
+                        decided.decision = pb::StartDecision::Wait.into();
+                        decided.reason = reason.into();
+                        decided.wait = Some(convert::ms_duration(ms));
+                    }
+                }
+                answers.push((batched, decided));
             }
         }
-        Err(err) => answers.extend(start_seqs.into_iter().map(|seq| failed(seq, &err))),
+        Err(err) => answers.extend(start_items.into_iter().map(|tag| failed(tag, &err))),
     }
     match finished {
-        Ok(()) => answers.extend(end_seqs.into_iter().map(response)),
-        Err(err) => answers.extend(end_seqs.into_iter().map(|seq| failed(seq, &err))),
+        Ok(()) => answers.extend(end_items.into_iter().map(answer)),
+        Err(err) => answers.extend(end_items.into_iter().map(|tag| failed(tag, &err))),
     }
-    for answer in answers {
+    // Reports that came in `reports` go back together in one message.
+    let mut together = Vec::new();
+    let mut messages = Vec::new();
+    for (batched, answer) in answers {
+        if batched {
+            together.push(answer);
+        } else {
+            messages.push(answer);
+        }
+    }
+    if !together.is_empty() {
+        messages.push(pb::ReportResponse {
+            answers: together,
+            ..Default::default()
+        });
+    }
+    for message in messages {
         // A closed stream means the worker went away; it resends on reconnect.
-        if tx.send(Ok(answer)).await.is_err() {
+        if tx.send(Ok(message)).await.is_err() {
             break;
         }
     }
@@ -141,6 +193,8 @@ impl StatusService for StatusApi {
         let reports = self.reports.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
+            // A worker may name itself only in its stream's first message.
+            let mut worker_id = String::new();
             loop {
                 let next = tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -148,11 +202,18 @@ impl StatusService for StatusApi {
                 };
                 let Some(Ok(first)) = next else { break };
                 // Whatever else this worker already sent is decided with it.
-                let mut batch = vec![first];
+                let mut batch = Vec::new();
+                let mut take = |req: pb::ReportRequest, batch: &mut Vec<Item>| {
+                    if !req.worker_id.is_empty() && req.worker_id != worker_id {
+                        worker_id.clone_from(&req.worker_id);
+                    }
+                    unpack(req, batch);
+                };
+                take(first, &mut batch);
                 let mut ended = false;
                 while batch.len() < MAX_BATCH {
                     match incoming.next().now_or_never() {
-                        Some(Some(Ok(req))) => batch.push(req),
+                        Some(Some(Ok(req))) => take(req, &mut batch),
                         Some(_) => {
                             ended = true;
                             break;
@@ -160,7 +221,12 @@ impl StatusService for StatusApi {
                         None => break,
                     }
                 }
-                tokio::spawn(answer_batch(reports.clone(), batch, tx.clone()));
+                tokio::spawn(answer_batch(
+                    reports.clone(),
+                    worker_id.clone(),
+                    batch,
+                    tx.clone(),
+                ));
                 if ended {
                     break;
                 }

@@ -892,13 +892,34 @@ async fn a_burst_is_released_ahead_and_runs_at_its_instant() {
     }
 }
 
+/// Sends one message on a fresh Report stream, as a worker would, and
+/// returns the server's first answer.
+async fn first_answer(
+    server: &str,
+    request: kairos_proto::v1::ReportRequest,
+) -> kairos_proto::v1::ReportResponse {
+    let mut status =
+        kairos_proto::v1::status_service_client::StatusServiceClient::connect(server.to_owned())
+            .await
+            .expect("status client");
+    let mut answers = status
+        .report(futures::stream::iter([request]))
+        .await
+        .expect("report stream")
+        .into_inner();
+    answers
+        .message()
+        .await
+        .expect("answer")
+        .expect("one answer")
+}
+
 /// A worker whose clock runs ahead asks to start before the due time: the
 /// server answers WAIT for the time left and claims nothing, so the task can
 /// still be cancelled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_asked_before_due_waits_and_claims_nothing() {
     use kairos_proto::v1 as pb;
-    use kairos_proto::v1::status_service_client::StatusServiceClient;
 
     let stack = Stack::start(Backend::Sqlite).await;
     let server = stack.server().await;
@@ -912,9 +933,6 @@ async fn a_start_asked_before_due_waits_and_claims_nothing() {
         .await
         .expect("schedule");
 
-    let mut status = StatusServiceClient::connect(server.url.clone())
-        .await
-        .expect("status client");
     let start = pb::ReportRequest {
         seq: 1,
         worker_id: "early-clock".into(),
@@ -927,16 +945,7 @@ async fn a_start_asked_before_due_waits_and_claims_nothing() {
         })),
         ..Default::default()
     };
-    let mut answers = status
-        .report(futures::stream::iter([start]))
-        .await
-        .expect("report stream")
-        .into_inner();
-    let answer = answers
-        .message()
-        .await
-        .expect("answer")
-        .expect("one answer");
+    let answer = first_answer(&server.url, start).await;
     assert_eq!(answer.decision, i32::from(pb::StartDecision::Wait));
     assert_eq!(answer.reason, "not due yet");
     let wait = answer.wait.expect("a wait");
@@ -956,7 +965,6 @@ async fn a_start_asked_before_due_waits_and_claims_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_sent_together_are_answered_together_under_the_worker_name() {
     use kairos_proto::v1 as pb;
-    use kairos_proto::v1::status_service_client::StatusServiceClient;
 
     let stack = Stack::start(Backend::Sqlite).await;
     let server = stack.server().await;
@@ -1021,19 +1029,7 @@ async fn reports_sent_together_are_answered_together_under_the_worker_name() {
         reports,
         ..Default::default()
     };
-    let mut status = StatusServiceClient::connect(server.url.clone())
-        .await
-        .expect("status client");
-    let mut answers = status
-        .report(futures::stream::iter([together]))
-        .await
-        .expect("report stream")
-        .into_inner();
-    let answer = answers
-        .message()
-        .await
-        .expect("answer")
-        .expect("one answer");
+    let answer = first_answer(&server.url, together).await;
     let mut seqs: Vec<u64> = answer.answers.iter().map(|a| a.seq).collect();
     seqs.sort_unstable();
     assert_eq!(seqs, [1, 2], "both answered in one message: {answer:?}");

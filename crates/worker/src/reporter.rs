@@ -89,15 +89,25 @@ impl Outbox {
             let message = pb::ReportRequest {
                 seq: report.seq,
                 worker_id: self.worker_id.clone(),
-                event: report.event.map(|event| match event {
-                    pb::report::Event::Started(s) => pb::report_request::Event::Started(s),
-                    pb::report::Event::Finished(f) => pb::report_request::Event::Finished(f),
-                }),
+                event: report.event.map(Into::into),
                 ..Default::default()
             };
             let _ = self.tx.send(message).await;
         }
     }
+}
+
+/// The reports not answered yet, in the order they were first sent.
+fn unanswered(inflight: &HashMap<u64, InFlight>) -> Vec<pb::Report> {
+    let mut reports: Vec<pb::Report> = inflight
+        .iter()
+        .map(|(&seq, item)| pb::Report {
+            seq,
+            event: Some(item.event.clone()),
+        })
+        .collect();
+    reports.sort_unstable_by_key(|r| r.seq);
+    reports
 }
 
 struct InFlight {
@@ -168,11 +178,8 @@ async fn run(
             seq,
             event: Some(event.clone()),
         };
-        let mut resend: Vec<u64> = inflight.keys().copied().collect();
-        resend.sort_unstable();
-        for seqs in resend.chunks(MAX_REPORTS) {
-            let reports = seqs.iter().map(|&seq| report(seq, &inflight[&seq].event));
-            outbox.send(reports.collect()).await;
+        for reports in unanswered(&inflight).chunks(MAX_REPORTS) {
+            outbox.send(reports.to_vec()).await;
         }
         loop {
             tokio::select! {
@@ -208,10 +215,7 @@ async fn run(
                         if outbox.together {
                             warn!("kairos-server reads one report per message; upgrade it");
                             outbox.together = false;
-                            let mut resend: Vec<u64> = inflight.keys().copied().collect();
-                            resend.sort_unstable();
-                            let reports = resend.iter().map(|&seq| report(seq, &inflight[&seq].event));
-                            outbox.send(reports.collect()).await;
+                            outbox.send(unanswered(&inflight)).await;
                         }
                     }
                     Ok(Some(mut answer)) => {

@@ -46,19 +46,26 @@ struct Item {
     batched: bool,
 }
 
-/// Adds the reports of one message to `items`.
-fn unpack(req: pb::ReportRequest, items: &mut Vec<Item>) {
-    if req.reports.is_empty() {
+/// Adds the reports of one message to `items`, and keeps the worker's name
+/// when the message gives one.
+fn unpack(req: pb::ReportRequest, worker_id: &mut String, items: &mut Vec<Item>) {
+    let pb::ReportRequest {
+        seq,
+        worker_id: name,
+        event,
+        reports,
+    } = req;
+    if !name.is_empty() {
+        *worker_id = name;
+    }
+    if reports.is_empty() {
         items.push(Item {
-            seq: req.seq,
-            event: req.event.map(|event| match event {
-                pb::report_request::Event::Started(s) => pb::report::Event::Started(s),
-                pb::report_request::Event::Finished(f) => pb::report::Event::Finished(f),
-            }),
+            seq,
+            event: event.map(Into::into),
             batched: false,
         });
     } else {
-        items.extend(req.reports.into_iter().map(|r| Item {
+        items.extend(reports.into_iter().map(|r| Item {
             seq: r.seq,
             event: r.event,
             batched: true,
@@ -203,17 +210,11 @@ impl StatusService for StatusApi {
                 let Some(Ok(first)) = next else { break };
                 // Whatever else this worker already sent is decided with it.
                 let mut batch = Vec::new();
-                let mut take = |req: pb::ReportRequest, batch: &mut Vec<Item>| {
-                    if !req.worker_id.is_empty() && req.worker_id != worker_id {
-                        worker_id.clone_from(&req.worker_id);
-                    }
-                    unpack(req, batch);
-                };
-                take(first, &mut batch);
+                unpack(first, &mut worker_id, &mut batch);
                 let mut ended = false;
                 while batch.len() < MAX_BATCH {
                     match incoming.next().now_or_never() {
-                        Some(Some(Ok(req))) => take(req, &mut batch),
+                        Some(Some(Ok(req))) => unpack(req, &mut worker_id, &mut batch),
                         Some(_) => {
                             ended = true;
                             break;

@@ -830,6 +830,63 @@ async fn released_ahead_starts_at_due_time_not_before() {
     assert_eq!(log.len(), 1, "ran once");
 }
 
+/// A task cancelled after it reached its queue (held by a worker until its
+/// due time) is skipped by its start claim, the only claim a release leaves
+/// to decide it, and stays CANCELLED with no attempt; its message leaves the
+/// queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_after_release_is_skipped_at_its_start() {
+    let stack = Stack::start(Backend::Sqlite).await;
+    let mut config = stack.config();
+    config.release_lead = Duration::from_secs(2);
+    let server = stack.server_with(config).await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "default", 4, log.handler());
+    let mut client = client(&server).await;
+
+    let doomed = client
+        .schedule(NewTask::new("default").delay(Duration::from_secs(4)))
+        .await
+        .expect("schedule");
+    let kept = client
+        .schedule(NewTask::new("default").delay(Duration::from_secs(4)))
+        .await
+        .expect("schedule");
+    let one_second_before = (doomed.due_at - chrono::Duration::seconds(1) - Utc::now())
+        .to_std()
+        .expect("booked 4 s ahead");
+    tokio::time::sleep(one_second_before).await;
+    assert_eq!(
+        stack.stream_state("KAIROS_READY").await.0,
+        2,
+        "both released, held by the worker"
+    );
+    let cancelled = client.cancel(&doomed.id).await.expect("cancel");
+    assert_eq!(cancelled.state, TaskState::Cancelled);
+
+    wait_for_state(
+        &mut client,
+        &kept.id,
+        TaskState::Succeeded,
+        Duration::from_secs(10),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(log.counts().get(&doomed.id), None, "cancelled, never run");
+    let (task, attempts) = client.get_task(&doomed.id).await.expect("get");
+    assert_eq!(
+        task.state,
+        TaskState::Cancelled,
+        "its release did not undo the cancel"
+    );
+    assert!(attempts.is_empty(), "no attempt recorded: {attempts:?}");
+    assert_eq!(
+        stack.stream_state("KAIROS_READY").await.0,
+        0,
+        "the skipped copy was acknowledged"
+    );
+}
+
 /// A burst due at one instant is released whole within KAIROS_RELEASE_LEAD,
 /// ahead of the instant; its workers hold what they took, and every task
 /// still runs once, not before its due time.

@@ -5,9 +5,10 @@
 //! the bucket's durable consumer (so whatever a dead owner held comes back at
 //! once), pulls all its messages into an in-memory timer and keeps them
 //! unacknowledged. When a task is due (or due within the release lead: its
-//! worker holds it until the due time) it claims it in Redis, publishes it to
-//! its queue with a stable message id, waits for the publish acknowledgement,
-//! and only then acknowledges the bucket message.
+//! worker holds it until the due time) it publishes it to its queue with a
+//! stable message id, waits for the publish acknowledgement, and only then
+//! acknowledges the bucket message. Whether it runs is decided by the start
+//! claim in Redis, when a worker asks to start it.
 //!
 //! A bucket whose window starts further out than `body_prefetch` is pulled
 //! headers-only: its waiting tasks cost no body memory. When its window comes
@@ -258,6 +259,13 @@ impl Dispatcher {
     /// Releases every task due within the release lead, oldest first, in
     /// rounds: a burst booked ahead leaves before its instant, and only the
     /// workers' part of each task is left for the instant itself.
+    ///
+    /// A task is published without a Redis claim of its own: its start claim,
+    /// which no worker can skip, already decides whether it runs (cancelled,
+    /// ended, started, expired or lost claims included). A release claim cost
+    /// one Lua item per task to spare a publish in those rare cases. Only a
+    /// task past its start deadline is claimed first, so that it ends EXPIRED
+    /// without reaching its queue.
     async fn release_due(&mut self) {
         let now_ms = Utc::now().timestamp_millis();
         let mut due: Vec<Held> = Vec::new();
@@ -310,10 +318,19 @@ impl Dispatcher {
             by_bucket.entry(held.bucket()).or_default().push(held);
         }
         for (bucket, batch) in by_bucket {
-            self.release_bucket(bucket, batch, now_ms, false).await;
+            let (late, ready): (Vec<Held>, Vec<Held>) = batch
+                .into_iter()
+                .partition(|h| past_deadline(h.msg.expire_at_ms, now_ms));
+            if !late.is_empty() {
+                self.release_bucket(bucket, late, now_ms, false).await;
+            }
+            self.publish(ready).await;
         }
     }
 
+    /// Claims tasks in Redis before it publishes them: those past their start
+    /// deadline (so they end EXPIRED without reaching their queue) and, with
+    /// `force`, those whose claim Redis lost.
     async fn release_bucket(&mut self, bucket: i64, batch: Vec<Held>, now_ms: i64, force: bool) {
         let id_text: Vec<String> = batch.iter().map(|h| h.msg.task_id.to_string()).collect();
         let ids: Vec<(&str, i64)> = id_text
@@ -684,6 +701,11 @@ async fn pull(
 /// `lead_ms`) for a task booked less than `lead_ms` before its due time.
 fn lead_of(msg: &BucketMessage, lead_ms: i64) -> i64 {
     late_lead(msg.due_ms, msg.booked_ms(), lead_ms)
+}
+
+/// Whether a task's start deadline (`expire_at_ms`, 0 for none) has passed.
+fn past_deadline(expire_at_ms: i64, now_ms: i64) -> bool {
+    expire_at_ms > 0 && now_ms > expire_at_ms
 }
 
 fn late_lead(due_ms: i64, booked_ms: Option<i64>, lead_ms: i64) -> i64 {

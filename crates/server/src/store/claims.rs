@@ -2,7 +2,9 @@
 //! Redis (one hash per bucket, Lua scripts), and the bucket leases that say
 //! which replica dispatches a bucket.
 //!
-//! Claim values: `S` scheduled, `D` dispatched, `R<n>` running attempt n,
+//! Claim values: `S` scheduled (a release leaves it so: the start claim
+//! decides), `D` dispatched (a dead task run again by RetryTask), `R<n>`
+//! running attempt n,
 //! `Y<n>` retrying after attempt n, `OK` succeeded, `X` dead, `C` cancelled,
 //! `E` expired, `K` skipped (overlap).
 //!
@@ -396,7 +398,8 @@ impl Claims {
 
     /// Claims due tasks of one bucket for release, given as (id, start
     /// deadline ms or 0); `force` re-creates lost claims (after SQL said the
-    /// tasks are still pending).
+    /// tasks are still pending). The dispatcher asks it only for tasks past
+    /// their deadline, which it marks EXPIRED unless they moved on.
     pub async fn dispatch(
         &self,
         bucket_ms: i64,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use kairos_client::{NewTask, TaskState};
+use kairos_client::{Attempt, Client, NewTask, Task, TaskState};
 use kairos_proto::wire;
 use kairos_tests::stack::{client, wait_for_state};
 use kairos_tests::{Backend, RunLog, Stack, backend_tests};
@@ -131,28 +131,27 @@ async fn batch_of_2000_runs_each_once_on_time(backend: Backend) {
     assert_eq!(succeeded, 2000, "ListTasks shows every task SUCCEEDED");
 }
 
-/// Cancel before the due time: CANCELLED, and the task never runs; cancel
-/// of a finished task: FAILED_PRECONDITION naming its state.
-async fn cancel_before_due_never_runs_and_after_finish_fails(backend: Backend) {
-    let stack = Stack::start(backend).await;
-    let server = stack.server().await;
-    let log = RunLog::default();
-    let _worker = stack.worker(&server, "default", 4, log.handler());
-    let mut client = client(&server).await;
+/// Books two tasks on "default" due after `delay`: one to cancel, one to keep.
+async fn doomed_and_kept(client: &mut Client, delay: Duration) -> (Task, Task) {
+    let mut book = async || {
+        client
+            .schedule(NewTask::new("default").delay(delay))
+            .await
+            .expect("schedule")
+    };
+    (book().await, book().await)
+}
 
-    let doomed = client
-        .schedule(NewTask::new("default").delay(Duration::from_secs(2)))
-        .await
-        .expect("schedule");
-    let kept = client
-        .schedule(NewTask::new("default").delay(Duration::from_secs(2)))
-        .await
-        .expect("schedule");
-    let cancelled = client.cancel(&doomed.id).await.expect("cancel");
-    assert_eq!(cancelled.state, TaskState::Cancelled);
-
+/// Waits for `kept` to succeed, then checks that the cancelled `doomed` never
+/// ran and is CANCELLED; returns its attempts.
+async fn cancelled_never_ran(
+    client: &mut Client,
+    log: &RunLog,
+    doomed: &Task,
+    kept: &Task,
+) -> Vec<Attempt> {
     wait_for_state(
-        &mut client,
+        client,
         &kept.id,
         TaskState::Succeeded,
         Duration::from_secs(15),
@@ -164,8 +163,24 @@ async fn cancel_before_due_never_runs_and_after_finish_fails(backend: Backend) {
         None,
         "a cancelled task never runs"
     );
-    let (after, _) = client.get_task(&doomed.id).await.expect("get");
+    let (after, attempts) = client.get_task(&doomed.id).await.expect("get");
     assert_eq!(after.state, TaskState::Cancelled);
+    attempts
+}
+
+/// Cancel before the due time: CANCELLED, and the task never runs; cancel
+/// of a finished task: FAILED_PRECONDITION naming its state.
+async fn cancel_before_due_never_runs_and_after_finish_fails(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let server = stack.server().await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "default", 4, log.handler());
+    let mut client = client(&server).await;
+
+    let (doomed, kept) = doomed_and_kept(&mut client, Duration::from_secs(2)).await;
+    let cancelled = client.cancel(&doomed.id).await.expect("cancel");
+    assert_eq!(cancelled.state, TaskState::Cancelled);
+    cancelled_never_ran(&mut client, &log, &doomed, &kept).await;
 
     let err = client.cancel(&kept.id).await.expect_err("finished task");
     assert_eq!(err.code, tonic::Code::FailedPrecondition);
@@ -844,14 +859,7 @@ async fn cancelled_after_release_is_skipped_at_its_start() {
     let _worker = stack.worker(&server, "default", 4, log.handler());
     let mut client = client(&server).await;
 
-    let doomed = client
-        .schedule(NewTask::new("default").delay(Duration::from_secs(4)))
-        .await
-        .expect("schedule");
-    let kept = client
-        .schedule(NewTask::new("default").delay(Duration::from_secs(4)))
-        .await
-        .expect("schedule");
+    let (doomed, kept) = doomed_and_kept(&mut client, Duration::from_secs(4)).await;
     let one_second_before = (doomed.due_at - chrono::Duration::seconds(1) - Utc::now())
         .to_std()
         .expect("booked 4 s ahead");
@@ -863,22 +871,7 @@ async fn cancelled_after_release_is_skipped_at_its_start() {
     );
     let cancelled = client.cancel(&doomed.id).await.expect("cancel");
     assert_eq!(cancelled.state, TaskState::Cancelled);
-
-    wait_for_state(
-        &mut client,
-        &kept.id,
-        TaskState::Succeeded,
-        Duration::from_secs(10),
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(log.counts().get(&doomed.id), None, "cancelled, never run");
-    let (task, attempts) = client.get_task(&doomed.id).await.expect("get");
-    assert_eq!(
-        task.state,
-        TaskState::Cancelled,
-        "its release did not undo the cancel"
-    );
+    let attempts = cancelled_never_ran(&mut client, &log, &doomed, &kept).await;
     assert!(attempts.is_empty(), "no attempt recorded: {attempts:?}");
     assert_eq!(
         stack.stream_state("KAIROS_READY").await.0,

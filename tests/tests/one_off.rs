@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use kairos_client::{Attempt, Client, NewTask, Task, TaskState};
 use kairos_proto::wire;
 use kairos_tests::stack::{client, wait_for_state};
-use kairos_tests::{Backend, RunLog, Stack, backend_tests};
+use kairos_tests::{Backend, RunLog, ServerHandle, Stack, WorkerHandle, backend_tests};
 use kairos_worker::{HandlerError, handler_fn};
 
 /// A task scheduled 2 s ahead runs exactly once, and not before its due time.
@@ -796,17 +796,27 @@ backend_tests!(
     far_buckets_wait_without_bodies,
 );
 
-/// Released ahead of its due time (KAIROS_RELEASE_LEAD), a task waits in its
-/// queue and in the worker that took it, and starts at its due time, not before.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn released_ahead_starts_at_due_time_not_before() {
+/// A SQLite stack whose server releases tasks 2 s ahead of their due time,
+/// with one worker of `slots` on "default" that runs into `log`.
+async fn released_ahead_stack(
+    slots: usize,
+    log: &RunLog,
+) -> (Stack, ServerHandle, WorkerHandle, Client) {
     let stack = Stack::start(Backend::Sqlite).await;
     let mut config = stack.config();
     config.release_lead = Duration::from_secs(2);
     let server = stack.server_with(config).await;
+    let worker = stack.worker(&server, "default", slots, log.handler());
+    let client = client(&server).await;
+    (stack, server, worker, client)
+}
+
+/// Released ahead of its due time (KAIROS_RELEASE_LEAD), a task waits in its
+/// queue and in the worker that took it, and starts at its due time, not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn released_ahead_starts_at_due_time_not_before() {
     let log = RunLog::default();
-    let _worker = stack.worker(&server, "default", 4, log.handler());
-    let mut client = client(&server).await;
+    let (stack, _server, _worker, mut client) = released_ahead_stack(4, &log).await;
 
     let task = client
         .schedule(
@@ -851,13 +861,8 @@ async fn released_ahead_starts_at_due_time_not_before() {
 /// queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_after_release_is_skipped_at_its_start() {
-    let stack = Stack::start(Backend::Sqlite).await;
-    let mut config = stack.config();
-    config.release_lead = Duration::from_secs(2);
-    let server = stack.server_with(config).await;
     let log = RunLog::default();
-    let _worker = stack.worker(&server, "default", 4, log.handler());
-    let mut client = client(&server).await;
+    let (stack, _server, _worker, mut client) = released_ahead_stack(4, &log).await;
 
     let (doomed, kept) = doomed_and_kept(&mut client, Duration::from_secs(4)).await;
     let one_second_before = (doomed.due_at - chrono::Duration::seconds(1) - Utc::now())
@@ -885,13 +890,8 @@ async fn cancelled_after_release_is_skipped_at_its_start() {
 /// still runs once, not before its due time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_is_released_ahead_and_runs_at_its_instant() {
-    let stack = Stack::start(Backend::Sqlite).await;
-    let mut config = stack.config();
-    config.release_lead = Duration::from_secs(2);
-    let server = stack.server_with(config).await;
     let log = RunLog::default();
-    let _worker = stack.worker(&server, "default", 16, log.handler());
-    let mut client = client(&server).await;
+    let (stack, _server, _worker, mut client) = released_ahead_stack(16, &log).await;
 
     let due_at = Utc::now() + chrono::Duration::seconds(4);
     let tasks = (0..200)

@@ -313,19 +313,18 @@ impl Dispatcher {
         } else {
             FIRST_RELEASE
         };
+        let (late, ready): (Vec<Held>, Vec<Held>) = due
+            .into_iter()
+            .partition(|h| past_deadline(h.msg.expire_at_ms, now_ms));
+        // Claims go one bucket hash per call; the rest of the round is one wave.
         let mut by_bucket: HashMap<i64, Vec<Held>> = HashMap::new();
-        for held in due {
+        for held in late {
             by_bucket.entry(held.bucket()).or_default().push(held);
         }
         for (bucket, batch) in by_bucket {
-            let (late, ready): (Vec<Held>, Vec<Held>) = batch
-                .into_iter()
-                .partition(|h| past_deadline(h.msg.expire_at_ms, now_ms));
-            if !late.is_empty() {
-                self.release_bucket(bucket, late, now_ms, false).await;
-            }
-            self.publish(ready).await;
+            self.release_bucket(bucket, batch, now_ms, false).await;
         }
+        self.publish(ready).await;
     }
 
     /// Claims tasks in Redis before it publishes them: those past their start

@@ -7,7 +7,8 @@ pub const TASKS_STREAM: &str = "KAIROS_TASKS";
 pub const TASKS_SUBJECT_PREFIX: &str = "kairos.tasks";
 /// Work-queue stream of released tasks, one subject per queue.
 pub const READY_STREAM: &str = "KAIROS_READY";
-/// Subject prefix of released tasks: `kairos.ready.<queue>`.
+/// Subject prefix of released tasks: `kairos.ready.<queue>`, and
+/// `kairos.ready.<queue>.ahead` (see [`ahead_subject`]).
 pub const READY_SUBJECT_PREFIX: &str = "kairos.ready";
 /// Header with the task's due instant in ms since the epoch, read by the dispatcher
 /// so it never has to decode the body.
@@ -67,6 +68,24 @@ pub fn ready_subject(queue: &str) -> String {
 /// Returns the durable consumer name shared by every worker of a queue.
 pub fn queue_consumer(queue: &str) -> String {
     format!("queue_{queue}")
+}
+
+/// Returns the subject of a queue's second lane: tasks released ahead of
+/// their due time, which a worker holds without a run slot until then. The
+/// queue's own subject carries what is due now (late bookings, retries), so
+/// those never wait behind a burst that went ahead.
+///
+/// The server publishes here only while a worker pulls the lane (its
+/// consumer has pulls waiting or messages pending); a worker that never
+/// pulls it gets every task on the queue's own subject.
+pub fn ahead_subject(queue: &str) -> String {
+    format!("{READY_SUBJECT_PREFIX}.{queue}.ahead")
+}
+
+/// Returns the durable consumer name of a queue's ahead lane; the server
+/// creates it for queues without a concurrency limit and removes it otherwise.
+pub fn ahead_consumer(queue: &str) -> String {
+    format!("ahead_{queue}")
 }
 
 /// Returns the durable consumer name of one bucket's dispatcher.

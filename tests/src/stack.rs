@@ -138,6 +138,20 @@ impl RunLog {
         })
     }
 
+    /// Returns a handler that records each run here, then takes `busy`
+    /// before it succeeds.
+    pub fn slow_handler(&self, busy: Duration) -> impl Handler {
+        let log = self.clone();
+        kairos_worker::handler_fn(move |task| {
+            let log = log.clone();
+            async move {
+                log.record(&task);
+                tokio::time::sleep(busy).await;
+                Ok::<(), kairos_worker::HandlerError>(())
+            }
+        })
+    }
+
     /// Returns every run so far.
     pub fn runs(&self) -> Vec<Run> {
         self.0.lock().expect("run log").clone()
@@ -314,6 +328,27 @@ impl Stack {
 }
 
 impl Stack {
+    /// Returns what JetStream says of a consumer of the ready stream now.
+    pub async fn ready_consumer(&self, name: &str) -> async_nats::jetstream::consumer::Info {
+        let client = async_nats::connect(self.nats.url()).await.expect("nats");
+        let js = async_nats::jetstream::new(client);
+        let stream = js.get_stream("KAIROS_READY").await.expect("stream");
+        stream.consumer_info(name).await.expect("consumer info")
+    }
+
+    /// Waits until a worker pulls `queue`'s ahead lane (a pull waits on its consumer).
+    pub async fn wait_ahead_pulled(&self, queue: &str) {
+        let name = kairos_proto::wire::ahead_consumer(queue);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while self.ready_consumer(&name).await.num_waiting == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no worker pulls the ahead lane of {queue}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Returns how many task messages dispatchers hold unacknowledged in open buckets.
     pub async fn held_in_buckets(&self) -> u64 {
         use futures::TryStreamExt as _;

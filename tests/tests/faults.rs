@@ -7,7 +7,6 @@ use chrono::Utc;
 use kairos_client::{NewTask, TaskState};
 use kairos_tests::stack::{client, wait_all_succeeded, wait_for_state};
 use kairos_tests::{Backend, RunLog, Stack, backend_tests};
-use kairos_worker::{HandlerError, handler_fn};
 
 async fn book(
     client: &mut kairos_client::Client,
@@ -202,17 +201,7 @@ async fn worker_reconnects_after_server_restart_without_losing_results(backend: 
     let addr = listener.local_addr().expect("addr");
     let mut server = stack.server_on(stack.config(), listener).await;
     let log = RunLog::default();
-    let handler = {
-        let log = log.clone();
-        handler_fn(move |task| {
-            let log = log.clone();
-            async move {
-                log.record(&task);
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                Ok::<(), HandlerError>(())
-            }
-        })
-    };
+    let handler = log.slow_handler(Duration::from_millis(1500));
     let _worker = stack.worker(&server, "slow", 8, handler);
     let mut client = client(&server).await;
     let ids = book(&mut client, "slow", 16, 0).await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use kairos_client::{Attempt, Client, NewTask, Task, TaskState};
+use kairos_client::{Attempt, Client, NewTask, QueueChange, Task, TaskState};
 use kairos_proto::wire;
 use kairos_tests::stack::{client, wait_for_state};
 use kairos_tests::{Backend, RunLog, ServerHandle, Stack, WorkerHandle, backend_tests};
@@ -802,13 +802,64 @@ async fn released_ahead_stack(
     slots: usize,
     log: &RunLog,
 ) -> (Stack, ServerHandle, WorkerHandle, Client) {
+    let (stack, server, client) = lead_stack("default", QueueChange::new()).await;
+    let worker = stack.worker(&server, "default", slots, log.handler());
+    stack.wait_ahead_pulled("default").await;
+    (stack, server, worker, client)
+}
+
+/// A SQLite stack whose server releases tasks 2 s ahead, with `queue`
+/// created with `settings` (and so its two lanes).
+async fn lead_stack(queue: &str, settings: QueueChange) -> (Stack, ServerHandle, Client) {
     let stack = Stack::start(Backend::Sqlite).await;
     let mut config = stack.config();
     config.release_lead = Duration::from_secs(2);
     let server = stack.server_with(config).await;
-    let worker = stack.worker(&server, "default", slots, log.handler());
-    let client = client(&server).await;
-    (stack, server, worker, client)
+    let mut client = client(&server).await;
+    client
+        .create_queue(queue, settings)
+        .await
+        .expect("create queue");
+    (stack, server, client)
+}
+
+/// Books `n` tasks on the default queue, all due at `instant`; returns
+/// each one's due time by id.
+async fn book_burst(
+    client: &mut Client,
+    n: usize,
+    instant: DateTime<Utc>,
+) -> HashMap<String, DateTime<Utc>> {
+    let tasks = (0..n)
+        .map(|i| {
+            NewTask::new("default")
+                .payload(format!("burst-{i}"))
+                .at(instant)
+        })
+        .collect();
+    let mut due = HashMap::new();
+    for result in client.schedule_batch(tasks).await.expect("batch") {
+        let task = result.expect("item stored");
+        due.insert(task.id, task.due_at);
+    }
+    due
+}
+
+/// Waits until every task of `due` ran, then checks each ran once and not
+/// before its due time.
+async fn each_ran_once_on_time(log: &RunLog, due: &HashMap<String, DateTime<Utc>>) {
+    log.wait_for(due.len(), Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let counts = log.counts();
+    assert_eq!(counts.len(), due.len(), "every task ran");
+    assert!(counts.values().all(|&n| n == 1), "each task ran once");
+    for run in log.runs() {
+        assert!(
+            run.at >= due[&run.task_id],
+            "task {} ran early",
+            run.task_id
+        );
+    }
 }
 
 /// Released ahead of its due time (KAIROS_RELEASE_LEAD), a task waits in its
@@ -894,18 +945,7 @@ async fn a_burst_is_released_ahead_and_runs_at_its_instant() {
     let (stack, _server, _worker, mut client) = released_ahead_stack(16, &log).await;
 
     let due_at = Utc::now() + chrono::Duration::seconds(4);
-    let tasks = (0..200)
-        .map(|i| {
-            NewTask::new("default")
-                .payload(format!("burst-{i}"))
-                .at(due_at)
-        })
-        .collect();
-    let mut due = HashMap::new();
-    for result in client.schedule_batch(tasks).await.expect("batch") {
-        let task = result.expect("item stored");
-        due.insert(task.id, task.due_at);
-    }
+    let due = book_burst(&mut client, 200, due_at).await;
     let one_second_before = (due_at - chrono::Duration::seconds(1) - Utc::now())
         .to_std()
         .expect("booked 4 s ahead");
@@ -928,18 +968,212 @@ async fn a_burst_is_released_ahead_and_runs_at_its_instant() {
         "{dispatched} of 200 shown DISPATCHED"
     );
 
-    log.wait_for(200, Duration::from_secs(30)).await;
+    each_ran_once_on_time(&log, &due).await;
+}
+
+/// A task booked late (within the release lead) for an instant before a
+/// burst that already went ahead does not wait behind that burst: the burst
+/// waits in the queue's ahead lane and in its worker's hold without run
+/// slots, and the late task comes on the queue's own subject and starts at
+/// its due time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_booking_does_not_wait_behind_a_burst_released_ahead() {
+    let log = RunLog::default();
+    let (stack, _server, _worker, mut client) = released_ahead_stack(4, &log).await;
+
+    let instant = Utc::now() + chrono::Duration::seconds(4);
+    let mut due = book_burst(&mut client, 1000, instant).await;
+    let until = |at: DateTime<Utc>| (at - Utc::now()).to_std().expect("still ahead");
+    tokio::time::sleep(until(instant - chrono::Duration::milliseconds(1500))).await;
+    let late = client
+        .schedule(
+            NewTask::new("default")
+                .payload("late")
+                .at(instant - chrono::Duration::milliseconds(500)),
+        )
+        .await
+        .expect("late booking");
+    due.insert(late.id.clone(), late.due_at);
+
+    tokio::time::sleep(until(instant - chrono::Duration::milliseconds(200))).await;
+    let runs = log.runs();
+    assert_eq!(
+        runs.iter().map(|r| r.task_id.as_str()).collect::<Vec<_>>(),
+        [late.id.as_str()],
+        "only the late task ran before the burst's instant"
+    );
+    assert!(runs[0].at >= late.due_at, "the late task ran early");
+    let ahead = stack.ready_consumer(&wire::ahead_consumer("default")).await;
+    assert_eq!(
+        ahead.num_ack_pending, 1000,
+        "the burst is held by the worker, from the ahead lane"
+    );
+
+    each_ran_once_on_time(&log, &due).await;
+}
+
+/// A worker that knows only the queue's own subject (an older worker, or
+/// one in another language) never pulls the ahead lane; tasks released
+/// ahead reach it on the queue's subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn released_ahead_reaches_a_worker_that_pulls_only_the_queue_subject() {
+    use async_nats::jetstream::consumer::PullConsumer;
+
+    let (stack, _server, mut client) = lead_stack("legacy", QueueChange::new()).await;
+    let task = client
+        .schedule(
+            NewTask::new("legacy")
+                .payload("old worker")
+                .delay(Duration::from_secs(4)),
+        )
+        .await
+        .expect("schedule");
+
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.expect("nats"));
+    let consumer: PullConsumer = js
+        .get_stream(wire::READY_STREAM)
+        .await
+        .expect("stream")
+        .get_consumer(&wire::queue_consumer("legacy"))
+        .await
+        .expect("the queue's consumer");
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(3))
+        .messages()
+        .await
+        .expect("pull");
+    use futures::StreamExt as _;
+    let msg = batch
+        .next()
+        .await
+        .expect("a message before the pull expired")
+        .expect("message");
+    assert!(Utc::now() < task.due_at, "released ahead of its due time");
+    assert_eq!(msg.subject.as_str(), wire::ready_subject("legacy"));
+    let ahead = stack.ready_consumer(&wire::ahead_consumer("legacy")).await;
+    assert_eq!(ahead.num_pending + ahead.num_ack_pending as u64, 0);
+}
+
+/// Tasks held longer than a third of their queue's run timeout (released
+/// 2 s ahead on a queue with a 1 s run timeout, then waiting for the one run
+/// slot, which a 1.5 s handler keeps) are kept alive while held: none is
+/// delivered again, and each runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_tasks_outlasting_the_run_timeout_are_not_delivered_again() {
+    let brief = QueueChange::new().run_timeout(Duration::from_secs(1));
+    let (stack, server, mut client) = lead_stack("brief", brief).await;
+    let log = RunLog::default();
+    let slow = log.slow_handler(Duration::from_millis(1500));
+    let _worker = stack.worker(&server, "brief", 1, slow);
+    stack.wait_ahead_pulled("brief").await;
+    // Settings reach a worker within its 2 s refresh.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let due_at = Utc::now() + chrono::Duration::seconds(4);
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let task = client
+            .schedule(NewTask::new("brief").payload(format!("{i}")).at(due_at))
+            .await
+            .expect("schedule");
+        ids.push(task.id);
+    }
+    for id in &ids {
+        wait_for_state(
+            &mut client,
+            id,
+            TaskState::Succeeded,
+            Duration::from_secs(15),
+        )
+        .await;
+    }
+    let ahead = stack.ready_consumer(&wire::ahead_consumer("brief")).await;
+    assert_eq!(ahead.config.ack_wait, Duration::from_secs(1));
+    assert_eq!(
+        ahead.delivered.stream_sequence, 2,
+        "both went through the ahead lane"
+    );
+    assert_eq!(
+        ahead.delivered.consumer_sequence, 2,
+        "held up to 3.5 s with a 1 s run timeout, each delivered once"
+    );
+    assert_eq!(log.len(), 2, "each ran once");
+}
+
+/// A queue given a concurrency limit keeps one consumer, over both of its
+/// subjects: the ahead lane's consumer goes, and what waited in that lane
+/// still runs, once. Lifting the limit brings the second lane back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_folds_the_ahead_lane_into_the_queue_consumer() {
+    let change = QueueChange::new;
+    let (stack, server, mut client) = lead_stack("gateway", change()).await;
+    let log = RunLog::default();
+    // Holds one task; the others wait in the ahead lane.
+    let worker = kairos_worker::Worker::builder()
+        .server(server.url.clone())
+        .nats(stack.nats.url())
+        .queue("gateway", log.handler())
+        .concurrency(1)
+        .hold(1)
+        .build()
+        .expect("worker config");
+    let _worker = stack.spawn_worker(worker);
+    stack.wait_ahead_pulled("gateway").await;
+
+    let due_at = Utc::now() + chrono::Duration::seconds(4);
+    let tasks = (0..6)
+        .map(|i| NewTask::new("gateway").payload(format!("{i}")).at(due_at))
+        .collect();
+    for result in client.schedule_batch(tasks).await.expect("batch") {
+        result.expect("item stored");
+    }
+    tokio::time::sleep(
+        (due_at - chrono::Duration::seconds(1) - Utc::now())
+            .to_std()
+            .expect("ahead"),
+    )
+    .await;
+    let ahead = stack.ready_consumer(&wire::ahead_consumer("gateway")).await;
+    assert_eq!(
+        ahead.num_pending + ahead.num_ack_pending as u64,
+        6,
+        "all six in the ahead lane"
+    );
+
+    client
+        .update_queue("gateway", change().max_concurrency(1))
+        .await
+        .expect("limit");
+    let queue_consumer = stack.ready_consumer(&wire::queue_consumer("gateway")).await;
+    assert_eq!(
+        queue_consumer.config.filter_subjects,
+        [
+            wire::ready_subject("gateway"),
+            wire::ahead_subject("gateway")
+        ]
+    );
+    log.wait_for(6, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let counts = log.counts();
-    assert_eq!(counts.len(), 200, "every task ran");
-    assert!(counts.values().all(|&n| n == 1), "each task ran once");
-    for run in log.runs() {
-        assert!(
-            run.at >= due[&run.task_id],
-            "task {} ran early",
-            run.task_id
-        );
-    }
+    assert_eq!(counts.len(), 6, "every task ran");
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "each task ran once: {counts:?}"
+    );
+
+    client
+        .update_queue("gateway", change().max_concurrency(0))
+        .await
+        .expect("no limit");
+    let queue_consumer = stack.ready_consumer(&wire::queue_consumer("gateway")).await;
+    assert_eq!(
+        queue_consumer.config.filter_subject,
+        wire::ready_subject("gateway")
+    );
+    assert!(queue_consumer.config.filter_subjects.is_empty());
+    stack.wait_ahead_pulled("gateway").await;
 }
 
 /// Sends one message on a fresh Report stream, as a worker would, and

@@ -116,6 +116,9 @@ struct Args {
     /// Local concurrency of each worker.
     #[arg(long, default_value_t = 256)]
     worker_concurrency: usize,
+    /// Tasks released ahead that each worker holds until their due time.
+    #[arg(long, default_value_t = 1_000)]
+    worker_hold: usize,
     /// How long the idle scenario watches.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     window: Duration,
@@ -272,7 +275,7 @@ impl Bench {
             &self.args.nats_url,
             "burst",
             self.args.workers,
-            self.args.worker_concurrency,
+            (self.args.worker_concurrency, self.args.worker_hold),
             &lateness,
         )?;
         let (_, _) =
@@ -490,7 +493,7 @@ impl Bench {
             &self.args.nats_url,
             "steady",
             self.args.workers,
-            self.args.worker_concurrency,
+            (self.args.worker_concurrency, self.args.worker_hold),
             &lateness,
         )?;
         // Each batch is booked 2 s before its first task is due, so booking,
@@ -691,8 +694,14 @@ impl Bench {
         let lead = Duration::from_secs(15) + Duration::from_secs_f64(n as f64 / 2_000.0);
         let due = Utc::now() + chrono::Duration::from_std(lead)?;
         let lateness = Lateness::default();
-        let workers =
-            scenarios::start_workers(&server, &self.args.nats_url, "cancel", 1, 256, &lateness)?;
+        let workers = scenarios::start_workers(
+            &server,
+            &self.args.nats_url,
+            "cancel",
+            1,
+            (256, self.args.worker_hold),
+            &lateness,
+        )?;
         let (_, ids) =
             scenarios::ingest_batches(&client, "cancel", n, self.payload.clone(), |_| due).await?;
         let doomed: Vec<String> = ids.iter().step_by(2).cloned().collect();

@@ -180,13 +180,14 @@ impl Lateness {
     }
 }
 
-/// Starts `workers` no-op workers that record lateness; returns their stop token.
+/// Starts `workers` no-op workers (each with its run slots and hold) that
+/// record lateness; returns their stop token.
 pub(crate) fn start_workers(
     server: &ServerProcess,
     nats_url: &str,
     queue: &str,
     workers: usize,
-    concurrency: usize,
+    (concurrency, hold): (usize, usize),
     lateness: &Lateness,
 ) -> anyhow::Result<CancellationToken> {
     let token = CancellationToken::new();
@@ -212,6 +213,7 @@ pub(crate) fn start_workers(
             .nats(nats_url)
             .queue(queue, handler)
             .concurrency(concurrency)
+            .hold(hold)
             .worker_id(format!("bench-{i}"))
             .build()?;
         let token = token.clone();

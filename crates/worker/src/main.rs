@@ -42,6 +42,9 @@ struct WorkerConfig {
     /// Tasks run at once by this process.
     #[arg(long, env = "KAIROS_CONCURRENCY", default_value_t = 8)]
     concurrency: usize,
+    /// Tasks released ahead of their due time held by this process until then.
+    #[arg(long, env = "KAIROS_HOLD", default_value_t = 1_000)]
+    hold: usize,
     /// Worker identity in the run log (default: pid and a random suffix).
     #[arg(long, env = "KAIROS_WORKER_ID")]
     worker_id: Option<String>,
@@ -110,6 +113,7 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         .server(config.server)
         .nats(config.nats_url)
         .concurrency(config.concurrency)
+        .hold(config.hold)
         .ack_wait(config.ack_wait);
     if let Some(id) = config.worker_id {
         builder = builder.worker_id(id);

@@ -1,5 +1,7 @@
-//! The worker run loop: pull from the queue's durable consumer, ask the server
-//! to start each attempt, run the handler, report, then acknowledge.
+//! The worker run loop: pull from the queue's two durable consumers (tasks
+//! due now, served first, and tasks released ahead, held until their due
+//! time without a run slot), ask the server to start each attempt, run the
+//! handler, report, then acknowledge.
 //!
 //! | handler outcome | JetStream message |
 //! |---|---|
@@ -26,6 +28,7 @@ use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
 use crate::handler::{Erased, ErasedHandler, Handler, HandlerError, TaskContext};
+use crate::hold::Hold;
 use crate::reporter::Reporter;
 
 /// Errors that stop a worker.
@@ -46,6 +49,7 @@ pub struct WorkerBuilder {
     nats: String,
     queue: Option<(String, Arc<dyn ErasedHandler>)>,
     concurrency: usize,
+    hold: usize,
     worker_id: Option<String>,
     ack_wait: Duration,
     backoff_initial: Duration,
@@ -71,6 +75,7 @@ impl Default for WorkerBuilder {
             nats: "nats://127.0.0.1:4222".into(),
             queue: None,
             concurrency: 8,
+            hold: 1_000,
             worker_id: None,
             ack_wait: Duration::from_secs(30),
             backoff_initial: Duration::from_secs(1),
@@ -102,6 +107,14 @@ impl WorkerBuilder {
     /// Sets how many tasks this process runs at once.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n;
+        self
+    }
+
+    /// Sets how many tasks released ahead of their due time this process
+    /// holds until then (default 1,000); they use no run slot while they
+    /// wait, and the rest wait in the queue's ahead lane.
+    pub fn hold(mut self, n: usize) -> Self {
+        self.hold = n;
         self
     }
 
@@ -146,6 +159,9 @@ impl WorkerBuilder {
         if self.concurrency == 0 {
             return Err(WorkerError::Config("concurrency must be at least 1".into()));
         }
+        if self.hold == 0 {
+            return Err(WorkerError::Config("hold must be at least 1".into()));
+        }
         let endpoint = Endpoint::from_shared(self.server.clone())
             .map_err(|e| WorkerError::Config(format!("bad server url: {e}")))?
             .connect_timeout(Duration::from_secs(3))
@@ -166,6 +182,7 @@ impl WorkerBuilder {
                 handler,
                 worker_id,
                 concurrency: self.concurrency,
+                hold: self.hold,
                 ack_wait: self.ack_wait,
                 policy: std::sync::RwLock::new(Policy {
                     ack_wait: self.ack_wait,
@@ -202,6 +219,7 @@ struct Inner {
     handler: Arc<dyn ErasedHandler>,
     worker_id: String,
     concurrency: usize,
+    hold: usize,
     ack_wait: Duration,
     /// The queue's run timeout and retry policy, as its consumer says now.
     policy: std::sync::RwLock<Policy>,
@@ -337,79 +355,27 @@ impl Worker {
             abort.clone(),
         );
         let tracker = TaskTracker::new();
-        let slots = Arc::new(Semaphore::new(inner.concurrency));
         info!(
             queue = inner.queue,
             worker_id = inner.worker_id,
             "worker started"
         );
-
-        'pull: loop {
-            let first = tokio::select! {
-                () = shutdown.cancelled() => break,
-                permit = slots.clone().acquire_owned() => permit.expect("semaphore open"),
-            };
-            let mut permits = vec![first];
-            while let Ok(p) = slots.clone().try_acquire_owned() {
-                permits.push(p);
-            }
-            let batch = consumer
-                .batch()
-                .max_messages(permits.len())
-                .expires(Duration::from_secs(2))
-                .messages()
-                .await;
-            let mut batch = match batch {
-                Ok(batch) => batch,
-                Err(err) => {
-                    debug!(error = %err, "pull failed; retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                    }
-                }
-            };
-            while let Some(next) = batch.next().await {
-                let msg = match next {
-                    Ok(msg) => msg,
-                    Err(err) => {
-                        debug!(error = %err, "pull interrupted");
-                        continue;
-                    }
-                };
-                if shutdown.is_cancelled() {
-                    // Hand it straight back so another worker takes it now.
-                    let _ = msg.ack_with(AckKind::Nak(None)).await;
-                    continue;
-                }
-                let Some(permit) = permits.pop() else {
-                    let _ = msg.ack_with(AckKind::Nak(None)).await;
-                    continue;
-                };
-                let (inner, reporter, cancelled, abort, js) = (
-                    self.inner.clone(),
-                    reporter.clone(),
-                    shutdown.clone(),
-                    abort.clone(),
-                    js.clone(),
-                );
-                tracker.spawn(async move {
-                    // The keep-alive is polled beside the attempt rather than
-                    // spawned: a burst's profile showed the bookkeeping of a
-                    // task spawned per delivery (BENCHMARKS item 29).
-                    let every = inner.policy().ack_wait / 3;
-                    tokio::select! {
-                        biased;
-                        () = settle(&inner, &reporter, &js, cancelled, &msg, permit) => {}
-                        never = keep_alive(&msg, every) => match never {},
-                        () = abort.cancelled() => {}
-                    }
-                });
-            }
-            if shutdown.is_cancelled() {
-                break 'pull;
-            }
-        }
+        let lanes = Lanes {
+            worker: &self,
+            js: &js,
+            reporter: &reporter,
+            tracker: &tracker,
+            slots: Arc::new(Semaphore::new(inner.concurrency)),
+            hold: Hold::default(),
+            abort: &abort,
+            shutdown: &shutdown,
+        };
+        // Boxed, so that the future of `run` stays small for its callers.
+        tokio::join!(
+            Box::pin(lanes.pull(Lane::Due, Some(consumer), inner.concurrency)),
+            Box::pin(lanes.pull(Lane::Ahead, None, inner.hold)),
+            Box::pin(lanes.start_held()),
+        );
 
         info!(
             running = tracker.len(),
@@ -433,6 +399,239 @@ impl Worker {
         let _ = client.flush().await;
         Ok(())
     }
+}
+
+/// Which of a queue's two subjects a pull loop serves (see
+/// [`wire::ahead_subject`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// The queue's own subject: tasks due now, served first.
+    Due,
+    /// Tasks released ahead of their due time, held without a run slot.
+    Ahead,
+}
+
+/// What the pull loops and the hold's starter of one worker share.
+struct Lanes<'a> {
+    worker: &'a Worker,
+    js: &'a Arc<jetstream::Context>,
+    reporter: &'a Reporter,
+    tracker: &'a TaskTracker,
+    /// Run slots: handlers running at once.
+    slots: Arc<Semaphore>,
+    hold: Hold,
+    abort: &'a CancellationToken,
+    shutdown: &'a CancellationToken,
+}
+
+/// Most deliveries asked for in one pull of the ahead lane.
+const AHEAD_PULL: usize = 1024;
+
+impl Lanes<'_> {
+    /// The pull loop of one lane: takes as many deliveries as it has `room`
+    /// for (run slots for the due lane, the hold for the ahead lane). A due
+    /// delivery is settled in a task of its own; an early one goes into the
+    /// hold. `consumer` is `None` until found: the ahead lane's consumer is
+    /// the server's to create.
+    async fn pull(&self, lane: Lane, mut consumer: Option<consumer::PullConsumer>, room: usize) {
+        let shutdown = self.shutdown;
+        let room = Arc::new(Semaphore::new(room));
+        loop {
+            let Some(current) = consumer.clone() else {
+                consumer = Some(match self.find_ahead().await {
+                    Some(found) => found,
+                    None => return,
+                });
+                continue;
+            };
+            let first = tokio::select! {
+                () = shutdown.cancelled() => return,
+                permit = room.clone().acquire_owned() => permit.expect("semaphore open"),
+            };
+            let mut permits = vec![first];
+            let most = match lane {
+                Lane::Due => usize::MAX,
+                Lane::Ahead => AHEAD_PULL,
+            };
+            while permits.len() < most
+                && let Ok(p) = room.clone().try_acquire_owned()
+            {
+                permits.push(p);
+            }
+            let batch = current
+                .batch()
+                .max_messages(permits.len())
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(batch) => batch,
+                Err(err) => {
+                    debug!(error = %err, ?lane, "pull failed; retrying");
+                    if lane == Lane::Ahead {
+                        // Removed when the queue got a concurrency limit.
+                        consumer = None;
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            while let Some(next) = batch.next().await {
+                let msg = match next {
+                    Ok(msg) => msg,
+                    Err(err) => {
+                        debug!(error = %err, "pull interrupted");
+                        continue;
+                    }
+                };
+                if shutdown.is_cancelled() {
+                    // Hand it straight back so another worker takes it now.
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    continue;
+                }
+                let Some(room) = permits.pop() else {
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    continue;
+                };
+                match lane {
+                    Lane::Due => self.spawn(Arc::new(msg), None, None, room),
+                    Lane::Ahead => self.hold.push(msg, room),
+                }
+            }
+            if shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// Hands held deliveries a run slot each once due, earliest first. The
+    /// due lane's deliveries ask the same FIFO semaphore directly, so at
+    /// most one held delivery waits for a slot ahead of them.
+    async fn start_held(&self) {
+        let shutdown = self.shutdown;
+        let mut swept = tokio::time::Instant::now();
+        loop {
+            // Held longer than a third of the run timeout, a delivery is
+            // kept alive, or JetStream would hand it to another worker.
+            let every = (self.worker.inner.policy().ack_wait / 3).max(Duration::from_millis(100));
+            if swept.elapsed() >= every {
+                swept = self.keep_held_alive(every);
+            }
+            let now_us = Utc::now().timestamp_micros();
+            let wait = match self.hold.next_due() {
+                Some(due_us) if due_us <= now_us => None,
+                Some(due_us) => Some(Duration::from_micros((due_us - now_us).unsigned_abs())),
+                None => Some(every),
+            };
+            if let Some(wait) = wait {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(wait.min(every)) => {}
+                    () = self.hold.added() => {}
+                }
+                continue;
+            }
+            let slot = match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    let slot = tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        slot = self.slots.clone().acquire_owned() => slot.expect("never closed"),
+                        // Slots may stay busy longer than the run timeout.
+                        () = tokio::time::sleep_until(swept + every) => continue,
+                    };
+                    // Handlers finishing beside the one that freed this slot
+                    // free theirs too: their successors then start together,
+                    // one report and one claim batch for all.
+                    tokio::task::yield_now().await;
+                    slot
+                }
+            };
+            if let Some(held) = self.hold.pop_due(now_us) {
+                self.spawn(held.msg, held.envelope, Some(slot), held.room);
+            }
+        }
+        // Hand them back so other workers take them now.
+        for held in self.hold.take_all() {
+            let _ = held.msg.ack_with(AckKind::Nak(None)).await;
+        }
+    }
+
+    /// Tells JetStream that the deliveries held for a while are still being
+    /// worked on, beside the starter rather than in its way; returns when
+    /// it looked.
+    fn keep_held_alive(&self, every: Duration) -> tokio::time::Instant {
+        let stale = self.hold.stale(every);
+        if !stale.is_empty() {
+            tokio::spawn(async move {
+                for msg in stale {
+                    let _ = msg.ack_with(AckKind::Progress).await;
+                }
+            });
+        }
+        tokio::time::Instant::now()
+    }
+
+    /// Settles one delivery in a task of its own, kept alive while it runs.
+    fn spawn(
+        &self,
+        msg: Arc<jetstream::Message>,
+        envelope: Option<pb::TaskEnvelope>,
+        slot: Option<OwnedSemaphorePermit>,
+        room: OwnedSemaphorePermit,
+    ) {
+        let (inner, reporter, cancelled, abort, js, slots) = (
+            self.worker.inner.clone(),
+            self.reporter.clone(),
+            self.shutdown.clone(),
+            self.abort.clone(),
+            self.js.clone(),
+            self.slots.clone(),
+        );
+        self.tracker.spawn(async move {
+            // The keep-alive is polled beside the attempt rather than
+            // spawned: a burst's profile showed the bookkeeping of a
+            // task spawned per delivery (BENCHMARKS item 29).
+            let every = inner.policy().ack_wait / 3;
+            let place = Place { slots, slot, room };
+            tokio::select! {
+                biased;
+                () = settle(&inner, &reporter, &js, cancelled, &msg, envelope, place) => {}
+                never = keep_alive(&msg, every) => match never {},
+                () = abort.cancelled() => {}
+            }
+        });
+    }
+
+    /// Waits for the queue's ahead consumer, which the server creates for a
+    /// queue without a concurrency limit. `None` when shut down meanwhile.
+    async fn find_ahead(&self) -> Option<consumer::PullConsumer> {
+        let name = wire::ahead_consumer(&self.worker.inner.queue);
+        loop {
+            let found = match self.js.get_stream(wire::READY_STREAM).await {
+                Ok(stream) => stream.get_consumer(&name).await.ok(),
+                Err(_) => None,
+            };
+            if found.is_some() {
+                return found;
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => return None,
+                () = tokio::time::sleep(POLICY_REFRESH) => {}
+            }
+        }
+    }
+}
+
+/// What a delivery holds while it is settled: its place in its lane's room,
+/// and its run slot once it has one.
+struct Place {
+    slots: Arc<Semaphore>,
+    /// Given by the hold's starter; a due delivery takes its own.
+    slot: Option<OwnedSemaphorePermit>,
+    room: OwnedSemaphorePermit,
 }
 
 /// Waits for the ready stream (the server creates it) and returns the queue's
@@ -553,10 +752,11 @@ async fn settle(
     js: &jetstream::Context,
     shutdown: CancellationToken,
     msg: &jetstream::Message,
-    slot: OwnedSemaphorePermit,
+    decoded: Option<pb::TaskEnvelope>,
+    place: Place,
 ) {
     let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
-    let envelope = match pb::TaskEnvelope::decode(msg.payload.clone()) {
+    let envelope = match decoded.map_or_else(|| pb::TaskEnvelope::decode(msg.payload.clone()), Ok) {
         Ok(envelope) => envelope,
         Err(err) => {
             warn!(error = %err, "undecodable task message; reported dead");
@@ -601,7 +801,8 @@ async fn settle(
     }
 
     // Tasks are released a little ahead (KAIROS_RELEASE_LEAD): held here, a
-    // task starts at its due time without the release path's latency.
+    // task starts at its due time without the release path's latency. It
+    // takes a run slot only then.
     let early = envelope.due_at_ms.saturating_mul(1000) - Utc::now().timestamp_micros();
     if early > 0 {
         tokio::select! {
@@ -612,6 +813,16 @@ async fn settle(
             }
         }
     }
+    let slot = match place.slot {
+        Some(slot) => slot,
+        None => tokio::select! {
+            slot = place.slots.acquire_owned() => slot.expect("never closed"),
+            () = shutdown.cancelled() => {
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                return;
+            }
+        },
+    };
     let decision = loop {
         let started = pb::report::Event::Started(pb::AttemptStarted {
             task_id: id.clone(),
@@ -686,7 +897,7 @@ async fn settle(
     // The slot bounds running handlers; reporting and acknowledging the result
     // need not hold it (the unacknowledged message still counts against the
     // consumer's max_ack_pending).
-    drop(slot);
+    drop((slot, place.room));
 
     let (event, ack) = match outcome {
         Ok(()) => (

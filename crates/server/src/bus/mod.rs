@@ -61,7 +61,31 @@ pub struct Bus {
     atomic: Arc<std::sync::atomic::AtomicBool>,
     /// Atomic batches in flight; the server allows 50 per stream.
     batch_slots: Arc<tokio::sync::Semaphore>,
+    /// Per queue: whether a worker pulls its ahead lane.
+    lanes: Arc<std::sync::Mutex<HashMap<String, Lane>>>,
 }
+
+/// What a replica last read of a queue's ahead lane.
+#[derive(Debug)]
+struct Lane {
+    pulled: bool,
+    read_at: std::time::Instant,
+    /// A read is under way in the background.
+    reading: bool,
+}
+
+impl Lane {
+    fn read(pulled: bool) -> Self {
+        Self {
+            pulled,
+            read_at: std::time::Instant::now(),
+            reading: false,
+        }
+    }
+}
+
+/// How long the dispatcher trusts what it read of a queue's ahead lane.
+const LANE_TTL: Duration = Duration::from_secs(2);
 
 /// Most messages in one atomic batch (the server's limit).
 const ATOMIC_MAX_MESSAGES: usize = 1000;
@@ -105,6 +129,7 @@ impl Bus {
             js,
             atomic: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             batch_slots: Arc::new(tokio::sync::Semaphore::new(ATOMIC_IN_FLIGHT)),
+            lanes: Arc::default(),
         })
     }
 
@@ -310,10 +335,15 @@ impl Bus {
         (len, outcome)
     }
 
-    /// Makes a queue's durable consumer match its settings: global
+    /// Makes a queue's durable consumers match its settings: global
     /// concurrency as `max_ack_pending`, the run timeout as `ack_wait`, the
     /// retry policy in its metadata (workers read it), and paused or not.
-    /// Creates it when missing; running workers follow the change.
+    /// Creates them when missing; running workers follow the change.
+    ///
+    /// A queue without a concurrency limit gets a second consumer for its
+    /// ahead lane ([`wire::ahead_subject`]). A limited queue keeps one
+    /// consumer, over both subjects, since its limit is that consumer's
+    /// `max_ack_pending`; tasks already in the ahead lane drain through it.
     pub async fn apply_queue(&self, queue: &Queue) -> BusResult<()> {
         let stream = self
             .js
@@ -321,6 +351,7 @@ impl Bus {
             .await
             .map_err(BusError::from_any)?;
         let name = wire::queue_consumer(&queue.name);
+        let ahead = wire::ahead_consumer(&queue.name);
         let s = &queue.settings;
         let metadata = HashMap::from([
             (
@@ -340,37 +371,82 @@ impl Bus {
                 s.retry.jitter.to_string(),
             ),
         ]);
+        let limited = s.max_concurrency > 0;
         let config = consumer::pull::Config {
             durable_name: Some(name.clone()),
-            filter_subject: wire::ready_subject(&queue.name),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: Duration::from_millis(u64::try_from(s.run_timeout_ms).unwrap_or(30_000)),
             max_deliver: -1,
-            max_ack_pending: if s.max_concurrency == 0 {
-                wire::UNLIMITED_ACK_PENDING
-            } else {
+            max_ack_pending: if limited {
                 i64::from(s.max_concurrency)
+            } else {
+                wire::UNLIMITED_ACK_PENDING
             },
             metadata,
             ..Default::default()
         };
-        stream
-            .create_consumer(config)
-            .await
-            .map_err(BusError::from_any)?;
-        if queue.paused {
-            // JetStream pauses until an instant; far enough to mean "until resumed".
-            let until = chrono::Utc::now() + chrono::Duration::days(365 * 100);
+        // Filters of a work-queue stream's consumers must not overlap: the
+        // ahead consumer goes before the queue's widens, and after it narrows.
+        if limited {
+            match stream.consumer_info(&ahead).await {
+                Ok(_) => {
+                    stream
+                        .delete_consumer(&ahead)
+                        .await
+                        .map_err(BusError::from_any)?;
+                }
+                Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => {}
+                Err(err) => return Err(BusError::from_any(err)),
+            }
             stream
-                .pause_consumer(&name, until)
+                .create_consumer(consumer::pull::Config {
+                    filter_subjects: vec![
+                        wire::ready_subject(&queue.name),
+                        wire::ahead_subject(&queue.name),
+                    ],
+                    ..config
+                })
                 .await
                 .map_err(BusError::from_any)?;
         } else {
             stream
-                .resume_consumer(&name)
+                .create_consumer(consumer::pull::Config {
+                    filter_subject: wire::ready_subject(&queue.name),
+                    ..config.clone()
+                })
+                .await
+                .map_err(BusError::from_any)?;
+            stream
+                .create_consumer(consumer::pull::Config {
+                    durable_name: Some(ahead.clone()),
+                    filter_subject: wire::ahead_subject(&queue.name),
+                    metadata: HashMap::new(),
+                    ..config
+                })
                 .await
                 .map_err(BusError::from_any)?;
         }
+        let consumers = if limited {
+            vec![name]
+        } else {
+            vec![name, ahead]
+        };
+        for name in &consumers {
+            if queue.paused {
+                // JetStream pauses until an instant; far enough to mean "until resumed".
+                let until = chrono::Utc::now() + chrono::Duration::days(365 * 100);
+                stream
+                    .pause_consumer(name, until)
+                    .await
+                    .map_err(BusError::from_any)?;
+            } else {
+                stream
+                    .resume_consumer(name)
+                    .await
+                    .map_err(BusError::from_any)?;
+            }
+        }
+        self.forget_lane(&queue.name);
         Ok(())
     }
 
@@ -423,19 +499,19 @@ impl Bus {
     ) -> BusResult<()> {
         let id = task_id.to_string();
         let msg_id = format!("{id}:retry:{attempts_before}");
-        self.publish_ready(queue, &id, bucket_ms, envelope, msg_id)
+        self.publish_ready(wire::ready_subject(queue), &id, bucket_ms, envelope, msg_id)
             .await?
             .await
             .map_err(BusError::from_any)?;
         Ok(())
     }
 
-    /// Publishes a task's envelope to its queue's ready subject with the
+    /// Publishes a task's envelope to one of its queue's subjects with the
     /// headers workers read; `msg_id` makes a repeat a no-op within the
     /// duplicate window. Returns the acknowledgement to wait for.
     async fn publish_ready(
         &self,
-        queue: &str,
+        subject: String,
         task_id: &str,
         bucket_ms: i64,
         envelope: Bytes,
@@ -446,7 +522,7 @@ impl Bus {
         headers.insert(BUCKET, bucket_ms.to_string());
         self.js
             .send_publish(
-                wire::ready_subject(queue),
+                subject,
                 jetstream::message::PublishMessage::build()
                     .payload(envelope)
                     .headers(headers)
@@ -492,17 +568,89 @@ impl Bus {
             .map_err(BusError::from_any)
     }
 
-    /// Publishes a due task, with its envelope `body`, to its queue; the message
-    /// id makes a second release of the same task a no-op inside the duplicate window.
+    /// Publishes a due task's envelope to its queue: to the queue's ahead
+    /// lane when `ahead` (the caller saw [`Bus::ahead_lane`] say a worker
+    /// pulls it), to the queue's own subject otherwise. The message id is the
+    /// same on both, so JetStream drops a second release of the task.
     pub async fn release(
         &self,
         msg: &BucketMessage,
         body: Bytes,
+        ahead: bool,
     ) -> BusResult<jetstream::context::PublishAckFuture> {
         let task_id = msg.task_id.to_string();
         let msg_id = wire::release_msg_id(&task_id);
-        self.publish_ready(&msg.queue, &task_id, msg.bucket_ms, body, msg_id)
+        let subject = if ahead {
+            wire::ahead_subject(&msg.queue)
+        } else {
+            wire::ready_subject(&msg.queue)
+        };
+        self.publish_ready(subject, &task_id, msg.bucket_ms, body, msg_id)
             .await
+    }
+
+    /// Tells whether a worker pulls the queue's ahead lane now: its consumer
+    /// exists, is not paused, and has a pull waiting or messages pending.
+    /// A worker that does not know the lane never pulls it, so its tasks stay
+    /// on the queue's own subject. Read once per queue, then again in the
+    /// background every two seconds, so a slow JetStream API never holds up
+    /// a release round.
+    pub async fn ahead_lane(&self, queue: &str) -> bool {
+        let stale = match self.lanes().get_mut(queue) {
+            Some(lane) if lane.read_at.elapsed() < LANE_TTL || lane.reading => {
+                return lane.pulled;
+            }
+            Some(lane) => {
+                lane.reading = true;
+                Some(lane.pulled)
+            }
+            None => None,
+        };
+        match stale {
+            Some(pulled) => {
+                let (bus, queue) = (self.clone(), queue.to_owned());
+                tokio::spawn(async move {
+                    let now = bus.read_ahead_lane(&queue).await;
+                    bus.lanes().insert(queue, Lane::read(now));
+                });
+                pulled
+            }
+            None => {
+                let pulled = self.read_ahead_lane(queue).await;
+                self.lanes().insert(queue.to_owned(), Lane::read(pulled));
+                pulled
+            }
+        }
+    }
+
+    /// Reads from JetStream whether a worker pulls the queue's ahead lane.
+    async fn read_ahead_lane(&self, queue: &str) -> bool {
+        let info = match self.js.get_stream(wire::READY_STREAM).await {
+            Ok(stream) => stream
+                .consumer_info(wire::ahead_consumer(queue))
+                .await
+                .map_err(BusError::from_any),
+            Err(err) => Err(BusError::from_any(err)),
+        };
+        match info {
+            Ok(info) => !info.paused && (info.num_waiting > 0 || info.num_ack_pending > 0),
+            Err(err) => {
+                tracing::debug!(queue, error = %err, "ahead lane not read; using the queue's subject");
+                false
+            }
+        }
+    }
+
+    fn lanes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lane>> {
+        self.lanes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Drops what this replica read of a queue's ahead lane (its consumers
+    /// just changed).
+    fn forget_lane(&self, queue: &str) {
+        self.lanes().remove(queue);
     }
 
     /// Returns the buckets that hold at least one message.

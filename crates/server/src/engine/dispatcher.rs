@@ -4,9 +4,9 @@
 //! replica at a time, which holds a lease on it in Redis. The owner recreates
 //! the bucket's durable consumer (so whatever a dead owner held comes back at
 //! once), pulls all its messages into an in-memory timer and keeps them
-//! unacknowledged. When a task is due (or due within the release lead: its
-//! worker holds it until the due time) it publishes it to its queue with a
-//! stable message id, waits for the publish acknowledgement, and only then
+//! unacknowledged. When a task is due (or due within the release lead: it
+//! goes to the queue's ahead lane, and its worker holds it until the due
+//! time) it publishes it to its queue with a stable message id, waits for the publish acknowledgement, and only then
 //! acknowledges the bucket message. Whether it runs is decided by the start
 //! claim in Redis, when a worker asks to start it.
 //!
@@ -16,6 +16,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -410,13 +411,32 @@ impl Dispatcher {
         if batch.is_empty() {
             return;
         }
-        let mut acks = Vec::with_capacity(batch.len());
+        // Which of its queue's two lanes each task goes to.
+        let now_ms = Utc::now().timestamp_millis();
+        let mut pulled: HashMap<Arc<str>, bool> = HashMap::new();
+        let mut lanes = Vec::with_capacity(batch.len());
         for held in &batch {
+            let ahead = if goes_ahead(&held.msg, self.lead_ms, now_ms) {
+                match pulled.get(&held.msg.queue) {
+                    Some(&known) => known,
+                    None => {
+                        let known = self.bus.ahead_lane(&held.msg.queue).await;
+                        pulled.insert(held.msg.queue.clone(), known);
+                        known
+                    }
+                }
+            } else {
+                false
+            };
+            lanes.push(ahead);
+        }
+        let mut acks = Vec::with_capacity(batch.len());
+        for (held, ahead) in batch.iter().zip(lanes) {
             // release_due lets only tasks with a body through.
             acks.push(match &held.msg.body {
                 Some(body) => self
                     .bus
-                    .release(&held.msg, Bytes::copy_from_slice(body))
+                    .release(&held.msg, Bytes::copy_from_slice(body), ahead)
                     .await
                     .map_err(|e| e.to_string()),
                 None => Err("held without its body".to_owned()),
@@ -714,6 +734,20 @@ fn late_lead(due_ms: i64, booked_ms: Option<i64>, lead_ms: i64) -> i64 {
     }
 }
 
+/// Whether a task released at `now_ms` goes to its queue's ahead lane: it
+/// is released a full lead before its due time. A task booked within the
+/// lead, or released at or after its due time, goes to the queue's own
+/// subject, which workers serve first, so it never waits behind what went
+/// ahead.
+fn goes_ahead(msg: &BucketMessage, lead_ms: i64, now_ms: i64) -> bool {
+    full_lead(msg.due_ms, msg.booked_ms(), lead_ms, now_ms)
+}
+
+/// See [`goes_ahead`].
+fn full_lead(due_ms: i64, booked_ms: Option<i64>, lead_ms: i64, now_ms: i64) -> bool {
+    lead_ms > LATE_LEAD_MS && due_ms > now_ms && late_lead(due_ms, booked_ms, lead_ms) == lead_ms
+}
+
 /// Whether the instant `due_ms` is a burst: MAX_AHEAD of its tasks went
 /// ahead already (per `ahead`, the instant last released ahead and its count).
 fn is_burst(ahead: (i64, usize), due_ms: i64) -> bool {
@@ -762,6 +796,26 @@ mod tests {
         assert_eq!(late_lead(due, None, lead), lead);
         assert_eq!(late_lead(due, Some(due - lead + 1), lead), LATE_LEAD_MS);
         assert_eq!(late_lead(due, Some(due - 5), 0), 0);
+    }
+
+    #[test]
+    fn only_a_task_released_a_full_lead_ahead_takes_the_ahead_lane() {
+        let (due, lead) = (1_000_000, 2_000);
+        let booked = Some(due - 60_000);
+        assert!(full_lead(due, booked, lead, due - lead));
+        assert!(full_lead(due, None, lead, due - 1));
+        // Booked within the lead: released 20 ms ahead, on the due lane.
+        assert!(!full_lead(
+            due,
+            Some(due - lead + 1),
+            lead,
+            due - LATE_LEAD_MS
+        ));
+        // Released at or after its due time (a burst's remainder, a retry).
+        assert!(!full_lead(due, booked, lead, due));
+        assert!(!full_lead(due, booked, lead, due + 5));
+        // No lead to speak of: one lane.
+        assert!(!full_lead(due, booked, LATE_LEAD_MS, due - 10));
     }
 
     /// A million of these wait at once (the idle goal is 300 MB for them all).

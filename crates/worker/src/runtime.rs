@@ -429,7 +429,8 @@ const AHEAD_PULL: usize = 1024;
 
 impl Lanes<'_> {
     /// The pull loop of one lane: takes as many deliveries as it has `room`
-    /// for (run slots for the due lane, the hold for the ahead lane). A due
+    /// for (as many as run slots for the due lane, the hold for the ahead
+    /// lane), each kept until its handler returned. A due
     /// delivery is settled in a task of its own; an early one goes into the
     /// hold. `consumer` is `None` until found: the ahead lane's consumer is
     /// the server's to create.

@@ -6,8 +6,9 @@
 //! once), pulls all its messages into an in-memory timer and keeps them
 //! unacknowledged. When a task is due (or due within the release lead: it
 //! goes to the queue's ahead lane, and its worker holds it until the due
-//! time) it publishes it to its queue with a stable message id, waits for the publish acknowledgement, and only then
-//! acknowledges the bucket message. Whether it runs is decided by the start
+//! time) it publishes it to its queue with a stable message id, waits for
+//! the publish acknowledgement, and only then acknowledges the bucket
+//! message. Whether it runs is decided by the start
 //! claim in Redis, when a worker asks to start it.
 //!
 //! A bucket whose window starts further out than `body_prefetch` is pulled

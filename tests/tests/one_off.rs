@@ -823,24 +823,27 @@ async fn lead_stack(queue: &str, settings: QueueChange) -> (Stack, ServerHandle,
     (stack, server, client)
 }
 
-/// Books `n` tasks on the default queue, all due at `instant`; returns
-/// each one's due time by id.
+/// Books `n` tasks on `queue`, all due at `instant`, in batches of 1,000;
+/// returns each one's due time by id.
 async fn book_burst(
     client: &mut Client,
+    queue: &str,
     n: usize,
     instant: DateTime<Utc>,
 ) -> HashMap<String, DateTime<Utc>> {
-    let tasks = (0..n)
-        .map(|i| {
-            NewTask::new("default")
-                .payload(format!("burst-{i}"))
-                .at(instant)
-        })
-        .collect();
     let mut due = HashMap::new();
-    for result in client.schedule_batch(tasks).await.expect("batch") {
-        let task = result.expect("item stored");
-        due.insert(task.id, task.due_at);
+    for first in (0..n).step_by(1000) {
+        let tasks = (first..n.min(first + 1000))
+            .map(|i| {
+                NewTask::new(queue)
+                    .payload(format!("burst-{i}"))
+                    .at(instant)
+            })
+            .collect();
+        for result in client.schedule_batch(tasks).await.expect("batch") {
+            let task = result.expect("item stored");
+            due.insert(task.id, task.due_at);
+        }
     }
     due
 }
@@ -945,7 +948,7 @@ async fn a_burst_is_released_ahead_and_runs_at_its_instant() {
     let (stack, _server, _worker, mut client) = released_ahead_stack(16, &log).await;
 
     let due_at = Utc::now() + chrono::Duration::seconds(4);
-    let due = book_burst(&mut client, 200, due_at).await;
+    let due = book_burst(&mut client, "default", 200, due_at).await;
     let one_second_before = (due_at - chrono::Duration::seconds(1) - Utc::now())
         .to_std()
         .expect("booked 4 s ahead");
@@ -971,6 +974,54 @@ async fn a_burst_is_released_ahead_and_runs_at_its_instant() {
     each_ran_once_on_time(&log, &due).await;
 }
 
+/// A burst larger than the release lead can carry (40,000 at one instant;
+/// the dispatcher plans 40 a millisecond) starts to leave a second earlier
+/// than the lead; none of it starts early, and each task runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_too_large_for_the_lead_starts_to_leave_earlier() {
+    let log = RunLog::default();
+    let (stack, _server, _worker, mut client) = released_ahead_stack(16, &log).await;
+
+    let instant = Utc::now() + chrono::Duration::seconds(15);
+    let due = book_burst(&mut client, "default", 40_000, instant).await;
+    let until = |at: DateTime<Utc>| (at - Utc::now()).to_std().expect("still ahead");
+    tokio::time::sleep(until(instant - chrono::Duration::milliseconds(2300))).await;
+    let released = stack.stream_state("KAIROS_READY").await.0;
+    assert!(
+        released > 0,
+        "nothing released 2.3 s ahead, before the 2 s lead"
+    );
+    assert!(log.is_empty(), "none started ahead of the instant");
+    tokio::time::sleep(until(instant - chrono::Duration::milliseconds(200))).await;
+    assert!(log.is_empty(), "none started ahead of the instant");
+
+    log.wait_for(due.len(), Duration::from_secs(120)).await;
+    each_ran_once_on_time(&log, &due).await;
+}
+
+/// A burst's early start reaches only queues whose ahead lane a worker
+/// pulls: elsewhere a task released early would wait with a run slot, so
+/// it leaves at its own release lead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_for_a_queue_without_an_ahead_lane_leaves_at_the_lead() {
+    let (stack, _server, mut client) = lead_stack("legacy", QueueChange::new()).await;
+
+    let instant = Utc::now() + chrono::Duration::seconds(15);
+    book_burst(&mut client, "legacy", 40_000, instant).await;
+    let until = |at: DateTime<Utc>| (at - Utc::now()).to_std().expect("still ahead");
+    tokio::time::sleep(until(instant - chrono::Duration::milliseconds(2300))).await;
+    assert_eq!(
+        stack.stream_state("KAIROS_READY").await.0,
+        0,
+        "released before its own lead to a queue whose ahead lane nobody pulls"
+    );
+    tokio::time::sleep(until(instant - chrono::Duration::milliseconds(1000))).await;
+    assert!(
+        stack.stream_state("KAIROS_READY").await.0 > 0,
+        "released at its own lead"
+    );
+}
+
 /// A task booked late (within the release lead) for an instant before a
 /// burst that already went ahead does not wait behind that burst: the burst
 /// waits in the queue's ahead lane and in its worker's hold without run
@@ -982,7 +1033,7 @@ async fn a_late_booking_does_not_wait_behind_a_burst_released_ahead() {
     let (stack, _server, _worker, mut client) = released_ahead_stack(4, &log).await;
 
     let instant = Utc::now() + chrono::Duration::seconds(4);
-    let mut due = book_burst(&mut client, 1000, instant).await;
+    let mut due = book_burst(&mut client, "default", 1000, instant).await;
     let until = |at: DateTime<Utc>| (at - Utc::now()).to_std().expect("still ahead");
     tokio::time::sleep(until(instant - chrono::Duration::milliseconds(1500))).await;
     let late = client

@@ -189,7 +189,9 @@ impl ServerConfig {
             });
         }
         if self.release_lead > Duration::from_secs(5) {
-            // Each released task holds a worker slot until it is due.
+            // A worker that does not pull the ahead lane holds what it gets
+            // early with a run slot; a burst's longer lead goes only to the
+            // ahead lane (see engine::backlog).
             return bad("KAIROS_RELEASE_LEAD", "must be at most 5s");
         }
         if self.subscribe_buffer == 0 {

@@ -9,7 +9,8 @@
 //! time) it publishes it to its queue with a stable message id, waits for
 //! the publish acknowledgement, and only then acknowledges the bucket
 //! message. Whether it runs is decided by the start
-//! claim in Redis, when a worker asks to start it.
+//! claim in Redis, when a worker asks to start it. A burst larger than the
+//! release lead can carry starts to leave earlier (see [`Backlog`]).
 //!
 //! A bucket whose window starts further out than `body_prefetch` is pulled
 //! headers-only: its waiting tasks cost no body memory. When its window comes
@@ -32,6 +33,7 @@ use tracing::{debug, info, warn};
 use crate::app::Recorder;
 use crate::bus::{BucketMessage, Bus, Interner, decode_bucket_message};
 use crate::domain::{StatusWrite, bucket_of};
+use crate::engine::backlog::{Backlog, Plan};
 use crate::store::DynStore;
 use crate::store::claims::{Claims, DispatchClaim};
 
@@ -43,8 +45,8 @@ const FIRST_RELEASE: usize = 64;
 /// A burst (more than MAX_AHEAD tasks due at one instant) goes ahead within
 /// the release lead only until QUIET_MS before its instant; what is left of
 /// it then waits for the instant. Workers start the tasks they hold at the
-/// due time, and a release round still running then (a burst larger than the
-/// lead could cover) would take the CPU the first starts need.
+/// due time, and a release round still running then (a burst that outran
+/// the backlog's plan) would take the CPU the first starts need.
 const MAX_AHEAD: usize = 64;
 /// See MAX_AHEAD: several full rounds, with their SQL writes.
 const QUIET_MS: i64 = 500;
@@ -55,6 +57,9 @@ const QUIET_MS: i64 = 500;
 const LATE_LEAD_MS: i64 = 20;
 /// How long a task waits before another try when a backend failed its release.
 const RETRY_DELAY_MS: i64 = 1000;
+/// Furthest ahead of the release lead a burst starts to leave (see
+/// [`Backlog`]); at most half the body prefetch, so its bodies are loaded.
+const MAX_BURST_LEAD_MS: i64 = 60_000;
 
 /// Settings of the dispatcher.
 #[derive(Debug, Clone)]
@@ -136,6 +141,16 @@ pub struct Dispatcher {
     lead_ms: i64,
     owned: HashMap<i64, Owned>,
     timer: BinaryHeap<Reverse<Held>>,
+    /// The timer's tasks per slot of due time: when a burst must start to leave.
+    backlog: Backlog,
+    /// How far ahead of the release lead a burst may start to leave.
+    burst_lead_ms: i64,
+    /// Tasks a burst's release reached before their own release time whose
+    /// queue's ahead lane no worker pulls: they wait for their own time.
+    deferred: BinaryHeap<Reverse<Held>>,
+    /// Tasks a backend failed to release, by when to try again; apart from
+    /// the timer, so a retry keeps its due time (and so its lane).
+    retrying: BinaryHeap<Reverse<(i64, Held)>>,
     known: BTreeSet<i64>,
     next_generation: u64,
     /// Size of the next release round (slow start, see FIRST_RELEASE).
@@ -167,6 +182,7 @@ impl Dispatcher {
         settings: DispatchSettings,
     ) -> Self {
         let (tx, rx) = mpsc::channel(65_536);
+        let burst_lead_ms = (settings.body_prefetch.as_millis() as i64 / 2).min(MAX_BURST_LEAD_MS);
         Self {
             bus,
             claims,
@@ -177,6 +193,10 @@ impl Dispatcher {
             settings,
             owned: HashMap::new(),
             timer: BinaryHeap::new(),
+            backlog: Backlog::default(),
+            burst_lead_ms,
+            deferred: BinaryHeap::new(),
+            retrying: BinaryHeap::new(),
             known: BTreeSet::new(),
             next_generation: 0,
             round: FIRST_RELEASE,
@@ -193,15 +213,11 @@ impl Dispatcher {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_scan: Option<Instant> = None;
         loop {
-            let next_due = self
-                .timer
-                .peek()
-                .map(|Reverse(h)| (h.msg.due_ms, lead_of(&h.msg, self.lead_ms)));
+            let now_ms = Utc::now().timestamp_millis();
+            let next_release = self.next_release(now_ms);
             let wake = async {
-                match next_due {
-                    Some((due_ms, lead_ms)) => {
-                        let now_ms = Utc::now().timestamp_millis();
-                        let release_ms = release_at(due_ms, lead_ms, self.ahead, now_ms);
+                match next_release {
+                    Some(release_ms) => {
                         let wait = (release_ms - now_ms).max(0) as u64;
                         tokio::time::sleep(Duration::from_millis(wait)).await;
                     }
@@ -235,6 +251,7 @@ impl Dispatcher {
                 owned.held += 1;
                 // The puller's bucket, whatever the subject said.
                 msg.bucket_ms = bucket;
+                self.backlog.add(msg.due_ms);
                 self.timer.push(Reverse(Held { generation, msg }));
             }
             // A message of a lost lease: its new owner redelivers it.
@@ -250,12 +267,50 @@ impl Dispatcher {
         }
     }
 
-    fn retry_later(&mut self, mut held: Held) {
-        // Past the release lead too, or the retry would come at once. The
-        // task's own due time travels in its body; this is only its place in
-        // the timer.
-        held.msg.due_ms = Utc::now().timestamp_millis() + RETRY_DELAY_MS + self.lead_ms;
-        self.timer.push(Reverse(held));
+    fn retry_later(&mut self, held: Held) {
+        let at_ms = Utc::now().timestamp_millis() + RETRY_DELAY_MS;
+        self.retrying.push(Reverse((at_ms, held)));
+    }
+
+    /// When the next release is due: the timer's first task at its own
+    /// release time or when a burst must start to leave, whichever is first,
+    /// the first deferred task at its own release time, or the first retry.
+    fn next_release(&self, now_ms: i64) -> Option<i64> {
+        let plan = self.plan(now_ms);
+        let timer = self.timer.peek().map(|Reverse(h)| {
+            let burst_ms = plan.release_ms(h.msg.due_ms, now_ms);
+            release_at(
+                h.msg.due_ms,
+                lead_of(&h.msg, self.lead_ms),
+                self.ahead,
+                now_ms,
+                burst_ms,
+            )
+        });
+        let deferred = self.deferred.peek().map(|Reverse(h)| {
+            release_at(
+                h.msg.due_ms,
+                lead_of(&h.msg, self.lead_ms),
+                self.ahead,
+                now_ms,
+                i64::MAX,
+            )
+        });
+        let retry = self.retrying.peek().map(|Reverse((at_ms, _))| *at_ms);
+        timer.into_iter().chain(deferred).chain(retry).min()
+    }
+
+    /// When the timer's tasks must start to leave so that each goes a full
+    /// lead before its due time (see [`Backlog`]).
+    fn plan(&self, now_ms: i64) -> Plan {
+        if self.lead_ms <= LATE_LEAD_MS {
+            // No lead to speak of: nothing goes ahead, and no burst either.
+            return Plan {
+                start_ms: i64::MAX,
+                through_ms: i64::MIN,
+            };
+        }
+        self.backlog.plan(now_ms, self.lead_ms, self.burst_lead_ms)
     }
 
     /// Releases every task due within the release lead, oldest first, in
@@ -273,33 +328,46 @@ impl Dispatcher {
         let mut due: Vec<Held> = Vec::new();
         let mut without_body = BTreeSet::new();
         let lead_ms = self.lead_ms;
-        let releasable = |ahead, top: &Held| {
-            release_at(top.msg.due_ms, lead_of(&top.msg, lead_ms), ahead, now_ms) <= now_ms
+        let plan = self.plan(now_ms);
+        // A deferred task waits for its own release time (no plan).
+        let releasable = |ahead, top: &Held, plan: Option<&Plan>| {
+            let lead = lead_of(&top.msg, lead_ms);
+            let burst_ms = plan.map_or(i64::MAX, |p| p.release_ms(top.msg.due_ms, now_ms));
+            release_at(top.msg.due_ms, lead, ahead, now_ms, burst_ms) <= now_ms
         };
         while due.len() < self.round {
-            match self.timer.peek() {
-                Some(Reverse(top)) if releasable(self.ahead, top) => {
+            let retry = self.retrying.peek().map(|Reverse((at_ms, _))| *at_ms);
+            let held = match (self.deferred.peek(), self.timer.peek()) {
+                _ if retry.is_some_and(|at_ms| at_ms <= now_ms) => {
+                    self.retrying.pop().expect("peeked").0.1
+                }
+                (Some(Reverse(top)), _) if releasable(self.ahead, top, None) => {
+                    self.deferred.pop().expect("peeked").0
+                }
+                (_, Some(Reverse(top))) if releasable(self.ahead, top, Some(&plan)) => {
                     let Reverse(held) = self.timer.pop().expect("peeked");
                     let due_ms = held.msg.due_ms;
+                    self.backlog.remove(due_ms);
                     if due_ms > now_ms {
                         self.ahead = match self.ahead {
                             (instant, n) if instant == due_ms => (instant, n + 1),
                             _ => (due_ms, 1),
                         };
                     }
-                    let current = self
-                        .owned
-                        .get(&held.bucket())
-                        .is_some_and(|o| o.generation == held.generation);
-                    if current && held.msg.body.is_some() {
-                        due.push(held);
-                    } else if current {
-                        // Due before its bucket was reloaded (a stalled tick):
-                        // the reloaded consumer delivers it again, whole.
-                        without_body.insert(held.bucket());
-                    }
+                    held
                 }
                 _ => break,
+            };
+            let current = self
+                .owned
+                .get(&held.bucket())
+                .is_some_and(|o| o.generation == held.generation);
+            if current && held.msg.body.is_some() {
+                due.push(held);
+            } else if current {
+                // Due before its bucket was reloaded (a stalled tick):
+                // the reloaded consumer delivers it again, whole.
+                without_body.insert(held.bucket());
             }
         }
         for bucket in without_body {
@@ -309,7 +377,15 @@ impl Dispatcher {
         let more_due = self
             .timer
             .peek()
-            .is_some_and(|Reverse(top)| releasable(self.ahead, top));
+            .is_some_and(|Reverse(top)| releasable(self.ahead, top, Some(&plan)))
+            || self
+                .deferred
+                .peek()
+                .is_some_and(|Reverse(top)| releasable(self.ahead, top, None))
+            || self
+                .retrying
+                .peek()
+                .is_some_and(|Reverse((at_ms, _))| *at_ms <= now_ms);
         self.round = if more_due {
             (self.round * 2).min(MAX_RELEASE)
         } else {
@@ -416,7 +492,8 @@ impl Dispatcher {
         let now_ms = Utc::now().timestamp_millis();
         let mut pulled: HashMap<Arc<str>, bool> = HashMap::new();
         let mut lanes = Vec::with_capacity(batch.len());
-        for held in &batch {
+        let mut sending = Vec::with_capacity(batch.len());
+        for held in batch {
             let ahead = if goes_ahead(&held.msg, self.lead_ms, now_ms) {
                 match pulled.get(&held.msg.queue) {
                     Some(&known) => known,
@@ -429,7 +506,18 @@ impl Dispatcher {
             } else {
                 false
             };
+            if !ahead && held.msg.due_ms - lead_of(&held.msg, self.lead_ms) > now_ms {
+                // A burst's release reached it early, and only the ahead lane
+                // holds a task without a run slot until its due time.
+                self.deferred.push(Reverse(held));
+                continue;
+            }
             lanes.push(ahead);
+            sending.push(held);
+        }
+        let batch = sending;
+        if batch.is_empty() {
+            return;
         }
         let mut acks = Vec::with_capacity(batch.len());
         for (held, ahead) in batch.iter().zip(lanes) {
@@ -620,8 +708,14 @@ impl Dispatcher {
         };
         let (generation, last_renew) = (owned.generation, owned.last_renew);
         self.close(bucket);
-        self.timer
-            .retain(|Reverse(h)| h.bucket() != bucket || h.generation != generation);
+        let backlog = &mut self.backlog;
+        self.timer.retain(|Reverse(h)| {
+            let keep = h.bucket() != bucket || h.generation != generation;
+            if !keep {
+                backlog.remove(h.msg.due_ms);
+            }
+            keep
+        });
         debug!(bucket, "loading the bodies of a bucket coming due");
         self.open_with(bucket, false, last_renew);
     }
@@ -642,6 +736,9 @@ impl Dispatcher {
                 .await;
         }
         self.timer.clear();
+        self.deferred.clear();
+        self.retrying.clear();
+        self.backlog.clear();
     }
 }
 
@@ -756,13 +853,14 @@ fn is_burst(ahead: (i64, usize), due_ms: i64) -> bool {
 }
 
 /// When a task due at `due_ms` may be released, seen at `now_ms`: `lead_ms`
-/// ahead, unless its instant is a burst (MAX_AHEAD of its tasks went ahead,
-/// per `ahead`) that is less than QUIET_MS away.
-fn release_at(due_ms: i64, lead_ms: i64, ahead: (i64, usize), now_ms: i64) -> i64 {
+/// ahead, or at `burst_ms` if the backlog's plan has it leave earlier,
+/// unless its instant is a burst (MAX_AHEAD of its tasks went ahead, per
+/// `ahead`) that is less than QUIET_MS away.
+fn release_at(due_ms: i64, lead_ms: i64, ahead: (i64, usize), now_ms: i64, burst_ms: i64) -> i64 {
     if is_burst(ahead, due_ms) && now_ms > due_ms - QUIET_MS {
         due_ms
     } else {
-        due_ms - lead_ms
+        (due_ms - lead_ms).min(burst_ms)
     }
 }
 
@@ -775,19 +873,34 @@ mod tests {
         let (due, lead) = (1_000_000, 2_000);
         let early = due - lead;
         let quiet = due - QUIET_MS + 1;
+        const NONE: i64 = i64::MAX;
         // Within the lead and outside the quiet stretch, a burst goes ahead whole.
-        assert_eq!(release_at(due, lead, (due, MAX_AHEAD * 100), early), early);
+        assert_eq!(
+            release_at(due, lead, (due, MAX_AHEAD * 100), early, NONE),
+            early
+        );
         // In the quiet stretch, only an instant's first tasks still go ahead.
-        assert_eq!(release_at(due, lead, (i64::MIN, 0), quiet), early);
-        assert_eq!(release_at(due, lead, (due, MAX_AHEAD - 1), quiet), early);
-        assert_eq!(release_at(due, lead, (due, MAX_AHEAD), quiet), due);
+        assert_eq!(release_at(due, lead, (i64::MIN, 0), quiet, NONE), early);
+        assert_eq!(
+            release_at(due, lead, (due, MAX_AHEAD - 1), quiet, NONE),
+            early
+        );
+        assert_eq!(release_at(due, lead, (due, MAX_AHEAD), quiet, NONE), due);
         // Another instant's tasks still go ahead.
         assert_eq!(
-            release_at(due + 1, lead, (due, MAX_AHEAD), quiet),
+            release_at(due + 1, lead, (due, MAX_AHEAD), quiet, NONE),
             due + 1 - lead
         );
+        // A burst planned to start further ahead starts then, but not in
+        // the quiet stretch.
+        let planned = due - lead - 10_000;
+        assert_eq!(
+            release_at(due, lead, (due, MAX_AHEAD), early, planned),
+            planned
+        );
+        assert_eq!(release_at(due, lead, (due, MAX_AHEAD), quiet, planned), due);
         // A lead shorter than the quiet stretch: a burst's first tasks only.
-        assert_eq!(release_at(due, 20, (due, MAX_AHEAD), due - 20), due);
+        assert_eq!(release_at(due, 20, (due, MAX_AHEAD), due - 20, NONE), due);
     }
 
     #[test]

@@ -1,4 +1,5 @@
 //! Background loops of a replica.
 
+pub mod backlog;
 pub mod dispatcher;
 pub mod materializer;

@@ -975,7 +975,7 @@ async fn a_burst_is_released_ahead_and_runs_at_its_instant() {
 }
 
 /// A burst larger than the release lead can carry (40,000 at one instant;
-/// the dispatcher plans 40 a millisecond) starts to leave a second earlier
+/// the dispatcher plans 25 a millisecond) starts to leave 1.6 s earlier
 /// than the lead; none of it starts early, and each task runs once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_too_large_for_the_lead_starts_to_leave_earlier() {

@@ -336,6 +336,17 @@ impl Stack {
         stream.consumer_info(name).await.expect("consumer info")
     }
 
+    /// Sets the largest message the ready stream takes (-1 for no limit):
+    /// 1 makes JetStream refuse every release.
+    pub async fn set_ready_max_message_size(&self, bytes: i32) {
+        let client = async_nats::connect(self.nats.url()).await.expect("nats");
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream("KAIROS_READY").await.expect("stream");
+        let mut config = stream.info().await.expect("stream info").config.clone();
+        config.max_message_size = bytes;
+        js.update_stream(config).await.expect("update stream");
+    }
+
     /// Waits until a worker pulls `queue`'s ahead lane (a pull waits on its consumer).
     pub async fn wait_ahead_pulled(&self, queue: &str) {
         let name = kairos_proto::wire::ahead_consumer(queue);

@@ -1063,6 +1063,44 @@ async fn a_late_booking_does_not_wait_behind_a_burst_released_ahead() {
     each_ran_once_on_time(&log, &due).await;
 }
 
+/// A release JetStream refused is retried a second later; by then the task
+/// is due, and it comes on the due lane, not the ahead lane its first try
+/// was for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_retried_after_its_due_time_comes_on_the_due_lane() {
+    let log = RunLog::default();
+    let (stack, _server, _worker, mut client) = released_ahead_stack(4, &log).await;
+
+    stack.set_ready_max_message_size(1).await;
+    let task = client
+        .schedule(
+            NewTask::new("default")
+                .payload("refused")
+                .delay(Duration::from_secs(4)),
+        )
+        .await
+        .expect("schedule");
+    let after_due = (task.due_at + chrono::Duration::milliseconds(300) - Utc::now())
+        .to_std()
+        .expect("booked 4 s ahead");
+    tokio::time::sleep(after_due).await;
+    assert!(log.is_empty(), "refused releases ran nothing");
+    stack.set_ready_max_message_size(-1).await;
+
+    log.wait_for(1, Duration::from_secs(10)).await;
+    assert!(log.runs()[0].at >= task.due_at, "ran early");
+    let due_lane = stack.ready_consumer(&wire::queue_consumer("default")).await;
+    let ahead = stack.ready_consumer(&wire::ahead_consumer("default")).await;
+    assert_eq!(
+        (
+            due_lane.delivered.stream_sequence,
+            ahead.delivered.stream_sequence
+        ),
+        (1, 0),
+        "the retry came on the due lane"
+    );
+}
+
 /// A worker that knows only the queue's own subject (an older worker, or
 /// one in another language) never pulls the ahead lane; tasks released
 /// ahead reach it on the queue's subject.

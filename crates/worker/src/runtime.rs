@@ -479,12 +479,16 @@ impl Lanes<'_> {
                     }
                 }
             };
+            let mut interrupted = false;
             while let Some(next) = batch.next().await {
                 let msg = match next {
                     Ok(msg) => msg,
                     Err(err) => {
-                        debug!(error = %err, "pull interrupted");
-                        continue;
+                        // A batch that failed (its consumer deleted, NATS
+                        // gone) may keep failing at once: pull anew instead.
+                        debug!(error = %err, ?lane, "pull interrupted");
+                        interrupted = true;
+                        break;
                     }
                 };
                 if shutdown.is_cancelled() {
@@ -503,6 +507,11 @@ impl Lanes<'_> {
             }
             if shutdown.is_cancelled() {
                 return;
+            }
+            if interrupted && lane == Lane::Ahead {
+                // Removed when the queue got a concurrency limit: find it
+                // again (find_ahead waits while there is none).
+                consumer = None;
             }
         }
     }

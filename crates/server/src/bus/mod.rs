@@ -394,6 +394,21 @@ impl Bus {
                         .delete_consumer(&ahead)
                         .await
                         .map_err(BusError::from_any)?;
+                    // A consumer whose filter widens does not go back for
+                    // messages it already passed over (it skips what its
+                    // filter did not match), so what waits in the ahead lane
+                    // needs a queue consumer made anew. Its deliveries in
+                    // flight come again and their start claims skip them.
+                    match stream.consumer_info(&name).await {
+                        Ok(_) => {
+                            stream
+                                .delete_consumer(&name)
+                                .await
+                                .map_err(BusError::from_any)?;
+                        }
+                        Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => {}
+                        Err(err) => return Err(BusError::from_any(err)),
+                    }
                 }
                 Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => {}
                 Err(err) => return Err(BusError::from_any(err)),

@@ -982,7 +982,8 @@ async fn a_burst_too_large_for_the_lead_starts_to_leave_earlier() {
     let log = RunLog::default();
     let (stack, _server, _worker, mut client) = released_ahead_stack(16, &log).await;
 
-    let instant = Utc::now() + chrono::Duration::seconds(15);
+    // Room for booking 40,000 on a slow machine before the early start.
+    let instant = Utc::now() + chrono::Duration::seconds(25);
     let due = book_burst(&mut client, "default", 40_000, instant).await;
     let until = |at: DateTime<Utc>| (at - Utc::now()).to_std().expect("still ahead");
     tokio::time::sleep(until(instant - chrono::Duration::milliseconds(2300))).await;
@@ -1006,7 +1007,8 @@ async fn a_burst_too_large_for_the_lead_starts_to_leave_earlier() {
 async fn a_burst_for_a_queue_without_an_ahead_lane_leaves_at_the_lead() {
     let (stack, _server, mut client) = lead_stack("legacy", QueueChange::new()).await;
 
-    let instant = Utc::now() + chrono::Duration::seconds(15);
+    // Room for booking 40,000 on a slow machine before the early start.
+    let instant = Utc::now() + chrono::Duration::seconds(25);
     book_burst(&mut client, "legacy", 40_000, instant).await;
     let until = |at: DateTime<Utc>| (at - Utc::now()).to_std().expect("still ahead");
     tokio::time::sleep(until(instant - chrono::Duration::milliseconds(2300))).await;

@@ -388,30 +388,13 @@ impl Bus {
         // Filters of a work-queue stream's consumers must not overlap: the
         // ahead consumer goes before the queue's widens, and after it narrows.
         if limited {
-            match stream.consumer_info(&ahead).await {
-                Ok(_) => {
-                    stream
-                        .delete_consumer(&ahead)
-                        .await
-                        .map_err(BusError::from_any)?;
-                    // A consumer whose filter widens does not go back for
-                    // messages it already passed over (it skips what its
-                    // filter did not match), so what waits in the ahead lane
-                    // needs a queue consumer made anew. Its deliveries in
-                    // flight come again and their start claims skip them.
-                    match stream.consumer_info(&name).await {
-                        Ok(_) => {
-                            stream
-                                .delete_consumer(&name)
-                                .await
-                                .map_err(BusError::from_any)?;
-                        }
-                        Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => {}
-                        Err(err) => return Err(BusError::from_any(err)),
-                    }
-                }
-                Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => {}
-                Err(err) => return Err(BusError::from_any(err)),
+            if delete_consumer_if_present(&stream, &ahead).await? {
+                // A consumer whose filter widens does not go back for
+                // messages it already passed over (it skips what its
+                // filter did not match), so what waits in the ahead lane
+                // needs a queue consumer made anew. Its deliveries in
+                // flight come again and their start claims skip them.
+                delete_consumer_if_present(&stream, &name).await?;
             }
             stream
                 .create_consumer(consumer::pull::Config {
@@ -824,5 +807,23 @@ fn ms_to_proto(ms: i64) -> prost_types::Duration {
     prost_types::Duration {
         seconds: ms.div_euclid(1000),
         nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// Deletes a consumer of `stream` if it exists; says whether it did.
+async fn delete_consumer_if_present(
+    stream: &jetstream::stream::Stream,
+    name: &str,
+) -> BusResult<bool> {
+    match stream.consumer_info(name).await {
+        Ok(_) => {
+            stream
+                .delete_consumer(name)
+                .await
+                .map_err(BusError::from_any)?;
+            Ok(true)
+        }
+        Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => Ok(false),
+        Err(err) => Err(BusError::from_any(err)),
     }
 }

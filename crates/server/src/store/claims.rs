@@ -144,7 +144,7 @@ for i = 4, #ARGV, 2 do
   end
 end
 if ARGV[1] == '1' then redis.call('PEXPIREAT', KEYS[1], ARGV[2]) end
-return out
+return table.concat(out, ' ')
 ";
 
 const CANCEL: &str = r"
@@ -224,32 +224,31 @@ for k = 1, #KEYS do
   end
 end
 for key, at in pairs(expiry) do redis.call('PEXPIREAT', key, at) end
-return out
+return table.concat(out, ' ')
 ";
 
 // Many results in one call: KEYS[i] is item i's bucket hash; four values per
 // item in ARGV: id, attempt, new claim value, hash expiry. Each hash's expiry
-// is set once, after the loop.
+// is set once, after the loop. Answers how many claims it set: nobody reads
+// more, and a reply of one integer costs the client no parsing per item.
 const FINISH: &str = r"
-local out = {}
+local set = 0
 local expiry = {}
 for k = 1, #KEYS do
   local b = 1 + (k - 1) * 4
   local key, id = KEYS[k], ARGV[b]
   local s = redis.call('HGET', key, id)
   local c = s and string.sub(s, 1, 1)
-  if s == 'C' or s == 'OK' or s == 'X' or s == 'E' or s == 'K' then
-    out[k] = 'final'
-  elseif (c == 'R' or c == 'Y') and tonumber(string.sub(s, 2)) > tonumber(ARGV[b + 1]) then
-    out[k] = 'stale'
-  else
+  local final = s == 'C' or s == 'OK' or s == 'X' or s == 'E' or s == 'K'
+  local stale = (c == 'R' or c == 'Y') and tonumber(string.sub(s, 2)) > tonumber(ARGV[b + 1])
+  if not (final or stale) then
     redis.call('HSET', key, id, ARGV[b + 2])
     expiry[key] = ARGV[b + 3]
-    out[k] = 'set'
+    set = set + 1
   end
 end
 for key, at in pairs(expiry) do redis.call('PEXPIREAT', key, at) end
-return out
+return set
 ";
 
 const RENEW: &str = r"
@@ -318,6 +317,23 @@ impl std::fmt::Debug for Claims {
 /// Returns the Redis key of a bucket's claim hash.
 fn claims_key(bucket_ms: i64) -> String {
     format!("kairos:claims:{{{bucket_ms}}}")
+}
+
+/// The claim key of the bucket last asked for, formatted once: a batch of
+/// starts or results is mostly one bucket.
+#[derive(Default)]
+struct BucketKeys {
+    last: Option<(i64, String)>,
+}
+
+impl BucketKeys {
+    /// Returns the claim key of `bucket_ms`.
+    fn of(&mut self, bucket_ms: i64) -> &str {
+        if self.last.as_ref().is_none_or(|(b, _)| *b != bucket_ms) {
+            self.last = Some((bucket_ms, claims_key(bucket_ms)));
+        }
+        self.last.as_ref().map_or("", |(_, key)| key.as_str())
+    }
 }
 
 /// Returns the Redis key of a bucket's dispatch lease.
@@ -421,16 +437,24 @@ impl Claims {
             for (id, expire_at_ms) in chunk {
                 invocation.arg(*id).arg(*expire_at_ms);
             }
-            let answers: Vec<String> = invocation.invoke_async(&mut conn).await?;
-            for answer in answers {
-                claims.push(match answer.as_str() {
+            let answers: String = invocation.invoke_async(&mut conn).await?;
+            let before = claims.len();
+            for answer in answers.split(' ') {
+                claims.push(match answer {
                     "go" => DispatchClaim::Go,
                     "expired" => DispatchClaim::Expired,
                     "cancelled" => DispatchClaim::Cancelled,
                     "done" => DispatchClaim::Done,
                     "missing" => DispatchClaim::Missing,
-                    _ => return Err(ClaimError::Unexpected(answer)),
+                    _ => return Err(ClaimError::Unexpected(answer.to_owned())),
                 });
+            }
+            if claims.len() - before != chunk.len() {
+                return Err(ClaimError::Unexpected(format!(
+                    "{} answers for {} releases",
+                    claims.len() - before,
+                    chunk.len()
+                )));
             }
         }
         Ok(claims)
@@ -528,9 +552,10 @@ impl Claims {
         }
         let mut invocation = self.start.prepare_invoke();
         invocation.arg(if force { "1" } else { "0" });
+        let mut keys = BucketKeys::default();
         for s in starts {
             invocation
-                .key(claims_key(s.bucket_ms))
+                .key(keys.of(s.bucket_ms))
                 .arg(s.id)
                 .arg(s.attempt)
                 .arg(now_ms)
@@ -538,25 +563,26 @@ impl Claims {
                 .arg(self.expire_at(s.bucket_ms, width_ms));
         }
         let mut conn = self.conn.clone();
-        let answers: Vec<String> = invocation.invoke_async(&mut conn).await?;
-        if answers.len() != starts.len() {
-            return Err(ClaimError::Unexpected(format!(
-                "{} answers for {} starts",
-                answers.len(),
-                starts.len()
-            )));
-        }
-        Ok(answers
-            .into_iter()
-            .map(|answer| match answer.as_str() {
+        let answers: String = invocation.invoke_async(&mut conn).await?;
+        let claims: Vec<StartClaim> = answers
+            .split(' ')
+            .map(|answer| match answer {
                 "run" => StartClaim::Run,
                 "cancelled" => StartClaim::Cancelled,
                 "expired" => StartClaim::Expired,
                 "missing" => StartClaim::Missing,
                 "skipped" => StartClaim::Skipped,
-                _ => StartClaim::Duplicate(answer),
+                _ => StartClaim::Duplicate(answer.to_owned()),
             })
-            .collect())
+            .collect();
+        if claims.len() != starts.len() {
+            return Err(ClaimError::Unexpected(format!(
+                "{} answers for {} starts",
+                claims.len(),
+                starts.len()
+            )));
+        }
+        Ok(claims)
     }
 
     /// Records how attempts ended, in one round trip; an older attempt's
@@ -566,6 +592,7 @@ impl Claims {
             return Ok(());
         }
         let mut invocation = self.finish.prepare_invoke();
+        let mut keys = BucketKeys::default();
         for e in ends {
             let value = match e.outcome {
                 FinishClaim::Succeeded => "OK".to_owned(),
@@ -573,14 +600,14 @@ impl Claims {
                 FinishClaim::Retrying => format!("Y{}", e.attempt),
             };
             invocation
-                .key(claims_key(e.bucket_ms))
+                .key(keys.of(e.bucket_ms))
                 .arg(e.id)
                 .arg(e.attempt)
                 .arg(value)
                 .arg(self.expire_at(e.bucket_ms, width_ms));
         }
         let mut conn = self.conn.clone();
-        let _: Vec<String> = invocation.invoke_async(&mut conn).await?;
+        let _set: i64 = invocation.invoke_async(&mut conn).await?;
         Ok(())
     }
 

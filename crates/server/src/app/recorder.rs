@@ -13,9 +13,11 @@
 //! time takes it along into its own batch, where the two collapse into one
 //! task-row update and one run row; both events are still logged.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
+// Keyed by task ids, hashed on every status write: a fast hasher.
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;

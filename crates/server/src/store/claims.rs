@@ -18,8 +18,8 @@
 
 use std::time::Duration;
 
-use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, ScriptInvocation};
 
 use crate::domain::TaskId;
 
@@ -169,19 +169,26 @@ end
 return s
 ";
 
-// Many starts in one call: KEYS[i] is item i's bucket hash; ARGV[1] is
-// `force`, then five values per item: id, attempt, now, start deadline,
-// hash expiry. Each hash's expiry is set once, after the loop.
+// Many starts in one call. KEYS are the distinct bucket hashes; ARGV holds
+// each one's expiry (set once, after the loop), then `force` and now, then
+// four values per item: its key's number in KEYS, id, attempt, start
+// deadline. Every argument costs Redis a string object and Lua an interned
+// string, so what items share goes once.
 const START: &str = r"
+local first = #KEYS + 3
+local force, now = ARGV[#KEYS + 1] == '1', tonumber(ARGV[#KEYS + 2])
 local out = {}
-local expiry = {}
-for k = 1, #KEYS do
-  local b = 2 + (k - 1) * 5
-  local key, id, n = KEYS[k], ARGV[b], tonumber(ARGV[b + 1])
+local used = {}
+local k = 0
+for b = first, #ARGV, 4 do
+  k = k + 1
+  local kn = tonumber(ARGV[b])
+  local key, id, attempt = KEYS[kn], ARGV[b + 1], ARGV[b + 2]
+  local n = tonumber(attempt)
   -- The claim and the overlap field in one call: one call less per start.
   local got = redis.call('HMGET', key, id, id .. ':o')
   local s, schedule = got[1], got[2]
-  if (not s) and ARGV[1] == '1' then s = 'D' end
+  if (not s) and force then s = 'D' end
   local c = s and string.sub(s, 1, 1)
   local exp = tonumber(ARGV[b + 3])
   if not s then
@@ -192,7 +199,7 @@ for k = 1, #KEYS do
     out[k] = 'final:' .. s
   elseif (c == 'R' or c == 'Y') and tonumber(string.sub(s, 2)) >= n then
     out[k] = 'duplicate:' .. s
-  elseif c ~= 'R' and c ~= 'Y' and exp > 0 and tonumber(ARGV[b + 2]) > exp then
+  elseif c ~= 'R' and c ~= 'Y' and exp > 0 and now > exp then
     redis.call('HSET', key, id, 'E')
     out[k] = 'expired'
   else
@@ -210,44 +217,45 @@ for k = 1, #KEYS do
         end
       end
       if not busy then
-        redis.call('SET', marker, key .. '|' .. id, 'PXAT', ARGV[b + 4])
+        redis.call('SET', marker, key .. '|' .. id, 'PXAT', ARGV[kn])
       end
     end
     if busy then
       redis.call('HSET', key, id, 'K')
       out[k] = 'skipped'
     else
-      redis.call('HSET', key, id, 'R' .. n)
+      redis.call('HSET', key, id, 'R' .. attempt)
       out[k] = 'run'
     end
-    expiry[key] = ARGV[b + 4]
+    used[kn] = true
   end
 end
-for key, at in pairs(expiry) do redis.call('PEXPIREAT', key, at) end
+for kn in pairs(used) do redis.call('PEXPIREAT', KEYS[kn], ARGV[kn]) end
 return table.concat(out, ' ')
 ";
 
-// Many results in one call: KEYS[i] is item i's bucket hash; four values per
-// item in ARGV: id, attempt, new claim value, hash expiry. Each hash's expiry
-// is set once, after the loop. Answers how many claims it set: nobody reads
-// more, and a reply of one integer costs the client no parsing per item.
+// Many results in one call. KEYS are the distinct bucket hashes; ARGV holds
+// each one's expiry (set once, after the loop), then four values per item:
+// its key's number in KEYS, id, attempt, new claim value. Answers how many
+// claims it set: nobody reads more, and a reply of one integer costs the
+// client no parsing per item.
 const FINISH: &str = r"
 local set = 0
-local expiry = {}
-for k = 1, #KEYS do
-  local b = 1 + (k - 1) * 4
-  local key, id = KEYS[k], ARGV[b]
+local used = {}
+for b = #KEYS + 1, #ARGV, 4 do
+  local kn = tonumber(ARGV[b])
+  local key, id = KEYS[kn], ARGV[b + 1]
   local s = redis.call('HGET', key, id)
   local c = s and string.sub(s, 1, 1)
   local final = s == 'C' or s == 'OK' or s == 'X' or s == 'E' or s == 'K'
-  local stale = (c == 'R' or c == 'Y') and tonumber(string.sub(s, 2)) > tonumber(ARGV[b + 1])
+  local stale = (c == 'R' or c == 'Y') and tonumber(string.sub(s, 2)) > tonumber(ARGV[b + 2])
   if not (final or stale) then
-    redis.call('HSET', key, id, ARGV[b + 2])
-    expiry[key] = ARGV[b + 3]
+    redis.call('HSET', key, id, ARGV[b + 3])
+    used[kn] = true
     set = set + 1
   end
 end
-for key, at in pairs(expiry) do redis.call('PEXPIREAT', key, at) end
+for kn in pairs(used) do redis.call('PEXPIREAT', KEYS[kn], ARGV[kn]) end
 return set
 ";
 
@@ -319,23 +327,6 @@ fn claims_key(bucket_ms: i64) -> String {
     format!("kairos:claims:{{{bucket_ms}}}")
 }
 
-/// The claim key of the bucket last asked for, formatted once: a batch of
-/// starts or results is mostly one bucket.
-#[derive(Default)]
-struct BucketKeys {
-    last: Option<(i64, String)>,
-}
-
-impl BucketKeys {
-    /// Returns the claim key of `bucket_ms`.
-    fn of(&mut self, bucket_ms: i64) -> &str {
-        if self.last.as_ref().is_none_or(|(b, _)| *b != bucket_ms) {
-            self.last = Some((bucket_ms, claims_key(bucket_ms)));
-        }
-        self.last.as_ref().map_or("", |(_, key)| key.as_str())
-    }
-}
-
 /// Returns the Redis key of a bucket's dispatch lease.
 fn lease_key(bucket_ms: i64) -> String {
     format!("kairos:lease:{{{bucket_ms}}}")
@@ -368,6 +359,35 @@ impl Claims {
 
     fn expire_at(&self, bucket_ms: i64, width_ms: i64) -> i64 {
         bucket_ms + width_ms + self.retention.as_millis() as i64
+    }
+
+    /// Prepares a call of a batch script over the buckets of its items: KEYS
+    /// are the distinct claim keys, the first arguments their hash expiries.
+    /// Returns it with each item's 1-based key number, in the items' order.
+    fn bucketed<'s>(
+        &self,
+        script: &'s Script,
+        width_ms: i64,
+        buckets: impl Iterator<Item = i64>,
+    ) -> (ScriptInvocation<'s>, Vec<usize>) {
+        let mut distinct: Vec<i64> = Vec::new();
+        // A batch is mostly one bucket, so the search from the end is short.
+        let numbers = buckets
+            .map(|bucket| match distinct.iter().rposition(|b| *b == bucket) {
+                Some(at) => at + 1,
+                None => {
+                    distinct.push(bucket);
+                    distinct.len()
+                }
+            })
+            .collect();
+        let mut invocation = script.prepare_invoke();
+        for bucket in distinct {
+            invocation
+                .key(claims_key(bucket))
+                .arg(self.expire_at(bucket, width_ms));
+        }
+        (invocation, numbers)
     }
 
     /// Records new tasks as scheduled, grouped by bucket (one round trip).
@@ -550,17 +570,15 @@ impl Claims {
         if starts.is_empty() {
             return Ok(Vec::new());
         }
-        let mut invocation = self.start.prepare_invoke();
-        invocation.arg(if force { "1" } else { "0" });
-        let mut keys = BucketKeys::default();
-        for s in starts {
+        let (mut invocation, numbers) =
+            self.bucketed(&self.start, width_ms, starts.iter().map(|s| s.bucket_ms));
+        invocation.arg(if force { "1" } else { "0" }).arg(now_ms);
+        for (s, number) in starts.iter().zip(numbers) {
             invocation
-                .key(keys.of(s.bucket_ms))
+                .arg(number)
                 .arg(s.id)
                 .arg(s.attempt)
-                .arg(now_ms)
-                .arg(s.expire_at_ms)
-                .arg(self.expire_at(s.bucket_ms, width_ms));
+                .arg(s.expire_at_ms);
         }
         let mut conn = self.conn.clone();
         let answers: String = invocation.invoke_async(&mut conn).await?;
@@ -591,20 +609,15 @@ impl Claims {
         if ends.is_empty() {
             return Ok(());
         }
-        let mut invocation = self.finish.prepare_invoke();
-        let mut keys = BucketKeys::default();
-        for e in ends {
+        let (mut invocation, numbers) =
+            self.bucketed(&self.finish, width_ms, ends.iter().map(|e| e.bucket_ms));
+        for (e, number) in ends.iter().zip(numbers) {
             let value = match e.outcome {
                 FinishClaim::Succeeded => "OK".to_owned(),
                 FinishClaim::Dead => "X".to_owned(),
                 FinishClaim::Retrying => format!("Y{}", e.attempt),
             };
-            invocation
-                .key(keys.of(e.bucket_ms))
-                .arg(e.id)
-                .arg(e.attempt)
-                .arg(value)
-                .arg(self.expire_at(e.bucket_ms, width_ms));
+            invocation.arg(number).arg(e.id).arg(e.attempt).arg(value);
         }
         let mut conn = self.conn.clone();
         let _set: i64 = invocation.invoke_async(&mut conn).await?;

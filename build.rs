@@ -22,6 +22,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out_dir.join("kairos_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         .server_mod_attribute(".", r#"#[cfg(feature = "server")]"#)
+        // Decoded from a NATS message's `Bytes`, the payload is a view of it,
+        // not a copy, and reaches the handler without another.
+        .bytes(".kairos.v1.TaskEnvelope.payload")
         .compile_fds(fds)?;
     Ok(())
 }

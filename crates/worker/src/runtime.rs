@@ -766,18 +766,20 @@ async fn settle(
     place: Place,
 ) {
     let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
-    let envelope = match decoded.map_or_else(|| pb::TaskEnvelope::decode(msg.payload.clone()), Ok) {
-        Ok(envelope) => envelope,
-        Err(err) => {
-            warn!(error = %err, "undecodable task message; reported dead");
-            let error = format!("undecodable task message: {err}");
-            report_undecodable(reporter, msg, delivered, error).await;
-            return;
-        }
-    };
+    let mut envelope =
+        match decoded.map_or_else(|| pb::TaskEnvelope::decode(msg.payload.clone()), Ok) {
+            Ok(envelope) => envelope,
+            Err(err) => {
+                warn!(error = %err, "undecodable task message; reported dead");
+                let error = format!("undecodable task message: {err}");
+                report_undecodable(reporter, msg, delivered, error).await;
+                return;
+            }
+        };
     // A task re-run by RetryTask numbers its attempts after those it made.
     let attempt = envelope.attempt_offset.saturating_add(delivered);
-    let id = envelope.id.clone();
+    let id = std::mem::take(&mut envelope.id);
+    let bucket_ms = envelope.bucket_ms;
 
     // `detail` is what the handler noted; empty before it ran.
     let finish = |result: pb::AttemptResult,
@@ -785,9 +787,9 @@ async fn settle(
                   retry_at: Option<DateTime<Utc>>,
                   detail: String| {
         pb::report::Event::Finished(pb::AttemptFinished {
-            task_id: envelope.id.clone(),
+            task_id: id.clone(),
             attempt,
-            bucket_ms: envelope.bucket_ms,
+            bucket_ms,
             result: result.into(),
             error,
             retry_at: retry_at.map(timestamp),
@@ -837,7 +839,7 @@ async fn settle(
         let started = pb::report::Event::Started(pb::AttemptStarted {
             task_id: id.clone(),
             attempt,
-            bucket_ms: envelope.bucket_ms,
+            bucket_ms,
             at: Some(timestamp(Utc::now())),
             expire_at_ms: envelope.expire_at_ms,
             queue: envelope.queue.clone(),
@@ -876,14 +878,16 @@ async fn settle(
         return;
     }
 
+    // The envelope's own fields move into the context: nothing after this
+    // reads them.
     let ctx = TaskContext {
         id: id.clone(),
-        queue: envelope.queue.clone(),
+        queue: std::mem::take(&mut envelope.queue),
         attempt,
         max_attempts: envelope.max_attempts,
-        payload: envelope.payload.clone().into(),
-        content_type: envelope.content_type.clone(),
-        headers: envelope.headers.clone(),
+        payload: std::mem::take(&mut envelope.payload),
+        content_type: std::mem::take(&mut envelope.content_type),
+        headers: std::mem::take(&mut envelope.headers),
         due_at: DateTime::from_timestamp_millis(envelope.due_at_ms).unwrap_or_default(),
         worker_id: inner.worker_id.clone(),
         cancelled: shutdown,

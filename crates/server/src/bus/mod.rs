@@ -779,7 +779,7 @@ fn encode_task(bucket_ms: i64, task: &NewTask) -> (HeaderMap, Bytes) {
         attempt_offset: 0,
         id: task.id.to_string(),
         queue: task.queue.clone(),
-        payload: task.payload.to_vec(),
+        payload: task.payload.clone(),
         content_type: task.content_type.clone(),
         headers: task.headers.clone().into_iter().collect(),
         due_at_ms: task.due_at.timestamp_millis(),

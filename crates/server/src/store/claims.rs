@@ -327,6 +327,18 @@ fn claims_key(bucket_ms: i64) -> String {
     format!("kairos:claims:{{{bucket_ms}}}")
 }
 
+/// Fails unless a batch script answered once per item it was given: an
+/// answer short or over would pair decisions with the wrong tasks.
+fn answered(answers: usize, items: usize, what: &str) -> ClaimResult<()> {
+    if answers == items {
+        Ok(())
+    } else {
+        Err(ClaimError::Unexpected(format!(
+            "{answers} answers for {items} {what}"
+        )))
+    }
+}
+
 /// Returns the Redis key of a bucket's dispatch lease.
 fn lease_key(bucket_ms: i64) -> String {
     format!("kairos:lease:{{{bucket_ms}}}")
@@ -469,13 +481,7 @@ impl Claims {
                     _ => return Err(ClaimError::Unexpected(answer.to_owned())),
                 });
             }
-            if claims.len() - before != chunk.len() {
-                return Err(ClaimError::Unexpected(format!(
-                    "{} answers for {} releases",
-                    claims.len() - before,
-                    chunk.len()
-                )));
-            }
+            answered(claims.len() - before, chunk.len(), "releases")?;
         }
         Ok(claims)
     }
@@ -547,13 +553,7 @@ impl Claims {
         }
         let mut conn = self.conn.clone();
         let waits: Vec<i64> = invocation.invoke_async(&mut conn).await?;
-        if waits.len() != requests.len() {
-            return Err(ClaimError::Unexpected(format!(
-                "{} answers for {} rate requests",
-                waits.len(),
-                requests.len()
-            )));
-        }
+        answered(waits.len(), requests.len(), "rate requests")?;
         Ok(waits)
     }
 
@@ -593,13 +593,7 @@ impl Claims {
                 _ => StartClaim::Duplicate(answer.to_owned()),
             })
             .collect();
-        if claims.len() != starts.len() {
-            return Err(ClaimError::Unexpected(format!(
-                "{} answers for {} starts",
-                claims.len(),
-                starts.len()
-            )));
-        }
+        answered(claims.len(), starts.len(), "starts")?;
         Ok(claims)
     }
 

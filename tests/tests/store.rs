@@ -409,8 +409,162 @@ async fn a_batch_begun_in_turn_applies_after_the_one_before(backend: Backend) {
     }
 }
 
+/// A task's changes in one batch are logged as one row and read back as
+/// every change, each with its own cursor: a subscriber can resume between
+/// them, filter by any of them and page through them, and a change logged
+/// by an earlier batch is not logged again.
+async fn changes_folded_into_one_row_read_back_one_by_one(backend: Backend) {
+    let (store, _dir) = open(backend).await;
+    let tasks: Vec<NewTask> = (0..3).map(|_| task("q", None, "p")).collect();
+    store
+        .insert_tasks(&tasks, &[0, 0, 0])
+        .await
+        .expect("insert");
+    let (a, b, c) = (tasks[0].id, tasks[1].id, tasks[2].id);
+    let t0 = DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).expect("now");
+    let at = |s: i64| t0 + Duration::seconds(s);
+    let started = |id, s| StatusWrite::Started {
+        id,
+        attempt: 1,
+        worker_id: "w".into(),
+        at: at(s),
+    };
+    let finished = |id, state, error: Option<&str>| StatusWrite::Finished {
+        id,
+        attempt: 1,
+        worker_id: "w".into(),
+        state,
+        error: error.map(str::to_owned),
+        detail: None,
+        at: at(3),
+    };
+    store
+        .apply(&[
+            StatusWrite::Dispatched { id: a, at: at(1) },
+            started(a, 2),
+            finished(a, TaskState::Succeeded, None),
+            started(b, 2),
+            StatusWrite::Dispatched { id: c, at: at(1) },
+        ])
+        .await
+        .expect("first batch");
+    // b's start again (a report sent twice) with its result; c's release
+    // was logged by the batch before.
+    store
+        .apply(&[
+            started(c, 2),
+            finished(c, TaskState::Retrying, Some("boom")),
+            started(b, 2),
+            finished(b, TaskState::Succeeded, None),
+        ])
+        .await
+        .expect("second batch");
+
+    let all = store
+        .read_events(0, i64::MAX, &EventFilter::default(), 1000)
+        .await
+        .expect("events");
+    assert!(all.windows(2).all(|p| p[0].cursor < p[1].cursor), "{all:?}");
+    assert_eq!(
+        store.last_event().await.expect("last"),
+        all.last().expect("any").cursor
+    );
+    let life = |id: TaskId| -> Vec<_> { all.iter().filter(|e| e.task_id == id).collect() };
+    use TaskState::{Dispatched, Retrying, Running, Scheduled, Succeeded};
+    for (id, last) in [(a, Succeeded), (b, Succeeded), (c, Retrying)] {
+        let states: Vec<TaskState> = life(id).iter().map(|e| e.state).collect();
+        assert_eq!(states, [Scheduled, Dispatched, Running, last], "task {id}");
+    }
+    let a_life = life(a);
+    assert_eq!(
+        a_life[1..]
+            .iter()
+            .map(|e| e.cursor - a_life[1].cursor)
+            .collect::<Vec<_>>(),
+        [0, 1, 2],
+        "a's release, start and result share one row"
+    );
+    let (dispatched, running, done) = (a_life[1], a_life[2], a_life[3]);
+    assert_eq!(
+        (
+            dispatched.at,
+            dispatched.attempt,
+            dispatched.worker_id.as_str()
+        ),
+        (at(1), 0, "")
+    );
+    assert_eq!(
+        (running.at, running.attempt, running.worker_id.as_str()),
+        (at(2), 1, "w")
+    );
+    assert_eq!(
+        (done.at, done.attempt, done.error.as_deref()),
+        (at(3), 1, None)
+    );
+    let c_life = life(c);
+    assert_eq!(
+        c_life[3].cursor - c_life[2].cursor,
+        1,
+        "c's start and result share one row"
+    );
+    assert_eq!(
+        (c_life[2].error.as_deref(), c_life[3].error.as_deref()),
+        (None, Some("boom"))
+    );
+
+    // Resuming between a row's changes gives the rest of the row.
+    let rest = store
+        .read_events(dispatched.cursor, i64::MAX, &EventFilter::default(), 2)
+        .await
+        .expect("rest");
+    assert_eq!(
+        rest.iter().map(|e| e.cursor).collect::<Vec<_>>(),
+        [running.cursor, done.cursor]
+    );
+    let upto = store
+        .read_events(0, running.cursor, &EventFilter::default(), 1000)
+        .await
+        .expect("upto");
+    assert_eq!(upto.last().map(|e| e.cursor), Some(running.cursor));
+
+    // A state filter finds the changes folded into another's row.
+    let filter = EventFilter {
+        states: vec![Running],
+        ..EventFilter::default()
+    };
+    let starts = store
+        .read_events(0, i64::MAX, &filter, 1000)
+        .await
+        .expect("starts");
+    assert_eq!(starts.len(), 3);
+    assert!(starts.iter().all(|e| e.state == Running));
+
+    // Small pages, each resumed from the last cursor, give the whole log.
+    for limit in [1, 2, 3] {
+        let mut paged = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = store
+                .read_events(after, i64::MAX, &EventFilter::default(), limit)
+                .await
+                .expect("page");
+            paged.extend(page.iter().map(|e| e.cursor));
+            match page.last() {
+                Some(last) if page.len() == limit as usize => after = last.cursor,
+                _ => break,
+            }
+        }
+        assert_eq!(
+            paged,
+            all.iter().map(|e| e.cursor).collect::<Vec<_>>(),
+            "pages of {limit}"
+        );
+    }
+}
+
 backend_tests!(
     a_batch_begun_in_turn_applies_after_the_one_before,
+    changes_folded_into_one_row_read_back_one_by_one,
     concurrent_batches_in_opposite_orders_do_not_deadlock,
     tasks_round_trip_and_list_newest_first,
     every_list_filter_matches_a_full_scan,

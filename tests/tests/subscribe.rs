@@ -628,14 +628,15 @@ async fn bad_subscriptions_are_rejected(backend: Backend) {
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
 
     // Prune by hand what retention would remove: old cursors are refused.
+    // Three rows pruned: a row's events end at cursor 4 * id.
     book(&mut client, "old", 5, Duration::from_secs(3600)).await;
     stack
         .execute_sql("UPDATE event_horizon SET pruned_through = $1", &[3])
         .await;
-    let err = refused(Subscribe::all().after(2)).await;
+    let err = refused(Subscribe::all().after(11)).await;
     assert_eq!(err.code, tonic::Code::OutOfRange, "{err}");
     let mut ok = client
-        .subscribe(Subscribe::all().queue("old").after(3), PATIENCE)
+        .subscribe(Subscribe::all().queue("old").after(12), PATIENCE)
         .await
         .expect("a retained cursor");
     read_n(&mut ok, 2, Duration::from_secs(10)).await;

@@ -277,6 +277,73 @@ struct EventRow {
     at_ms: i64,
     worker_id: String,
     error: Option<String>,
+    /// When the task was released, if its DISPATCHED is folded into this row.
+    released_at_ms: Option<i64>,
+    /// Version and time of the attempt's start, if its RUNNING is folded in.
+    run: Option<(i64, i64)>,
+}
+
+/// Version of a DISPATCHED change, the one a folded release is checked against.
+const DISPATCHED_VERSION: i64 = 1;
+
+impl EventRow {
+    /// Tells whether `self` can be folded into `later`, the task's next
+    /// change in the batch: a release into the first start, a start into
+    /// the same worker's result of that attempt.
+    fn folds_into(&self, later: &EventRow) -> bool {
+        if self.task_id != later.task_id || self.run.is_some() {
+            return false;
+        }
+        match self.state {
+            TaskState::Dispatched => {
+                self.released_at_ms.is_none()
+                    && later.state == TaskState::Running
+                    && later.attempt == 1
+            }
+            TaskState::Running => {
+                later.attempt == self.attempt
+                    && later.worker_id == self.worker_id
+                    && matches!(
+                        later.state,
+                        TaskState::Succeeded | TaskState::Retrying | TaskState::Dead
+                    )
+            }
+            _ => false,
+        }
+    }
+
+    /// The folded release and start times still to log for a task whose
+    /// stored version is `stored`: a part it has moved past was logged already.
+    fn parts_after(&self, stored: i64) -> (Option<i64>, Option<i64>) {
+        (
+            self.released_at_ms.filter(|_| stored < DISPATCHED_VERSION),
+            self.run
+                .filter(|(version, _)| stored < *version)
+                .map(|(_, at)| at),
+        )
+    }
+}
+
+/// Folds each task's consecutive changes into as few event rows as the
+/// readers can unfold (see `EventRow::folds_into`); `events` is in task and
+/// version order. A burst's task otherwise writes three rows for one job.
+fn fold(events: Vec<EventRow>) -> Vec<EventRow> {
+    let mut rows: Vec<EventRow> = Vec::with_capacity(events.len());
+    for event in events {
+        match rows.last_mut() {
+            Some(last) if last.folds_into(&event) => {
+                let earlier = std::mem::replace(last, event);
+                if earlier.state == TaskState::Dispatched {
+                    last.released_at_ms = Some(earlier.at_ms);
+                } else {
+                    last.released_at_ms = earlier.released_at_ms;
+                    last.run = Some((earlier.version, earlier.at_ms));
+                }
+            }
+            _ => rows.push(event),
+        }
+    }
+    rows
 }
 
 /// What a status batch reads of a task before it logs the task's events.
@@ -373,6 +440,8 @@ fn plan(writes: &[StatusWrite]) -> (Vec<TaskUpdate>, Vec<RunRow>, Vec<EventRow>)
             at_ms: at.timestamp_millis(),
             worker_id: worker.to_owned(),
             error: error.clone(),
+            released_at_ms: None,
+            run: None,
         };
         if state == TaskState::Running && attempt == 1 {
             // A first start implies the release: the dispatcher's own write is
@@ -476,7 +545,7 @@ fn plan(writes: &[StatusWrite]) -> (Vec<TaskUpdate>, Vec<RunRow>, Vec<EventRow>)
     // DISPATCHED over the one a first start implies.
     events.sort_by_key(|e| (e.task_id, e.version, e.at_ms));
     events.dedup_by_key(|e| (e.task_id, e.version));
-    (tasks, runs, events)
+    (tasks, runs, fold(events))
 }
 
 /// Statement that serializes event-log appends on Postgres, taken just
@@ -489,10 +558,26 @@ fn plan(writes: &[StatusWrite]) -> (Vec<TaskUpdate>, Vec<RunRow>, Vec<EventRow>)
 const PG_EVENT_LOCK: &str = "SELECT pg_advisory_xact_lock(7411000)";
 
 /// Columns of an event row read back.
-const EVENT_COLUMNS: &str =
-    "id, task_id, schedule_id, queue, attempt, state, at_ms, worker_id, error";
+const EVENT_COLUMNS: &str = "id, task_id, schedule_id, queue, attempt, state, at_ms, worker_id, error, \
+     released_at_ms, run_at_ms";
 
-fn event_from_row<R: Row>(row: &R) -> StoreResult<TaskEvent>
+/// Cursors per event row: a row unfolds into up to three events (a folded
+/// release, a folded start, its own change), which take cursors
+/// `4 * id - 2`, `4 * id - 1` and `4 * id`, so cursors keep increasing.
+const CURSORS_PER_ROW: i64 = 4;
+
+/// The cursor of a row's own change, the last of its events.
+fn row_cursor(id: i64) -> i64 {
+    id.saturating_mul(CURSORS_PER_ROW)
+}
+
+/// The last row every event of which is at or before `cursor`.
+fn row_of(cursor: i64) -> i64 {
+    cursor.div_euclid(CURSORS_PER_ROW)
+}
+
+/// Unfolds one event row into its events, oldest first, onto `events`.
+fn events_from_row<R: Row>(row: &R, events: &mut Vec<TaskEvent>) -> StoreResult<()>
 where
     for<'a> &'a str: sqlx::ColumnIndex<R>,
     for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
@@ -505,8 +590,9 @@ where
     let id = |text: String| id_from_text("task_events", &text);
     let state: String = row.try_get("state")?;
     let schedule_id: Option<String> = row.try_get("schedule_id")?;
-    Ok(TaskEvent {
-        cursor: row.try_get("id")?,
+    let cursor = row_cursor(row.try_get("id")?);
+    let own = TaskEvent {
+        cursor,
         task_id: id(row.try_get("task_id")?)?,
         schedule_id: schedule_id.map(id).transpose()?,
         queue: row.try_get("queue")?,
@@ -515,7 +601,31 @@ where
         at: ms_to_time("task_events", row.try_get("at_ms")?)?,
         worker_id: row.try_get("worker_id")?,
         error: row.try_get("error")?,
-    })
+    };
+    let released_at_ms: Option<i64> = row.try_get("released_at_ms")?;
+    let run_at_ms: Option<i64> = row.try_get("run_at_ms")?;
+    if let Some(ms) = released_at_ms {
+        events.push(TaskEvent {
+            cursor: cursor - 2,
+            attempt: 0,
+            state: TaskState::Dispatched,
+            at: ms_to_time("task_events", ms)?,
+            worker_id: String::new(),
+            error: None,
+            ..own.clone()
+        });
+    }
+    if let Some(ms) = run_at_ms {
+        events.push(TaskEvent {
+            cursor: cursor - 1,
+            state: TaskState::Running,
+            at: ms_to_time("task_events", ms)?,
+            error: None,
+            ..own.clone()
+        });
+    }
+    events.push(own);
+    Ok(())
 }
 
 /// Returns the WHERE clause of an event read, numbering parameters from 3
@@ -545,15 +655,22 @@ fn event_condition(filter: &EventFilter, placeholder: Placeholder) -> (String, V
         &mut binds,
     );
     any_of("queue", filter.queue.iter().cloned().collect(), &mut binds);
-    any_of(
-        "state",
-        filter
+    if !filter.states.is_empty() {
+        // A row matches by its own state or by a change folded into it.
+        let list: Vec<String> = filter
             .states
             .iter()
-            .map(|s| s.as_str().to_owned())
-            .collect(),
-        &mut binds,
-    );
+            .map(|s| next(s.as_str().to_owned(), &mut binds))
+            .collect();
+        clause.push_str(&format!(" AND (state IN ({})", list.join(", ")));
+        if filter.states.contains(&TaskState::Dispatched) {
+            clause.push_str(" OR released_at_ms IS NOT NULL");
+        }
+        if filter.states.contains(&TaskState::Running) {
+            clause.push_str(" OR run_at_ms IS NOT NULL");
+        }
+        clause.push(')');
+    }
     (clause, binds)
 }
 
@@ -613,6 +730,16 @@ macro_rules! impl_task_store {
         $batches_at_once:expr,
         $or_fail:expr
     ) => {
+        impl $store {
+            /// The last event row pruned (0 before any).
+            async fn pruned_rows(&self) -> StoreResult<i64> {
+                let row = sqlx::query("SELECT pruned_through FROM event_horizon WHERE id = 1")
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.map(|r| r.try_get("pruned_through")).transpose()?.unwrap_or(0))
+            }
+        }
+
         #[tonic::async_trait]
         impl TaskStore for $store {
             async fn insert_tasks(
@@ -860,13 +987,30 @@ macro_rules! impl_task_store {
                     placeholder_text($placeholder, 2),
                     placeholder_text($placeholder, binds.len() + 3),
                 );
-                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(after).bind(upto);
+                // The rows holding an event in (after, upto]; the events of
+                // the first and last row outside it are dropped below.
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(row_of(after))
+                    .bind(row_of(upto).saturating_add(1));
                 for value in binds {
                     query = query.bind(value);
                 }
                 query = query.bind(i64::from(limit));
                 let rows = query.fetch_all(&self.pool).await?;
-                rows.iter().map(event_from_row).collect()
+                let mut events = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    events_from_row(row, &mut events)?;
+                }
+                // The condition checked all but the states of folded
+                // changes. Each row read has an event that passes, so a full page of rows still
+                // gives `limit` events, and fewer mean the end.
+                events.retain(|e| {
+                    e.cursor > after
+                        && e.cursor <= upto
+                        && (filter.states.is_empty() || filter.states.contains(&e.state))
+                });
+                events.truncate(limit as usize);
+                Ok(events)
             }
 
             async fn last_event(&self) -> StoreResult<i64> {
@@ -876,18 +1020,15 @@ macro_rules! impl_task_store {
                 )
                 .fetch_one(&self.pool)
                 .await?;
-                Ok(row.try_get("last")?)
+                Ok(row_cursor(row.try_get("last")?))
             }
 
             async fn pruned_through(&self) -> StoreResult<i64> {
-                let row = sqlx::query("SELECT pruned_through FROM event_horizon WHERE id = 1")
-                    .fetch_optional(&self.pool)
-                    .await?;
-                Ok(row.map(|r| r.try_get("pruned_through")).transpose()?.unwrap_or(0))
+                Ok(row_cursor(self.pruned_rows().await?))
             }
 
             async fn prune_events(&self, before_ms: i64, max: u32) -> StoreResult<u64> {
-                let through = self.pruned_through().await?;
+                let through = self.pruned_rows().await?;
                 let rows = sqlx::query(
                     "SELECT id, at_ms FROM task_events WHERE id > $1 ORDER BY id LIMIT $2",
                 )
@@ -987,18 +1128,20 @@ macro_rules! impl_task_store {
                     }
                     for chunk in shaped_chunks(&events) {
                         let sql = format!(
-                            "WITH v (n, task_id, version, state, attempt, at_ms, worker_id, error) AS \
-                             (VALUES {}) \
+                            "WITH v (n, task_id, version, state, attempt, at_ms, worker_id, error, \
+                             released_at_ms, run_version, run_at_ms) AS (VALUES {}) \
                              INSERT{or_fail} INTO task_events (task_id, schedule_id, queue, attempt, state, at_ms, \
-                             worker_id, error) \
+                             worker_id, error, released_at_ms, run_at_ms) \
                              SELECT v.task_id, t.schedule_id, t.queue, \
                              CASE WHEN v.attempt = 0 THEN t.attempts ELSE v.attempt END, \
-                             v.state, v.at_ms, v.worker_id, v.error \
+                             v.state, v.at_ms, v.worker_id, v.error, \
+                             CASE WHEN t.version < {DISPATCHED_VERSION} THEN v.released_at_ms END, \
+                             CASE WHEN t.version < v.run_version THEN v.run_at_ms END \
                              FROM v JOIN tasks t ON t.id = v.task_id \
                              WHERE t.version < v.version ORDER BY v.n",
-                            rows(chunk.len(), 8, $placeholder)
+                            rows(chunk.len(), 11, $placeholder)
                         );
-                        let mut query = sized(sql, chunk.len() * 8);
+                        let mut query = sized(sql, chunk.len() * 11);
                         for (n, e) in chunk.iter().enumerate() {
                             query = query
                                 .bind(n as i64)
@@ -1008,7 +1151,10 @@ macro_rules! impl_task_store {
                                 .bind(e.attempt)
                                 .bind(e.at_ms)
                                 .bind(texts.word(&e.worker_id))
-                                .bind(e.error.clone());
+                                .bind(e.error.clone())
+                                .bind(e.released_at_ms)
+                                .bind(e.run.map(|(version, _)| version))
+                                .bind(e.run.map(|(_, at)| at));
                         }
                         query.execute(&mut *tx).await?;
                     }
@@ -1090,12 +1236,13 @@ macro_rules! impl_task_store {
                 for chunk in shaped_chunks(&logged) {
                     let sql = format!(
                         "INSERT{or_fail} INTO task_events (task_id, schedule_id, queue, attempt, state, at_ms, \
-                         worker_id, error) VALUES {}",
-                        rows(chunk.len(), 8, $placeholder)
+                         worker_id, error, released_at_ms, run_at_ms) VALUES {}",
+                        rows(chunk.len(), 10, $placeholder)
                     );
-                    let mut query = sized(sql, chunk.len() * 8);
+                    let mut query = sized(sql, chunk.len() * 10);
                     for (e, task) in chunk {
                         let attempt = if e.attempt == 0 { task.attempts } else { e.attempt };
+                        let (released_at_ms, run_at_ms) = e.parts_after(task.version);
                         query = query
                             .bind(texts.id(e.task_id))
                             .bind(task.schedule_id.clone())
@@ -1104,7 +1251,9 @@ macro_rules! impl_task_store {
                             .bind(texts.word(e.state.as_str()))
                             .bind(e.at_ms)
                             .bind(texts.word(&e.worker_id))
-                            .bind(e.error.clone());
+                            .bind(e.error.clone())
+                            .bind(released_at_ms)
+                            .bind(run_at_ms);
                     }
                     query.execute(&mut *tx).await?;
                 }
@@ -1171,6 +1320,58 @@ mod tests {
             Some(AttemptOutcome::Failed)
         );
         assert!(runs[1].finished.is_none());
+    }
+
+    #[test]
+    fn plan_folds_a_release_and_a_start_into_the_same_workers_result_only() {
+        let (id, other) = (TaskId::new(), TaskId::new());
+        let t0 = Utc::now();
+        let started = |id, worker: &str| StatusWrite::Started {
+            id,
+            attempt: 1,
+            worker_id: worker.into(),
+            at: t0,
+        };
+        let finished = |id, worker: &str| StatusWrite::Finished {
+            id,
+            attempt: 1,
+            worker_id: worker.into(),
+            state: TaskState::Succeeded,
+            error: None,
+            detail: None,
+            at: t0 + Duration::seconds(1),
+        };
+        let (_, _, events) = plan(&[
+            StatusWrite::Dispatched { id, at: t0 },
+            started(id, "w"),
+            finished(id, "w"),
+            started(other, "w"),
+            finished(other, "w2"),
+        ]);
+        let shapes: Vec<_> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.task_id,
+                    e.state,
+                    e.released_at_ms.is_some(),
+                    e.run.is_some(),
+                )
+            })
+            .collect();
+        let (first, second) = if id < other { (id, other) } else { (other, id) };
+        let expected = |task| {
+            if task == id {
+                vec![(id, TaskState::Succeeded, true, true)]
+            } else {
+                // Another worker's result is not this start's: two rows.
+                vec![
+                    (other, TaskState::Running, true, false),
+                    (other, TaskState::Succeeded, false, false),
+                ]
+            }
+        };
+        assert_eq!(shapes, [expected(first), expected(second)].concat());
     }
 
     #[test]

@@ -527,6 +527,23 @@ async fn changes_folded_into_one_row_read_back_one_by_one(backend: Backend) {
         .expect("upto");
     assert_eq!(upto.last().map(|e| e.cursor), Some(running.cursor));
 
+    // Resuming inside a row whose only match is behind the cursor still
+    // gives the next match, not an empty page.
+    let releases = EventFilter {
+        states: vec![Dispatched],
+        ..EventFilter::default()
+    };
+    let next = store
+        .read_events(dispatched.cursor, i64::MAX, &releases, 1)
+        .await
+        .expect("next release");
+    assert_eq!(
+        next.iter()
+            .map(|e| (e.task_id, e.state))
+            .collect::<Vec<_>>(),
+        [(b, Dispatched)]
+    );
+
     // A state filter finds the changes folded into another's row.
     let filter = EventFilter {
         states: vec![Running],

@@ -995,15 +995,17 @@ macro_rules! impl_task_store {
                 for value in binds {
                     query = query.bind(value);
                 }
-                query = query.bind(i64::from(limit));
+                // One row more than the page: the first row may hold only
+                // events at or before `after`. Every other row read has an
+                // event that passes (the condition checks folded changes
+                // too) or lies past `upto`, after which nothing passes; so
+                // fewer than `limit` events still means the end.
+                query = query.bind(i64::from(limit).saturating_add(1));
                 let rows = query.fetch_all(&self.pool).await?;
                 let mut events = Vec::with_capacity(rows.len());
                 for row in &rows {
                     events_from_row(row, &mut events)?;
                 }
-                // The condition checked all but the states of folded
-                // changes. Each row read has an event that passes, so a full page of rows still
-                // gives `limit` events, and fewer mean the end.
                 events.retain(|e| {
                     e.cursor > after
                         && e.cursor <= upto

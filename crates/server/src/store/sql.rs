@@ -283,9 +283,6 @@ struct EventRow {
     run: Option<(i64, i64)>,
 }
 
-/// Version of a DISPATCHED change, the one a folded release is checked against.
-const DISPATCHED_VERSION: i64 = 1;
-
 impl EventRow {
     /// Tells whether `self` can be folded into `later`, the task's next
     /// change in the batch: a release into the first start, a start into
@@ -316,7 +313,8 @@ impl EventRow {
     /// stored version is `stored`: a part it has moved past was logged already.
     fn parts_after(&self, stored: i64) -> (Option<i64>, Option<i64>) {
         (
-            self.released_at_ms.filter(|_| stored < DISPATCHED_VERSION),
+            self.released_at_ms
+                .filter(|_| stored < version_of(TaskState::Dispatched, 0)),
             self.run
                 .filter(|(version, _)| stored < *version)
                 .map(|(_, at)| at),
@@ -638,39 +636,49 @@ fn event_condition(filter: &EventFilter, placeholder: Placeholder) -> (String, V
         binds.push(value);
         placeholder_text(placeholder, binds.len() + 2)
     };
-    let mut any_of = |column: &str, values: Vec<String>, binds: &mut Vec<String>| {
+    // `column IN (values)`, or'ed with `more` (columns that also match).
+    let mut any_of = |column: &str, values: Vec<String>, more: &str, binds: &mut Vec<String>| {
         if !values.is_empty() {
             let list: Vec<String> = values.into_iter().map(|v| next(v, binds)).collect();
-            clause.push_str(&format!(" AND {column} IN ({})", list.join(", ")));
+            clause.push_str(&format!(" AND ({column} IN ({}){more})", list.join(", ")));
         }
     };
     any_of(
         "task_id",
         filter.task_ids.iter().map(ToString::to_string).collect(),
+        "",
         &mut binds,
     );
     any_of(
         "schedule_id",
         filter.schedule_id.iter().map(ToString::to_string).collect(),
+        "",
         &mut binds,
     );
-    any_of("queue", filter.queue.iter().cloned().collect(), &mut binds);
-    if !filter.states.is_empty() {
-        // A row matches by its own state or by a change folded into it.
-        let list: Vec<String> = filter
+    any_of(
+        "queue",
+        filter.queue.iter().cloned().collect(),
+        "",
+        &mut binds,
+    );
+    // A row matches by its own state or by a change folded into it.
+    let mut folded = String::new();
+    if filter.states.contains(&TaskState::Dispatched) {
+        folded.push_str(" OR released_at_ms IS NOT NULL");
+    }
+    if filter.states.contains(&TaskState::Running) {
+        folded.push_str(" OR run_at_ms IS NOT NULL");
+    }
+    any_of(
+        "state",
+        filter
             .states
             .iter()
-            .map(|s| next(s.as_str().to_owned(), &mut binds))
-            .collect();
-        clause.push_str(&format!(" AND (state IN ({})", list.join(", ")));
-        if filter.states.contains(&TaskState::Dispatched) {
-            clause.push_str(" OR released_at_ms IS NOT NULL");
-        }
-        if filter.states.contains(&TaskState::Running) {
-            clause.push_str(" OR run_at_ms IS NOT NULL");
-        }
-        clause.push(')');
-    }
+            .map(|s| s.as_str().to_owned())
+            .collect(),
+        &folded,
+        &mut binds,
+    );
     (clause, binds)
 }
 
@@ -1128,6 +1136,7 @@ macro_rules! impl_task_store {
                     if let Some(lock) = $serialize {
                         sqlx::query(lock).execute(&mut *tx).await?;
                     }
+                    let dispatched = version_of(TaskState::Dispatched, 0);
                     for chunk in shaped_chunks(&events) {
                         let sql = format!(
                             "WITH v (n, task_id, version, state, attempt, at_ms, worker_id, error, \
@@ -1137,7 +1146,7 @@ macro_rules! impl_task_store {
                              SELECT v.task_id, t.schedule_id, t.queue, \
                              CASE WHEN v.attempt = 0 THEN t.attempts ELSE v.attempt END, \
                              v.state, v.at_ms, v.worker_id, v.error, \
-                             CASE WHEN t.version < {DISPATCHED_VERSION} THEN v.released_at_ms END, \
+                             CASE WHEN t.version < {dispatched} THEN v.released_at_ms END, \
                              CASE WHEN t.version < v.run_version THEN v.run_at_ms END \
                              FROM v JOIN tasks t ON t.id = v.task_id \
                              WHERE t.version < v.version ORDER BY v.n",

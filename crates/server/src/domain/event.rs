@@ -51,7 +51,12 @@ impl EventFilter {
         (self.task_ids.is_empty() || self.task_ids.contains(&event.task_id))
             && (self.schedule_id.is_none() || self.schedule_id == event.schedule_id)
             && self.queue.as_ref().is_none_or(|q| *q == event.queue)
-            && (self.states.is_empty() || self.states.contains(&event.state))
+            && self.wants_state(event.state)
+    }
+
+    /// Tells whether changes to `state` pass the state part of the filter.
+    pub fn wants_state(&self, state: TaskState) -> bool {
+        self.states.is_empty() || self.states.contains(&state)
     }
 }
 

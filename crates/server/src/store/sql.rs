@@ -288,15 +288,14 @@ impl EventRow {
     /// change in the batch: a release into the first start, a start into
     /// the same worker's result of that attempt.
     fn folds_into(&self, later: &EventRow) -> bool {
-        if self.task_id != later.task_id || self.run.is_some() {
+        // A release folds into a start, a start (with its release) into a
+        // result, and a result into nothing: `self` never carries a folded
+        // start, and a release carries nothing.
+        if self.task_id != later.task_id {
             return false;
         }
         match self.state {
-            TaskState::Dispatched => {
-                self.released_at_ms.is_none()
-                    && later.state == TaskState::Running
-                    && later.attempt == 1
-            }
+            TaskState::Dispatched => later.state == TaskState::Running && later.attempt == 1,
             TaskState::Running => {
                 later.attempt == self.attempt
                     && later.worker_id == self.worker_id
@@ -1014,11 +1013,7 @@ macro_rules! impl_task_store {
                 for row in &rows {
                     events_from_row(row, &mut events)?;
                 }
-                events.retain(|e| {
-                    e.cursor > after
-                        && e.cursor <= upto
-                        && (filter.states.is_empty() || filter.states.contains(&e.state))
-                });
+                events.retain(|e| e.cursor > after && e.cursor <= upto && filter.wants_state(e.state));
                 events.truncate(limit as usize);
                 Ok(events)
             }

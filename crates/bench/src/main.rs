@@ -110,6 +110,9 @@ struct Args {
     /// Folder for the SQLite files of each run.
     #[arg(long, default_value = ".kairos/bench")]
     work_dir: PathBuf,
+    /// Folder for each server run's log (`KAIROS_LOG=warn`), kept after the bench.
+    #[arg(long, default_value = ".kairos/bench-logs")]
+    log_dir: PathBuf,
     /// Worker processes' share: workers started in the bench process.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -183,6 +186,7 @@ impl Bench {
             nats_url: self.args.nats_url.clone(),
             redis_url: self.args.redis_url.clone(),
             database_url,
+            log: self.args.log_dir.join(format!("{name}.log")),
             env: env
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

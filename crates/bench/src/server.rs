@@ -27,6 +27,8 @@ pub(crate) struct ServerSettings {
     pub(crate) database_url: String,
     /// Extra environment (e.g. KAIROS_LOOKAHEAD).
     pub(crate) env: Vec<(String, String)>,
+    /// File the server logs to.
+    pub(crate) log: PathBuf,
 }
 
 impl ServerProcess {
@@ -35,6 +37,15 @@ impl ServerProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
+        if let Some(dir) = settings.log.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        // Appended to: a restarted server (the durable scenario) keeps one log.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&settings.log)
+            .with_context(|| format!("server log {}", settings.log.display()))?;
         let mut command = Command::new(&settings.binary);
         command
             .env("KAIROS_LISTEN", format!("127.0.0.1:{port}"))
@@ -42,7 +53,9 @@ impl ServerProcess {
             .env("KAIROS_REDIS_URL", &settings.redis_url)
             .env("KAIROS_DATABASE_URL", &settings.database_url)
             .env("KAIROS_LOG", "warn")
-            .stdout(Stdio::null())
+            // The server logs to stdout: its warnings (a lost lease, a
+            // bucket reopened) explain a run that went wrong.
+            .stdout(log)
             .stderr(Stdio::inherit());
         for (k, v) in &settings.env {
             command.env(k, v);

@@ -374,6 +374,44 @@ impl Stack {
         consumers.iter().map(|c| c.num_ack_pending as u64).sum()
     }
 
+    /// Asks the consumer of the bucket `bucket_ms` for up to `n` task
+    /// messages on a subscription of the caller's, once the dispatcher pulls
+    /// it: the consumer then counts them delivered, as it would messages lost
+    /// on their way to the dispatcher, and nothing acknowledges them.
+    pub async fn pull_behind_dispatcher(&self, bucket_ms: i64, n: usize) -> async_nats::Subscriber {
+        let client = async_nats::connect(self.nats.url()).await.expect("nats");
+        let js = async_nats::jetstream::new(client.clone());
+        let stream = js.get_stream("KAIROS_TASKS").await.expect("stream");
+        let name = kairos_proto::wire::bucket_consumer(bucket_ms);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        // The dispatcher's own request comes first, so both get messages.
+        loop {
+            match stream.consumer_info(&name).await {
+                Ok(info) if info.num_waiting > 0 => break,
+                _ => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "no dispatcher pulls bucket {bucket_ms}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        let inbox = client.new_inbox();
+        let subscriber = client.subscribe(inbox.clone()).await.expect("subscribe");
+        let request = format!("{{\"batch\":{n}}}");
+        client
+            .publish_with_reply(
+                format!("$JS.API.CONSUMER.MSG.NEXT.KAIROS_TASKS.{name}"),
+                inbox,
+                request.into(),
+            )
+            .await
+            .expect("pull request");
+        client.flush().await.expect("flush");
+        subscriber
+    }
+
     /// Waits until dispatchers hold `n` task messages in memory.
     pub async fn wait_held(&self, n: u64) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

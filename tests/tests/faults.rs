@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::StreamExt as _;
 use kairos_client::{NewTask, TaskState};
 use kairos_tests::stack::{client, wait_all_succeeded, wait_for_state};
 use kairos_tests::{Backend, RunLog, Stack, backend_tests};
@@ -219,7 +220,50 @@ async fn worker_reconnects_after_server_restart_without_losing_results(backend: 
     assert_each_ran_once(&log, &ids);
 }
 
+/// Task messages the bucket's consumer delivered but the dispatcher never
+/// got (as if lost between nats-server and the puller) are not left to the
+/// consumer's ack_wait of most of an hour: the bucket audit sees that the
+/// consumer counts more than the dispatcher holds and reloads the bucket.
+async fn bucket_messages_lost_on_the_way_come_back(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let mut config = stack.config();
+    config.bucket_audit_interval = Duration::from_millis(500);
+    let width_ms = config.bucket_width.as_millis() as i64;
+    let server = stack.server_with(config).await;
+    let mut client = client(&server).await;
+    let due_in_ms = 6000;
+    let due_ms = Utc::now().timestamp_millis() + due_in_ms;
+    // Far enough from the bucket's end that the tasks fall in it.
+    let bucket_ms = (due_ms + 500).div_euclid(width_ms) * width_ms;
+    let mut lost = stack.pull_behind_dispatcher(bucket_ms, 4).await;
+    let ids = book(&mut client, "default", 12, due_in_ms).await;
+    let mut taken = 0;
+    while taken < 4 {
+        match tokio::time::timeout(Duration::from_secs(3), lost.next()).await {
+            Ok(Some(_)) => taken += 1,
+            _ => break,
+        }
+    }
+    assert!(taken > 0, "no message went past the dispatcher");
+
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "default", 16, log.handler());
+    log.wait_for(ids.len(), Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_each_ran_once(&log, &ids);
+    let early: Vec<_> = log
+        .runs()
+        .into_iter()
+        .filter(|run| run.at < run.due_at)
+        .collect();
+    assert!(
+        early.is_empty(),
+        "tasks ran before their due time: {early:?}"
+    );
+}
+
 backend_tests!(
+    bucket_messages_lost_on_the_way_come_back,
     killed_replica_tasks_move_to_another,
     restarted_replica_releases_its_tasks,
     two_replicas_three_workers_run_each_task_once,

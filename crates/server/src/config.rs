@@ -58,6 +58,11 @@ pub struct ServerConfig {
     #[arg(long, env = "KAIROS_RELEASE_LEAD", default_value = "2s", value_parser = humantime::parse_duration)]
     pub release_lead: Duration,
 
+    /// How often the dispatcher compares each bucket's consumer with the tasks
+    /// it holds of it; a shortfall that lasts two audits reloads the bucket.
+    #[arg(long, env = "KAIROS_BUCKET_AUDIT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub bucket_audit_interval: Duration,
+
     /// Furthest a task may be scheduled ahead.
     #[arg(long, env = "KAIROS_MAX_HORIZON", default_value = "400days", value_parser = humantime::parse_duration)]
     pub max_horizon: Duration,
@@ -258,6 +263,7 @@ impl ServerConfig {
             lease_ttl: self.lease_ttl,
             tick: Duration::from_millis(250),
             scan_every: Duration::from_secs(30),
+            audit_every: self.bucket_audit_interval,
             grace: Duration::from_secs(30),
             body_prefetch: self.body_prefetch,
             release_lead: self.release_lead,

@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::header::HeaderName;
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::consumer::pull::{MessagesError, MessagesErrorKind};
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::stream::ConsumerErrorKind;
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -35,6 +37,26 @@ pub enum BusError {
 impl BusError {
     fn from_any(err: impl std::fmt::Display) -> Self {
         Self::Unavailable(err.to_string())
+    }
+}
+
+/// What a bucket's consumer has delivered and had acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketProgress {
+    /// Messages not yet delivered.
+    pub undelivered: u64,
+    /// Messages delivered and not yet acknowledged.
+    pub unacknowledged: u64,
+    /// Stream sequence of the last message delivered.
+    pub delivered: u64,
+    /// Stream sequence below which every message is acknowledged.
+    pub ack_floor: u64,
+}
+
+impl BucketProgress {
+    /// Whether the bucket has nothing left to deliver or acknowledge.
+    pub fn drained(&self) -> bool {
+        self.undelivered == 0 && self.unacknowledged == 0
     }
 }
 
@@ -692,9 +714,18 @@ impl Bus {
             .await
             .map_err(BusError::from_any)?;
         let name = wire::bucket_consumer(bucket_ms);
-        // A missing consumer is the normal case for a fresh bucket.
-        let _ = stream.delete_consumer(&name).await;
-        stream
+        // A missing consumer is the normal case for a fresh bucket. Any other
+        // failure fails the reset: creating over a consumer that survived
+        // would only update it, and what it delivered to the previous puller
+        // would wait for its ack_wait (most of an hour) instead of coming back.
+        match stream.delete_consumer(&name).await {
+            Ok(_) => {}
+            Err(err)
+                if matches!(err.kind(), ConsumerErrorKind::JetStream(e)
+                    if e.error_code() == ErrorCode::CONSUMER_NOT_FOUND) => {}
+            Err(err) => return Err(BusError::from_any(err)),
+        }
+        let created = stream
             .create_consumer(consumer::pull::Config {
                 durable_name: Some(name),
                 filter_subject: wire::bucket_subject(bucket_ms),
@@ -707,7 +738,16 @@ impl Bus {
                 ..Default::default()
             })
             .await
-            .map_err(BusError::from_any)
+            .map_err(BusError::from_any)?;
+        // Another owner may have created it between the delete and the create.
+        let info = created.cached_info();
+        if info.delivered.stream_sequence > 0 || info.num_ack_pending > 0 {
+            return Err(BusError::Unavailable(format!(
+                "bucket consumer {} was not fresh ({} delivered)",
+                info.name, info.num_ack_pending
+            )));
+        }
+        Ok(created)
     }
 
     /// Tells whether a bucket pull error means that the bucket's consumer is
@@ -723,13 +763,17 @@ impl Bus {
         }
     }
 
-    /// Tells whether a bucket's consumer has nothing left to deliver or
-    /// acknowledge; false while it does not exist.
-    pub async fn bucket_drained(&self, bucket_ms: i64) -> BusResult<bool> {
+    /// Reads how far a bucket's consumer got; `None` when it does not exist.
+    pub async fn bucket_progress(&self, bucket_ms: i64) -> BusResult<Option<BucketProgress>> {
         Ok(self
             .bucket_consumer_info(bucket_ms)
             .await?
-            .is_some_and(|info| info.num_pending == 0 && info.num_ack_pending == 0))
+            .map(|info| BucketProgress {
+                undelivered: info.num_pending,
+                unacknowledged: info.num_ack_pending as u64,
+                delivered: info.delivered.stream_sequence,
+                ack_floor: info.ack_floor.stream_sequence,
+            }))
     }
 
     /// Reads a bucket consumer's info in one request; `None` when it does not exist.

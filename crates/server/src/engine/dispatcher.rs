@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::app::Recorder;
-use crate::bus::{BucketMessage, Bus, Interner, decode_bucket_message};
+use crate::bus::{BucketMessage, BucketProgress, Bus, Interner, decode_bucket_message};
 use crate::domain::{StatusWrite, bucket_of};
 use crate::engine::backlog::{Backlog, Plan};
 use crate::store::DynStore;
@@ -74,6 +74,9 @@ pub struct DispatchSettings {
     pub tick: Duration,
     /// How often the stream is scanned for buckets with messages (late tasks).
     pub scan_every: Duration,
+    /// How often each held bucket's consumer is compared with the tasks held
+    /// of it (see [`Dispatcher::audit`]).
+    pub audit_every: Duration,
     /// How long after its window a drained bucket is kept open, for clock skew.
     pub grace: Duration,
     /// How long before its window starts a bucket's task bodies are loaded;
@@ -128,6 +131,9 @@ struct Owned {
     last_renew: Instant,
     /// Pulled without bodies (see `DispatchSettings::body_prefetch`).
     headers_only: bool,
+    /// The consumer's progress at the last audit, if it had delivered more
+    /// than the timer held then.
+    short: Option<BucketProgress>,
 }
 
 /// The dispatcher loop of one replica.
@@ -212,6 +218,7 @@ impl Dispatcher {
         let mut tick = tokio::time::interval(self.settings.tick);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_scan: Option<Instant> = None;
+        let mut last_audit = Instant::now();
         loop {
             let now_ms = Utc::now().timestamp_millis();
             let next_release = self.next_release(now_ms);
@@ -238,7 +245,11 @@ impl Dispatcher {
                     if scan {
                         last_scan = Some(Instant::now());
                     }
-                    self.manage_leases(scan).await;
+                    let audit = last_audit.elapsed() >= self.settings.audit_every;
+                    if audit {
+                        last_audit = Instant::now();
+                    }
+                    self.manage_leases(scan, audit).await;
                 }
             }
         }
@@ -577,8 +588,9 @@ impl Dispatcher {
     }
 
     /// Takes leases of buckets that are open or have late tasks, renews held
-    /// ones, drops lost ones and closes drained past ones.
-    async fn manage_leases(&mut self, scan: bool) {
+    /// ones, drops lost ones, closes drained past ones and, with `audit`,
+    /// audits the others.
+    async fn manage_leases(&mut self, scan: bool, audit: bool) {
         let now_ms = Utc::now().timestamp_millis();
         if scan {
             match self.bus.buckets_with_messages().await {
@@ -647,8 +659,8 @@ impl Dispatcher {
                 continue;
             }
             if owned.held == 0 && bucket + self.width_ms + grace_ms < now_ms {
-                match self.bus.bucket_drained(bucket).await {
-                    Ok(true) => {
+                match self.bus.bucket_progress(bucket).await {
+                    Ok(Some(progress)) if progress.drained() => {
                         self.close(bucket);
                         self.known.remove(&bucket);
                         if let Err(err) = self.bus.delete_bucket_consumer(bucket).await {
@@ -659,12 +671,60 @@ impl Dispatcher {
                             .release_lease(bucket, &self.settings.replica_id)
                             .await;
                         debug!(bucket, "bucket drained and closed");
+                        continue;
                     }
-                    Ok(false) => {}
+                    Ok(_) => {}
                     Err(err) => debug!(bucket, error = %err, "cannot check bucket"),
                 }
             }
+            if audit {
+                self.audit(bucket).await;
+            }
         }
+    }
+
+    /// Compares a bucket's consumer with the tasks held of it. Every message
+    /// the consumer delivered stays unacknowledged until its task left, so
+    /// the consumer can count more only for a message that never reached the
+    /// timer (lost between nats-server and the puller) or whose
+    /// acknowledgement was lost; either would wait for the consumer's
+    /// ack_wait, most of an hour. The same shortfall at two audits in a row,
+    /// with nothing delivered or acknowledged in between and nothing waiting
+    /// in the puller's channel, reloads the bucket: its fresh consumer
+    /// delivers every task not yet released again, and the start claim makes
+    /// a second copy of a released one harmless.
+    async fn audit(&mut self, bucket: i64) {
+        let progress = match self.bus.bucket_progress(bucket).await {
+            Ok(Some(progress)) => progress,
+            // Gone: its puller notices and the bucket is reopened.
+            Ok(None) => return,
+            Err(err) => {
+                debug!(bucket, error = %err, "cannot audit bucket");
+                return;
+            }
+        };
+        let idle = self.rx.is_empty();
+        let Some(owned) = self.owned.get_mut(&bucket) else {
+            return;
+        };
+        let short =
+            idle && progress.undelivered == 0 && progress.unacknowledged > owned.held as u64;
+        if !short {
+            owned.short = None;
+            return;
+        }
+        if owned.short != Some(progress) {
+            owned.short = Some(progress);
+            return;
+        }
+        warn!(
+            bucket,
+            unacknowledged = progress.unacknowledged,
+            held = owned.held,
+            "bucket consumer delivered tasks this replica does not hold; reloading the bucket"
+        );
+        let headers_only = owned.headers_only;
+        self.reload(bucket, headers_only);
     }
 
     /// Starts pulling a bucket whose lease this replica just took.
@@ -695,15 +755,24 @@ impl Dispatcher {
                 held: 0,
                 last_renew,
                 headers_only,
+                short: None,
             },
         );
     }
 
     /// Reopens a headers-only bucket with bodies: the new consumer delivers
-    /// every task not yet released again, whole, and the headers-only entries
-    /// leave the timer at once rather than when they fall due.
+    /// every task not yet released again, whole.
     fn load_bodies(&mut self, bucket: i64) {
-        let Some(owned) = self.owned.get(&bucket).filter(|o| o.headers_only) else {
+        if self.owned.get(&bucket).is_some_and(|o| o.headers_only) {
+            self.reload(bucket, false);
+        }
+    }
+
+    /// Reopens a bucket this replica holds with a fresh consumer, which
+    /// delivers every task not yet released again; the old generation's
+    /// entries leave the timer at once rather than when they fall due.
+    fn reload(&mut self, bucket: i64, headers_only: bool) {
+        let Some(owned) = self.owned.get(&bucket) else {
             return;
         };
         let (generation, last_renew) = (owned.generation, owned.last_renew);
@@ -716,8 +785,8 @@ impl Dispatcher {
             }
             keep
         });
-        debug!(bucket, "loading the bodies of a bucket coming due");
-        self.open_with(bucket, false, last_renew);
+        debug!(bucket, headers_only, "reloading a bucket");
+        self.open_with(bucket, headers_only, last_renew);
     }
 
     fn close(&mut self, bucket: i64) {

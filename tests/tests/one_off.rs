@@ -1334,6 +1334,109 @@ async fn a_start_asked_before_due_waits_and_claims_nothing() {
     assert_eq!(cancelled.state, TaskState::Cancelled);
 }
 
+/// A success is recorded in SQL only: its Redis claim stays at the started
+/// attempt. A later attempt's start (a redelivery) then asks SQL: after a
+/// success it is skipped; after an attempt whose worker was lost it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_attempt_runs_only_when_the_earlier_did_not_succeed() {
+    use kairos_proto::v1 as pb;
+    use redis::AsyncCommands as _;
+
+    let stack = Stack::start(Backend::Sqlite).await;
+    let width_ms = stack.config().bucket_width.as_millis() as i64;
+    let server = stack.server().await;
+    let mut client = client(&server).await;
+    let mut redis = redis::Client::open(stack.redis.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let bucket =
+        |task: &Task| kairos_server::domain::bucket_of(task.due_at.timestamp_millis(), width_ms);
+    let report = |event| pb::ReportRequest {
+        seq: 1,
+        worker_id: "raw".into(),
+        event: Some(event),
+        ..Default::default()
+    };
+    let started = |task: &Task, attempt| {
+        report(pb::report_request::Event::Started(pb::AttemptStarted {
+            task_id: task.id.clone(),
+            attempt,
+            bucket_ms: bucket(task),
+            due_at_ms: task.due_at.timestamp_millis(),
+            queue: "nobody-works-here".into(),
+            ..Default::default()
+        }))
+    };
+    let succeeded = |task: &Task, attempt| {
+        report(pb::report_request::Event::Finished(pb::AttemptFinished {
+            task_id: task.id.clone(),
+            attempt,
+            bucket_ms: bucket(task),
+            result: pb::AttemptResult::Succeeded.into(),
+            ..Default::default()
+        }))
+    };
+    let claim = async |redis: &mut redis::aio::MultiplexedConnection, task: &Task| -> String {
+        redis
+            .hget(format!("kairos:claims:{{{}}}", bucket(task)), &task.id)
+            .await
+            .expect("hget")
+    };
+    let run = i32::from(pb::StartDecision::Run);
+    let skip = i32::from(pb::StartDecision::Skip);
+
+    // Succeeded, then delivered again (its acknowledgement lost).
+    let done = client
+        .schedule(NewTask::new("nobody-works-here").payload("done"))
+        .await
+        .expect("schedule");
+    assert_eq!(
+        first_answer(&server.url, started(&done, 1)).await.decision,
+        run
+    );
+    let answer = first_answer(&server.url, succeeded(&done, 1)).await;
+    assert_eq!(answer.error, "", "result recorded");
+    assert_eq!(
+        claim(&mut redis, &done).await,
+        "R1",
+        "the success is not claimed in Redis"
+    );
+    let again = first_answer(&server.url, started(&done, 2)).await;
+    assert_eq!(again.decision, skip, "a succeeded task never runs again");
+    assert_eq!(again.reason, "task is succeeded");
+    let (task, attempts) = client.get_task(&done.id).await.expect("get");
+    assert_eq!(task.state, TaskState::Succeeded);
+    assert_eq!(attempts.len(), 1);
+
+    // Its worker lost mid-attempt: the next delivery runs.
+    let lost = client
+        .schedule(NewTask::new("nobody-works-here").payload("lost"))
+        .await
+        .expect("schedule");
+    assert_eq!(
+        first_answer(&server.url, started(&lost, 1)).await.decision,
+        run
+    );
+    assert_eq!(
+        first_answer(&server.url, started(&lost, 2)).await.decision,
+        run
+    );
+    assert_eq!(claim(&mut redis, &lost).await, "R2");
+    assert_eq!(
+        first_answer(&server.url, started(&lost, 2)).await.decision,
+        skip,
+        "once per attempt"
+    );
+    let answer = first_answer(&server.url, succeeded(&lost, 2)).await;
+    assert_eq!(answer.error, "", "result recorded");
+    let (task, attempts) = client.get_task(&lost.id).await.expect("get");
+    assert_eq!(task.state, TaskState::Succeeded);
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[1].outcome, "succeeded");
+}
+
 /// A worker names itself only in its stream's first message and sends the
 /// reports it has ready in one: every attempt is still recorded under its
 /// name. Raw reports sent in one message are answered in one, by seq.

@@ -1,6 +1,8 @@
 //! What happens when a worker asks to start an attempt or reports its end.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tracing::instrument;
@@ -84,6 +86,54 @@ fn request(s: &AttemptStart) -> StartRequest<'_> {
     }
 }
 
+/// How long an attempt this server let start stays in [`QuietEnds`]: a
+/// longer one has its success claimed in Redis, as after a restart.
+const QUIET_FOR: Duration = Duration::from_secs(300);
+
+/// Most attempts kept in one generation of [`QuietEnds`].
+const MOST_QUIET: usize = 1_000_000;
+
+/// Attempts this server let start on a claim without an overlap marker:
+/// their success is recorded in SQL only, which saves a Redis claim per task
+/// (see `store::claims`). Kept in two generations, so attempts whose end
+/// never comes (their worker lost) are forgotten; a success not found here
+/// (another replica's start, a restart, a very long run) is claimed as before.
+#[derive(Debug)]
+struct QuietEnds {
+    current: HashSet<(TaskId, u32)>,
+    previous: HashSet<(TaskId, u32)>,
+    since: Instant,
+    /// A generation's age and size limits.
+    keep: Duration,
+    most: usize,
+}
+
+impl QuietEnds {
+    fn new(keep: Duration, most: usize) -> Self {
+        Self {
+            current: HashSet::new(),
+            previous: HashSet::new(),
+            since: Instant::now(),
+            keep,
+            most,
+        }
+    }
+
+    /// Remembers an attempt that started without an overlap marker.
+    fn note(&mut self, id: TaskId, attempt: u32) {
+        if self.current.len() >= self.most || self.since.elapsed() >= self.keep {
+            self.previous = std::mem::take(&mut self.current);
+            self.since = Instant::now();
+        }
+        self.current.insert((id, attempt));
+    }
+
+    /// Forgets an attempt; true when this server let it start quietly.
+    fn take(&mut self, id: TaskId, attempt: u32) -> bool {
+        self.current.remove(&(id, attempt)) || self.previous.remove(&(id, attempt))
+    }
+}
+
 /// Decides starts and records results. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ReportService {
@@ -92,6 +142,7 @@ pub struct ReportService {
     recorder: Recorder,
     queues: QueueService,
     width_ms: i64,
+    quiet: Arc<Mutex<QuietEnds>>,
 }
 
 impl ReportService {
@@ -109,7 +160,12 @@ impl ReportService {
             recorder,
             queues,
             width_ms,
+            quiet: Arc::new(Mutex::new(QuietEnds::new(QUIET_FOR, MOST_QUIET))),
         }
+    }
+
+    fn quiet(&self) -> std::sync::MutexGuard<'_, QuietEnds> {
+        self.quiet.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Returns, per start, how long it must wait (0: it may start): until its
@@ -218,8 +274,9 @@ impl ReportService {
             let mut claim = claims.next().ok_or_else(|| {
                 AppError::Internal("claim answers do not match the starts".into())
             })?;
-            if claim == StartClaim::Missing {
-                // Redis lost the claim: SQL knows whether the task still may run.
+            if matches!(claim, StartClaim::Missing | StartClaim::Behind) {
+                // Redis lost the claim, or an earlier attempt's end was not
+                // claimed: SQL knows whether the task still may run.
                 match self.store.get_task(id).await? {
                     None => {
                         outcomes.push(StartOutcome::Skip("unknown task".into()));
@@ -239,7 +296,10 @@ impl ReportService {
                 }
             }
             outcomes.push(match claim {
-                StartClaim::Run => {
+                StartClaim::Run { marker } => {
+                    if !marker {
+                        self.quiet().note(id, start.attempt);
+                    }
                     // The Redis claim decides the start; the RUNNING row is status
                     // only, so the worker need not wait for its commit. The result
                     // write, which must be durable, is awaited in `finish`.
@@ -271,7 +331,9 @@ impl ReportService {
                 }
                 StartClaim::Cancelled => StartOutcome::Skip("cancelled".into()),
                 StartClaim::Duplicate(claim) => StartOutcome::Skip(format!("duplicate ({claim})")),
-                StartClaim::Missing => StartOutcome::Skip("claim missing".into()),
+                StartClaim::Missing | StartClaim::Behind => {
+                    StartOutcome::Skip("claim missing".into())
+                }
             });
         }
         futures::future::try_join_all(closed).await?;
@@ -279,16 +341,24 @@ impl ReportService {
     }
 
     /// Records how attempts ended, in Redis (for races, one call for the
-    /// batch) and SQL (for status, committed before this returns).
+    /// batch; a success this server let start quietly goes to SQL only) and
+    /// SQL (for status, committed before this returns).
     #[instrument(skip_all, fields(ends = ends.len()))]
     pub async fn finish(&self, ends: Vec<AttemptEnd>) -> AppResult<()> {
-        let ends: Vec<(TaskId, AttemptEnd)> = ends
-            .into_iter()
-            .filter_map(|end| Some((end.task_id.parse().ok()?, end)))
-            .collect();
+        let ends: Vec<(TaskId, AttemptEnd, bool)> = {
+            let mut quiet = self.quiet();
+            ends.into_iter()
+                .filter_map(|end| {
+                    let id: TaskId = end.task_id.parse().ok()?;
+                    let quietly = quiet.take(id, end.attempt) && end.state == TaskState::Succeeded;
+                    Some((id, end, quietly))
+                })
+                .collect()
+        };
         let requests: Vec<FinishRequest<'_>> = ends
             .iter()
-            .map(|(_, end)| FinishRequest {
+            .filter(|(_, _, quietly)| !quietly)
+            .map(|(_, end, _)| FinishRequest {
                 bucket_ms: end.bucket_ms,
                 id: &end.task_id,
                 attempt: end.attempt,
@@ -301,7 +371,7 @@ impl ReportService {
             .collect();
         self.claims.finish(self.width_ms, &requests).await?;
         drop(requests);
-        futures::future::try_join_all(ends.into_iter().map(|(id, end)| {
+        futures::future::try_join_all(ends.into_iter().map(|(id, end, _)| {
             self.recorder.record(StatusWrite::Finished {
                 id,
                 attempt: end.attempt,
@@ -314,5 +384,30 @@ impl ReportService {
         }))
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiet_ends_are_taken_once_and_forgotten_after_two_generations() {
+        let mut quiet = QuietEnds::new(QUIET_FOR, 2);
+        let [a, b, c, d] = [(); 4].map(|()| TaskId::new());
+        quiet.note(a, 1);
+        quiet.note(b, 1);
+        // Full: a and b move to the previous generation.
+        quiet.note(c, 1);
+        assert!(quiet.take(a, 1), "found in the previous generation");
+        assert!(!quiet.take(a, 1), "taken once");
+        assert!(!quiet.take(b, 2), "another attempt of b did not start here");
+        quiet.note(d, 1);
+        // Full again: b, never taken (its worker lost), is forgotten.
+        quiet.note(a, 2);
+        assert!(!quiet.take(b, 1), "forgotten: its success would be claimed");
+        assert!(quiet.take(c, 1));
+        assert!(quiet.take(d, 1));
+        assert!(quiet.take(a, 2));
     }
 }

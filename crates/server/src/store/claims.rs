@@ -4,9 +4,15 @@
 //!
 //! Claim values: `S` scheduled (a release leaves it so: the start claim
 //! decides), `D` dispatched (a dead task run again by RetryTask), `R<n>`
-//! running attempt n,
-//! `Y<n>` retrying after attempt n, `OK` succeeded, `X` dead, `C` cancelled,
-//! `E` expired, `K` skipped (overlap).
+//! attempt n started, `Y<n>` retrying after attempt n, `OK` succeeded, `X`
+//! dead, `C` cancelled, `E` expired, `K` skipped (overlap).
+//!
+//! A success need not be claimed: the server that let an attempt start
+//! records its success in SQL only, unless the task holds an overlap marker
+//! (below), so its claim stays `R<n>`. A start of a later attempt over `R<n>`
+//! therefore asks SQL whether the task ended (`behind`); that start is rare
+//! (a redelivery after a lost worker or a lost acknowledgement), the claim
+//! per success is not.
 //!
 //! An occurrence of a schedule with overlap SKIP also has the field
 //! `<id>:o` = schedule id in its bucket hash. Its start claim then checks the
@@ -64,8 +70,12 @@ pub enum CancelClaim {
 /// What a worker asking to start an attempt may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartClaim {
-    /// Run it.
-    Run,
+    /// Run it. `marker`: it holds its schedule's overlap marker, so its end
+    /// must be claimed for the next occurrence to see it ended.
+    Run {
+        /// Holds an overlap marker.
+        marker: bool,
+    },
     /// Cancelled before it started: skip.
     Cancelled,
     /// Its start deadline passed: now EXPIRED, skip.
@@ -76,6 +86,9 @@ pub enum StartClaim {
     Skipped,
     /// Redis has no claim (data loss): check SQL first.
     Missing,
+    /// An earlier attempt started and its end was not claimed: it succeeded
+    /// (recorded in SQL only) or its worker was lost. Check SQL first.
+    Behind,
 }
 
 /// How an attempt ended, as far as the claim is concerned.
@@ -199,6 +212,8 @@ for b = first, #ARGV, 4 do
     out[k] = 'final:' .. s
   elseif (c == 'R' or c == 'Y') and tonumber(string.sub(s, 2)) >= n then
     out[k] = 'duplicate:' .. s
+  elseif c == 'R' and not force then
+    out[k] = 'behind'
   elseif c ~= 'R' and c ~= 'Y' and exp > 0 and now > exp then
     redis.call('HSET', key, id, 'E')
     out[k] = 'expired'
@@ -225,7 +240,7 @@ for b = first, #ARGV, 4 do
       out[k] = 'skipped'
     else
       redis.call('HSET', key, id, 'R' .. attempt)
-      out[k] = 'run'
+      out[k] = schedule and 'run:o' or 'run'
     end
     used[kn] = true
   end
@@ -559,7 +574,8 @@ impl Claims {
 
     /// Moves each task to running for its attempt, unless it was cancelled,
     /// expired, ended, or that attempt already started; one round trip for all.
-    /// `force` re-creates lost claims (after SQL said the tasks may still run).
+    /// `force` (after SQL said the tasks may still run) re-creates lost claims
+    /// and lets an attempt start over an earlier one whose end was not claimed.
     pub async fn start(
         &self,
         width_ms: i64,
@@ -585,7 +601,9 @@ impl Claims {
         let claims: Vec<StartClaim> = answers
             .split(' ')
             .map(|answer| match answer {
-                "run" => StartClaim::Run,
+                "run" => StartClaim::Run { marker: false },
+                "run:o" => StartClaim::Run { marker: true },
+                "behind" => StartClaim::Behind,
                 "cancelled" => StartClaim::Cancelled,
                 "expired" => StartClaim::Expired,
                 "missing" => StartClaim::Missing,

@@ -740,8 +740,10 @@ impl Bus {
             .await
             .map_err(BusError::from_any)?;
         // Another owner may have created it between the delete and the create.
+        // (A fresh consumer's delivered stream sequence is the one before the
+        // stream's first message, not 0; its consumer sequence is 0.)
         let info = created.cached_info();
-        if info.delivered.stream_sequence > 0 || info.num_ack_pending > 0 {
+        if info.delivered.consumer_sequence > 0 || info.num_ack_pending > 0 {
             return Err(BusError::Unavailable(format!(
                 "bucket consumer {} was not fresh ({} delivered)",
                 info.name, info.num_ack_pending

@@ -83,6 +83,35 @@ async fn restarted_replica_releases_its_tasks(backend: Backend) {
     assert_each_ran_once(&log, &ids);
 }
 
+/// A replica restarted after the first tasks of a bucket ran (so the bucket's
+/// stream no longer starts at its first message) pulls the bucket again and
+/// releases the rest once each.
+async fn restarted_replica_pulls_a_bucket_whose_first_tasks_ran(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let width_ms = stack.config().bucket_width.as_millis() as i64;
+    let bucket_in = |ms: i64| (Utc::now().timestamp_millis() + ms).div_euclid(width_ms);
+    if bucket_in(1000) != bucket_in(10_000) {
+        // Both rounds in one bucket: wait for the next one.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+    let mut first = stack.server().await;
+    let mut client_a = client(&first).await;
+    let log = RunLog::default();
+    let mut worker = stack.worker(&first, "default", 16, log.handler());
+    let early = book(&mut client_a, "default", 50, 1000).await;
+    log.wait_for(50, Duration::from_secs(20)).await;
+    let later = book(&mut client_a, "default", 50, 6000).await;
+    stack.wait_held(50).await;
+    worker.stop().await;
+    first.kill().await;
+
+    let again = stack.server().await;
+    let _worker = stack.worker(&again, "default", 16, log.handler());
+    log.wait_for(100, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_each_ran_once(&log, &[early, later].concat());
+}
+
 /// Two replicas and three workers on one queue: 5,000 tasks, each run exactly once.
 async fn two_replicas_three_workers_run_each_task_once(backend: Backend) {
     let stack = Stack::start(backend).await;
@@ -266,6 +295,7 @@ backend_tests!(
     bucket_messages_lost_on_the_way_come_back,
     killed_replica_tasks_move_to_another,
     restarted_replica_releases_its_tasks,
+    restarted_replica_pulls_a_bucket_whose_first_tasks_ran,
     two_replicas_three_workers_run_each_task_once,
     redis_outage_is_unavailable_then_everything_fires,
     nats_restart_loses_no_acknowledged_task,

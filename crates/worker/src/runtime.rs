@@ -603,12 +603,14 @@ impl Lanes<'_> {
         self.tracker.spawn(async move {
             // The keep-alive is polled beside the attempt rather than
             // spawned: a burst's profile showed the bookkeeping of a
-            // task spawned per delivery (BENCHMARKS item 29).
+            // task spawned per delivery (BENCHMARKS item 29). The attempt
+            // is boxed: this future is copied whole on its way into its
+            // task, and the attempt's state is most of it (item 40).
             let every = inner.policy().ack_wait / 3;
             let place = Place { slots, slot, room };
             tokio::select! {
                 biased;
-                () = settle(&inner, &reporter, &js, cancelled, &msg, envelope, place) => {}
+                () = Box::pin(settle(&inner, &reporter, &js, cancelled, &msg, envelope, place)) => {}
                 never = keep_alive(&msg, every) => match never {},
                 () = abort.cancelled() => {}
             }
@@ -751,7 +753,9 @@ async fn report_undecodable(
 async fn keep_alive(msg: &jetstream::Message, every: Duration) -> std::convert::Infallible {
     loop {
         tokio::time::sleep(every).await;
-        let _ = msg.ack_with(AckKind::Progress).await;
+        // Boxed, as every rare path here: each delivery's future is copied
+        // whole into its task, and a rare await's state would size it.
+        let _ = Box::pin(msg.ack_with(AckKind::Progress)).await;
     }
 }
 
@@ -772,7 +776,7 @@ async fn settle(
             Err(err) => {
                 warn!(error = %err, "undecodable task message; reported dead");
                 let error = format!("undecodable task message: {err}");
-                report_undecodable(reporter, msg, delivered, error).await;
+                Box::pin(report_undecodable(reporter, msg, delivered, error)).await;
                 return;
             }
         };
@@ -801,7 +805,7 @@ async fn settle(
     if attempt > envelope.max_attempts.max(1) {
         // Earlier deliveries were lost with their worker; the attempts are used up.
         let error = format!("attempts used up after {} deliveries", attempt - 1);
-        keep_dead_letter(js, &id, msg.payload.clone()).await;
+        Box::pin(keep_dead_letter(js, &id, msg.payload.clone())).await;
         if reporter
             .send(finish(pb::AttemptResult::Dead, error, None, String::new()))
             .await
@@ -946,7 +950,7 @@ async fn settle(
         ),
     };
     if matches!(ack, Some(AckKind::Term)) {
-        keep_dead_letter(js, &id, msg.payload.clone()).await;
+        Box::pin(keep_dead_letter(js, &id, msg.payload.clone())).await;
     }
     if reporter.send(event).await.is_err() {
         // Hard shutdown before the server recorded it: the redelivery settles it.

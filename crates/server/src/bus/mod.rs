@@ -717,7 +717,8 @@ impl Bus {
         // A missing consumer is the normal case for a fresh bucket. Any other
         // failure fails the reset: creating over a consumer that survived
         // would only update it, and what it delivered to the previous puller
-        // would wait for its ack_wait (most of an hour) instead of coming back.
+        // would wait for its ack_wait (25 minutes by default) instead of
+        // coming back.
         match stream.delete_consumer(&name).await {
             Ok(_) => {}
             Err(err)
@@ -745,7 +746,7 @@ impl Bus {
         let info = created.cached_info();
         if info.delivered.consumer_sequence > 0 || info.num_ack_pending > 0 {
             return Err(BusError::Unavailable(format!(
-                "bucket consumer {} was not fresh ({} delivered)",
+                "bucket consumer {} was not fresh ({} unacknowledged)",
                 info.name, info.num_ack_pending
             )));
         }

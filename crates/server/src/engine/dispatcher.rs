@@ -688,7 +688,7 @@ impl Dispatcher {
     /// the consumer can count more only for a message that never reached the
     /// timer (lost between nats-server and the puller) or whose
     /// acknowledgement was lost; either would wait for the consumer's
-    /// ack_wait, most of an hour. The same shortfall at two audits in a row,
+    /// ack_wait (bucket width + look-ahead + 5 minutes). The same shortfall at two audits in a row,
     /// with nothing delivered or acknowledged in between and nothing waiting
     /// in the puller's channel, reloads the bucket: its fresh consumer
     /// delivers every task not yet released again, and the start claim makes

@@ -381,7 +381,10 @@ impl Stack {
     pub async fn pull_behind_dispatcher(&self, bucket_ms: i64, n: usize) -> async_nats::Subscriber {
         let client = async_nats::connect(self.nats.url()).await.expect("nats");
         let js = async_nats::jetstream::new(client.clone());
-        let stream = js.get_stream("KAIROS_TASKS").await.expect("stream");
+        let stream = js
+            .get_stream(kairos_proto::wire::TASKS_STREAM)
+            .await
+            .expect("stream");
         let name = kairos_proto::wire::bucket_consumer(bucket_ms);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         // The dispatcher's own request comes first, so both get messages.
@@ -402,7 +405,10 @@ impl Stack {
         let request = format!("{{\"batch\":{n}}}");
         client
             .publish_with_reply(
-                format!("$JS.API.CONSUMER.MSG.NEXT.KAIROS_TASKS.{name}"),
+                format!(
+                    "$JS.API.CONSUMER.MSG.NEXT.{}.{name}",
+                    kairos_proto::wire::TASKS_STREAM
+                ),
                 inbox,
                 request.into(),
             )

@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::Utc;
 use futures::StreamExt as _;
 use kairos_client::{NewTask, TaskState};
+use kairos_server::domain::bucket_of;
 use kairos_tests::stack::{client, wait_all_succeeded, wait_for_state};
 use kairos_tests::{Backend, RunLog, Stack, backend_tests};
 
@@ -89,7 +90,7 @@ async fn restarted_replica_releases_its_tasks(backend: Backend) {
 async fn restarted_replica_pulls_a_bucket_whose_first_tasks_ran(backend: Backend) {
     let stack = Stack::start(backend).await;
     let width_ms = stack.config().bucket_width.as_millis() as i64;
-    let bucket_in = |ms: i64| (Utc::now().timestamp_millis() + ms).div_euclid(width_ms);
+    let bucket_in = |ms: i64| bucket_of(Utc::now().timestamp_millis() + ms, width_ms);
     if bucket_in(1000) != bucket_in(10_000) {
         // Both rounds in one bucket: wait for the next one.
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -263,7 +264,7 @@ async fn bucket_messages_lost_on_the_way_come_back(backend: Backend) {
     let due_in_ms = 6000;
     let due_ms = Utc::now().timestamp_millis() + due_in_ms;
     // Far enough from the bucket's end that the tasks fall in it.
-    let bucket_ms = (due_ms + 500).div_euclid(width_ms) * width_ms;
+    let bucket_ms = bucket_of(due_ms + 500, width_ms);
     let mut lost = stack.pull_behind_dispatcher(bucket_ms, 4).await;
     let ids = book(&mut client, "default", 12, due_in_ms).await;
     let mut taken = 0;

@@ -658,27 +658,33 @@ impl Dispatcher {
                 self.load_bodies(bucket);
                 continue;
             }
-            if owned.held == 0 && bucket + self.width_ms + grace_ms < now_ms {
-                match self.bus.bucket_progress(bucket).await {
-                    Ok(Some(progress)) if progress.drained() => {
-                        self.close(bucket);
-                        self.known.remove(&bucket);
-                        if let Err(err) = self.bus.delete_bucket_consumer(bucket).await {
-                            debug!(bucket, error = %err, "cannot delete drained bucket consumer");
-                        }
-                        let _ = self
-                            .claims
-                            .release_lease(bucket, &self.settings.replica_id)
-                            .await;
-                        debug!(bucket, "bucket drained and closed");
-                        continue;
-                    }
-                    Ok(_) => {}
-                    Err(err) => debug!(bucket, error = %err, "cannot check bucket"),
-                }
+            // One read of the consumer serves both the drained check and the audit.
+            let past_empty = owned.held == 0 && bucket + self.width_ms + grace_ms < now_ms;
+            if !past_empty && !audit {
+                continue;
             }
-            if audit {
-                self.audit(bucket).await;
+            let progress = match self.bus.bucket_progress(bucket).await {
+                Ok(Some(progress)) => progress,
+                // Gone: its puller notices and the bucket is reopened.
+                Ok(None) => continue,
+                Err(err) => {
+                    debug!(bucket, error = %err, "cannot check bucket");
+                    continue;
+                }
+            };
+            if past_empty && progress.drained() {
+                self.close(bucket);
+                self.known.remove(&bucket);
+                if let Err(err) = self.bus.delete_bucket_consumer(bucket).await {
+                    debug!(bucket, error = %err, "cannot delete drained bucket consumer");
+                }
+                let _ = self
+                    .claims
+                    .release_lease(bucket, &self.settings.replica_id)
+                    .await;
+                debug!(bucket, "bucket drained and closed");
+            } else if audit {
+                self.audit(bucket, progress);
             }
         }
     }
@@ -693,16 +699,7 @@ impl Dispatcher {
     /// in the puller's channel, reloads the bucket: its fresh consumer
     /// delivers every task not yet released again, and the start claim makes
     /// a second copy of a released one harmless.
-    async fn audit(&mut self, bucket: i64) {
-        let progress = match self.bus.bucket_progress(bucket).await {
-            Ok(Some(progress)) => progress,
-            // Gone: its puller notices and the bucket is reopened.
-            Ok(None) => return,
-            Err(err) => {
-                debug!(bucket, error = %err, "cannot audit bucket");
-                return;
-            }
-        };
+    fn audit(&mut self, bucket: i64, progress: BucketProgress) {
         let idle = self.rx.is_empty();
         let Some(owned) = self.owned.get_mut(&bucket) else {
             return;

@@ -17,6 +17,35 @@ use tokio_util::sync::CancellationToken;
 
 use crate::procs::{NatsServer, RedisServer};
 
+/// The database's write lock, held by a test (see [`Stack::hold_sql_writes`]).
+#[derive(Debug)]
+pub enum SqlWriteLock {
+    /// A SQLite connection inside `BEGIN IMMEDIATE`.
+    Sqlite(sqlx::SqliteConnection),
+    /// A Postgres connection holding SHARE locks on the task tables.
+    Postgres(sqlx::PgConnection),
+}
+
+impl SqlWriteLock {
+    /// Lets the servers' writes go on.
+    pub async fn release(self) {
+        match self {
+            Self::Sqlite(mut conn) => {
+                sqlx::raw_sql("ROLLBACK")
+                    .execute(&mut conn)
+                    .await
+                    .expect("unlock");
+            }
+            Self::Postgres(mut conn) => {
+                sqlx::raw_sql("ROLLBACK")
+                    .execute(&mut conn)
+                    .await
+                    .expect("unlock");
+            }
+        }
+    }
+}
+
 /// Which SQL backend a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -256,6 +285,35 @@ impl Stack {
                     query = query.bind(*p);
                 }
                 query.execute(&mut conn).await.expect("sql").rows_affected()
+            }
+        }
+    }
+
+    /// Takes the database's write lock from a connection of the test's own
+    /// and keeps it until [`SqlWriteLock::release`]: the servers' writes wait,
+    /// their reads go on.
+    pub async fn hold_sql_writes(&self) -> SqlWriteLock {
+        match self.backend {
+            Backend::Sqlite => {
+                let mut conn = sqlx::SqliteConnection::connect(&self.database_url)
+                    .await
+                    .expect("connect to sqlite");
+                sqlx::raw_sql("BEGIN IMMEDIATE")
+                    .execute(&mut conn)
+                    .await
+                    .expect("write lock");
+                SqlWriteLock::Sqlite(conn)
+            }
+            Backend::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.database_url)
+                    .await
+                    .expect("connect to postgres");
+                // SHARE conflicts with every row change and with no read.
+                sqlx::raw_sql("BEGIN; LOCK TABLE tasks, task_runs IN SHARE MODE")
+                    .execute(&mut conn)
+                    .await
+                    .expect("write lock");
+                SqlWriteLock::Postgres(conn)
             }
         }
     }

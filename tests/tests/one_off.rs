@@ -794,7 +794,110 @@ backend_tests!(
     invalid_input_is_rejected_and_nothing_stored,
     waiting_tasks_are_not_cycled,
     far_buckets_wait_without_bodies,
+    a_start_is_answered_while_a_result_beside_it_waits_for_its_commit,
 );
+
+/// A worker's message carrying one attempt's result and the next attempt's
+/// start: the start is answered once decided, while the result waits for its
+/// SQL commit (held back here by the test's own write lock); the run slot
+/// the start holds is not kept waiting for another task's commit.
+async fn a_start_is_answered_while_a_result_beside_it_waits_for_its_commit(backend: Backend) {
+    use kairos_proto::v1 as pb;
+
+    let stack = Stack::start(backend).await;
+    let width_ms = stack.config().bucket_width.as_millis() as i64;
+    let server = stack.server().await;
+    let mut client = client(&server).await;
+    let mut tasks = Vec::new();
+    for name in ["first", "second"] {
+        let task = client
+            .schedule(NewTask::new("nobody-works-here").payload(name))
+            .await
+            .expect("schedule");
+        tasks.push(task);
+    }
+    let bucket_ms =
+        |task: &Task| kairos_server::domain::bucket_of(task.due_at.timestamp_millis(), width_ms);
+    let started = |seq, task: &Task| pb::Report {
+        seq,
+        event: Some(pb::report::Event::Started(pb::AttemptStarted {
+            task_id: task.id.clone(),
+            attempt: 1,
+            bucket_ms: bucket_ms(task),
+            due_at_ms: task.due_at.timestamp_millis(),
+            queue: "nobody-works-here".into(),
+            ..Default::default()
+        })),
+    };
+    let succeeded = |seq, task: &Task| pb::Report {
+        seq,
+        event: Some(pb::report::Event::Finished(pb::AttemptFinished {
+            task_id: task.id.clone(),
+            attempt: 1,
+            bucket_ms: bucket_ms(task),
+            result: pb::AttemptResult::Succeeded.into(),
+            ..Default::default()
+        })),
+    };
+    let message = |reports| pb::ReportRequest {
+        worker_id: "raw".into(),
+        reports,
+        ..Default::default()
+    };
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    let mut answers =
+        kairos_proto::v1::status_service_client::StatusServiceClient::connect(server.url.clone())
+            .await
+            .expect("status client")
+            .report(rx)
+            .await
+            .expect("report stream")
+            .into_inner();
+    let mut next_answer = async move |within: Duration| -> Option<Vec<pb::ReportResponse>> {
+        let answer = tokio::time::timeout(within, answers.message()).await.ok()?;
+        Some(answer.expect("answer").expect("stream open").answers)
+    };
+    let run = i32::from(pb::StartDecision::Run);
+
+    tx.unbounded_send(message(vec![started(1, &tasks[0])]))
+        .expect("send");
+    let first = next_answer(Duration::from_secs(10))
+        .await
+        .expect("answered");
+    assert_eq!((first[0].seq, first[0].decision), (1, run));
+    // Its RUNNING row committed, so the lock below holds back only what follows.
+    wait_for_state(
+        &mut client,
+        &tasks[0].id,
+        TaskState::Running,
+        Duration::from_secs(10),
+    )
+    .await;
+
+    let lock = stack.hold_sql_writes().await;
+    tx.unbounded_send(message(vec![
+        succeeded(2, &tasks[0]),
+        started(3, &tasks[1]),
+    ]))
+    .expect("send");
+    let decided = next_answer(Duration::from_secs(3))
+        .await
+        .expect("the start is answered while SQL writes wait");
+    let decided: Vec<(u64, i32)> = decided.iter().map(|a| (a.seq, a.decision)).collect();
+    assert_eq!(decided, [(3, run)], "only the start, not the result");
+    assert!(
+        next_answer(Duration::from_millis(500)).await.is_none(),
+        "a result is answered only once committed"
+    );
+    lock.release().await;
+    let recorded = next_answer(Duration::from_secs(15))
+        .await
+        .expect("the result is answered once committed");
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!((recorded[0].seq, recorded[0].error.as_str()), (2, ""));
+    let (task, _) = client.get_task(&tasks[0].id).await.expect("get");
+    assert_eq!(task.state, TaskState::Succeeded);
+}
 
 /// A SQLite stack whose server releases tasks 2 s ahead of their due time,
 /// with one worker of `slots` on "default" that runs into `log`.

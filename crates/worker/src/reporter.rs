@@ -2,7 +2,7 @@
 //! report waits for the server's answer, and a report not yet answered when
 //! the stream breaks is sent again on the next one, so no result is lost when
 //! the server restarts. Reports ready at the same time go in one message,
-//! and the server answers them in one.
+//! and the server answers its starts in one and its results in another.
 
 use std::collections::HashMap;
 use std::time::Duration;

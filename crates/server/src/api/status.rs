@@ -1,7 +1,8 @@
 //! `kairos.v1.StatusService/Report`: one bidirectional stream per worker.
 //! Reports that arrive together are decided as one batch, and each is
-//! answered by its seq once recorded: one message per report that came
-//! alone, one message for all that came in a message's `reports`.
+//! answered by its seq: a start once decided, a result once recorded; one
+//! message per report that came alone, one message for the starts and one
+//! for the results that came in a message's `reports`.
 
 use std::pin::Pin;
 
@@ -42,7 +43,7 @@ const MAX_BATCH: usize = 512;
 struct Item {
     seq: u64,
     event: Option<pb::report::Event>,
-    /// Sent in a message's `reports`: answered in one message's `answers`.
+    /// Sent in a message's `reports`: answered in a message's `answers`.
     batched: bool,
 }
 
@@ -74,7 +75,9 @@ fn unpack(req: pb::ReportRequest, worker_id: &mut String, items: &mut Vec<Item>)
 }
 
 /// Answers a batch of one worker's reports: the starts with one claim call,
-/// the results with another, both at once.
+/// the results with another, both at once. The starts are answered as soon
+/// as they are decided: a result waits for its SQL commit, and a start that
+/// waited with it would hold the worker's run slot for that long.
 async fn answer_batch(
     reports: ReportService,
     worker_id: String,
@@ -91,7 +94,13 @@ async fn answer_batch(
             },
         )
     };
-    let mut answers = Vec::with_capacity(batch.len());
+    let failed = |tag: (u64, bool), err: &AppError| {
+        let (batched, mut failed) = answer(tag);
+        failed.error = err.to_string();
+        (batched, failed)
+    };
+    // Answers that need no backend go out with the starts'.
+    let mut early = Vec::new();
     let (mut starts, mut start_items) = (Vec::new(), Vec::new());
     let (mut ends, mut end_items) = (Vec::new(), Vec::new());
     for item in batch {
@@ -110,60 +119,58 @@ async fn answer_batch(
                     Err(err) => {
                         let (batched, mut refused) = answer(tag);
                         refused.error = Status::from(AppError::from(err)).message().to_owned();
-                        answers.push((batched, refused));
+                        early.push((batched, refused));
                     }
                 }
             }
-            None => answers.push(answer(tag)),
+            None => early.push(answer(tag)),
         }
     }
-    let (started, finished) = tokio::join!(
-        async {
-            if starts.is_empty() {
-                Ok(Vec::new())
-            } else {
-                reports.start(starts).await
+    let started = async {
+        if !starts.is_empty() {
+            match reports.start(starts).await {
+                Ok(outcomes) => {
+                    for (tag, outcome) in start_items.into_iter().zip(outcomes) {
+                        let (batched, mut decided) = answer(tag);
+                        match outcome {
+                            StartOutcome::Run => decided.decision = pb::StartDecision::Run.into(),
+                            StartOutcome::Skip(reason) => {
+                                decided.decision = pb::StartDecision::Skip.into();
+                                decided.reason = reason;
+                            }
+                            StartOutcome::Wait { ms, reason } => {
+                                decided.decision = pb::StartDecision::Wait.into();
+                                decided.reason = reason.into();
+                                decided.wait = Some(convert::ms_duration(ms));
+                            }
+                        }
+                        early.push((batched, decided));
+                    }
+                }
+                Err(err) => early.extend(start_items.into_iter().map(|tag| failed(tag, &err))),
             }
-        },
-        async {
-            if ends.is_empty() {
-                Ok(())
-            } else {
-                reports.finish(ends).await
-            }
-        },
-    );
-    let failed = |tag: (u64, bool), err: &AppError| {
-        let (batched, mut failed) = answer(tag);
-        failed.error = err.to_string();
-        (batched, failed)
+        }
+        send_answers(&tx, early).await;
     };
-    match started {
-        Ok(outcomes) => {
-            for (tag, outcome) in start_items.into_iter().zip(outcomes) {
-                let (batched, mut decided) = answer(tag);
-                match outcome {
-                    StartOutcome::Run => decided.decision = pb::StartDecision::Run.into(),
-                    StartOutcome::Skip(reason) => {
-                        decided.decision = pb::StartDecision::Skip.into();
-                        decided.reason = reason;
-                    }
-                    StartOutcome::Wait { ms, reason } => {
-                        decided.decision = pb::StartDecision::Wait.into();
-                        decided.reason = reason.into();
-                        decided.wait = Some(convert::ms_duration(ms));
-                    }
-                }
-                answers.push((batched, decided));
-            }
+    let finished = async {
+        if ends.is_empty() {
+            return;
         }
-        Err(err) => answers.extend(start_items.into_iter().map(|tag| failed(tag, &err))),
-    }
-    match finished {
-        Ok(()) => answers.extend(end_items.into_iter().map(answer)),
-        Err(err) => answers.extend(end_items.into_iter().map(|tag| failed(tag, &err))),
-    }
-    // Reports that came in `reports` go back together in one message.
+        let answers: Vec<_> = match reports.finish(ends).await {
+            Ok(()) => end_items.into_iter().map(answer).collect(),
+            Err(err) => end_items.into_iter().map(|tag| failed(tag, &err)).collect(),
+        };
+        send_answers(&tx, answers).await;
+    };
+    tokio::join!(started, finished);
+}
+
+/// Sends answers in the form their reports came in: those that came in
+/// `reports` together in one message, each of the others alone.
+async fn send_answers(
+    tx: &mpsc::Sender<Result<pb::ReportResponse, Status>>,
+    answers: Vec<(bool, pb::ReportResponse)>,
+) {
     let mut together = Vec::new();
     let mut messages = Vec::new();
     for (batched, answer) in answers {

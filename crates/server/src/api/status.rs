@@ -74,6 +74,42 @@ fn unpack(req: pb::ReportRequest, worker_id: &mut String, items: &mut Vec<Item>)
     }
 }
 
+/// Where an answer goes: (sent in `reports`, the answer); the answer
+/// carries its report's seq and nothing else yet.
+fn answer(tag: (u64, bool)) -> (bool, pb::ReportResponse) {
+    let (seq, batched) = tag;
+    let answer = pb::ReportResponse {
+        seq,
+        ..Default::default()
+    };
+    (batched, answer)
+}
+
+/// The answer to a report the server could not record: the worker sends it again.
+fn failed(tag: (u64, bool), err: &AppError) -> (bool, pb::ReportResponse) {
+    let (batched, mut failed) = answer(tag);
+    failed.error = err.to_string();
+    (batched, failed)
+}
+
+/// The answer to a start, with its decision.
+fn decided((tag, outcome): ((u64, bool), StartOutcome)) -> (bool, pb::ReportResponse) {
+    let (batched, mut decided) = answer(tag);
+    match outcome {
+        StartOutcome::Run => decided.decision = pb::StartDecision::Run.into(),
+        StartOutcome::Skip(reason) => {
+            decided.decision = pb::StartDecision::Skip.into();
+            decided.reason = reason;
+        }
+        StartOutcome::Wait { ms, reason } => {
+            decided.decision = pb::StartDecision::Wait.into();
+            decided.reason = reason.into();
+            decided.wait = Some(convert::ms_duration(ms));
+        }
+    }
+    (batched, decided)
+}
+
 /// Answers a batch of one worker's reports: the starts with one claim call,
 /// the results with another, both at once. The starts are answered as soon
 /// as they are decided: a result waits for its SQL commit, and a start that
@@ -84,21 +120,6 @@ async fn answer_batch(
     batch: Vec<Item>,
     tx: mpsc::Sender<Result<pb::ReportResponse, Status>>,
 ) {
-    // Each answer keeps its report's form: (sent in `reports`, answer).
-    let answer = |item: (u64, bool)| {
-        (
-            item.1,
-            pb::ReportResponse {
-                seq: item.0,
-                ..Default::default()
-            },
-        )
-    };
-    let failed = |tag: (u64, bool), err: &AppError| {
-        let (batched, mut failed) = answer(tag);
-        failed.error = err.to_string();
-        (batched, failed)
-    };
     // Answers that need no backend go out with the starts'.
     let mut early = Vec::new();
     let (mut starts, mut start_items) = (Vec::new(), Vec::new());
@@ -129,24 +150,7 @@ async fn answer_batch(
     let started = async {
         if !starts.is_empty() {
             match reports.start(starts).await {
-                Ok(outcomes) => {
-                    for (tag, outcome) in start_items.into_iter().zip(outcomes) {
-                        let (batched, mut decided) = answer(tag);
-                        match outcome {
-                            StartOutcome::Run => decided.decision = pb::StartDecision::Run.into(),
-                            StartOutcome::Skip(reason) => {
-                                decided.decision = pb::StartDecision::Skip.into();
-                                decided.reason = reason;
-                            }
-                            StartOutcome::Wait { ms, reason } => {
-                                decided.decision = pb::StartDecision::Wait.into();
-                                decided.reason = reason.into();
-                                decided.wait = Some(convert::ms_duration(ms));
-                            }
-                        }
-                        early.push((batched, decided));
-                    }
-                }
+                Ok(outcomes) => early.extend(start_items.into_iter().zip(outcomes).map(decided)),
                 Err(err) => early.extend(start_items.into_iter().map(|tag| failed(tag, &err))),
             }
         }

@@ -816,28 +816,13 @@ async fn a_start_is_answered_while_a_result_beside_it_waits_for_its_commit(backe
             .expect("schedule");
         tasks.push(task);
     }
-    let bucket_ms =
-        |task: &Task| kairos_server::domain::bucket_of(task.due_at.timestamp_millis(), width_ms);
     let started = |seq, task: &Task| pb::Report {
         seq,
-        event: Some(pb::report::Event::Started(pb::AttemptStarted {
-            task_id: task.id.clone(),
-            attempt: 1,
-            bucket_ms: bucket_ms(task),
-            due_at_ms: task.due_at.timestamp_millis(),
-            queue: "nobody-works-here".into(),
-            ..Default::default()
-        })),
+        event: Some(pb::report::Event::Started(raw_start(task, 1, width_ms))),
     };
     let succeeded = |seq, task: &Task| pb::Report {
         seq,
-        event: Some(pb::report::Event::Finished(pb::AttemptFinished {
-            task_id: task.id.clone(),
-            attempt: 1,
-            bucket_ms: bucket_ms(task),
-            result: pb::AttemptResult::Succeeded.into(),
-            ..Default::default()
-        })),
+        event: Some(pb::report::Event::Finished(raw_success(task, 1, width_ms))),
     };
     let message = |reports| pb::ReportRequest {
         worker_id: "raw".into(),
@@ -1370,6 +1355,30 @@ async fn a_limit_folds_the_ahead_lane_into_the_queue_consumer() {
     stack.wait_ahead_pulled("gateway").await;
 }
 
+/// A start of `attempt` of `task` (booked on "nobody-works-here"), as a
+/// worker would report it.
+fn raw_start(task: &Task, attempt: u32, width_ms: i64) -> kairos_proto::v1::AttemptStarted {
+    kairos_proto::v1::AttemptStarted {
+        task_id: task.id.clone(),
+        attempt,
+        bucket_ms: kairos_server::domain::bucket_of(task.due_at.timestamp_millis(), width_ms),
+        due_at_ms: task.due_at.timestamp_millis(),
+        queue: "nobody-works-here".into(),
+        ..Default::default()
+    }
+}
+
+/// The success of `attempt` of `task`, as a worker would report it.
+fn raw_success(task: &Task, attempt: u32, width_ms: i64) -> kairos_proto::v1::AttemptFinished {
+    kairos_proto::v1::AttemptFinished {
+        task_id: task.id.clone(),
+        attempt,
+        bucket_ms: kairos_server::domain::bucket_of(task.due_at.timestamp_millis(), width_ms),
+        result: kairos_proto::v1::AttemptResult::Succeeded.into(),
+        ..Default::default()
+    }
+}
+
 /// Sends one message on a fresh Report stream, as a worker would, and
 /// returns the server's first answer.
 async fn first_answer(
@@ -1463,23 +1472,14 @@ async fn a_later_attempt_runs_only_when_the_earlier_did_not_succeed() {
         ..Default::default()
     };
     let started = |task: &Task, attempt| {
-        report(pb::report_request::Event::Started(pb::AttemptStarted {
-            task_id: task.id.clone(),
-            attempt,
-            bucket_ms: bucket(task),
-            due_at_ms: task.due_at.timestamp_millis(),
-            queue: "nobody-works-here".into(),
-            ..Default::default()
-        }))
+        report(pb::report_request::Event::Started(raw_start(
+            task, attempt, width_ms,
+        )))
     };
     let succeeded = |task: &Task, attempt| {
-        report(pb::report_request::Event::Finished(pb::AttemptFinished {
-            task_id: task.id.clone(),
-            attempt,
-            bucket_ms: bucket(task),
-            result: pb::AttemptResult::Succeeded.into(),
-            ..Default::default()
-        }))
+        report(pb::report_request::Event::Finished(raw_success(
+            task, attempt, width_ms,
+        )))
     };
     let claim = async |redis: &mut redis::aio::MultiplexedConnection, task: &Task| -> String {
         redis

@@ -526,7 +526,20 @@ impl Bench {
             quantile(&sorted, 0.99),
             *sorted.last().expect("samples"),
         );
+        // Where in the run the late tasks fell: a tail at the start is
+        // warm-up, one in the middle a stall.
+        let series = lateness.by_second(start);
+        for s in &series {
+            eprintln!(
+                "steady: second {:>3}: {:>6} tasks, p50 {:>9.1} ms, p99 {:>9.1} ms, max {:>9.1} ms",
+                s.second, s.tasks, s.p50_ms, s.p99_ms, s.max_ms
+            );
+        }
         let mut m = self.base("steady", n);
+        m.insert(
+            "p99_ms_by_second".into(),
+            json!(series.iter().map(|s| round3(s.p99_ms)).collect::<Vec<_>>()),
+        );
         m.insert("rate_per_s".into(), json!(rate));
         m.insert("duration_s".into(), json!(duration.as_secs_f64()));
         m.insert("raw_relay_per_s".into(), json!(raw_rate.round()));

@@ -154,9 +154,23 @@ pub(crate) async fn ingest_singles(
 }
 
 /// Lateness of each handler start, in ms after the task's due time.
+/// One handler start: its task's due time and how late it started, in ms.
+type Sample = (DateTime<Utc>, f64);
+
+/// Lateness of the tasks due in one second of a run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Second {
+    /// Seconds after the run's first due time.
+    pub(crate) second: i64,
+    pub(crate) tasks: usize,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) max_ms: f64,
+}
+
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Lateness {
-    samples: Arc<Mutex<Vec<f64>>>,
+    samples: Arc<Mutex<Vec<Sample>>>,
     ran: Arc<AtomicUsize>,
     ran_ids: Arc<Mutex<Vec<String>>>,
 }
@@ -169,9 +183,38 @@ impl Lateness {
 
     /// Returns the samples, sorted.
     pub(crate) fn sorted(&self) -> Vec<f64> {
-        let mut v = self.samples.lock().expect("samples").clone();
+        let mut v: Vec<f64> = self
+            .samples
+            .lock()
+            .expect("samples")
+            .iter()
+            .map(|&(_, late)| late)
+            .collect();
         v.sort_by(f64::total_cmp);
         v
+    }
+
+    /// Returns the lateness of each second of due time from `start`, so a
+    /// tail can be placed in the run.
+    pub(crate) fn by_second(&self, start: DateTime<Utc>) -> Vec<Second> {
+        let mut seconds: std::collections::BTreeMap<i64, Vec<f64>> = Default::default();
+        for &(due, late) in self.samples.lock().expect("samples").iter() {
+            let second = (due - start).num_milliseconds().div_euclid(1000);
+            seconds.entry(second).or_default().push(late);
+        }
+        seconds
+            .into_iter()
+            .map(|(second, mut v)| {
+                v.sort_by(f64::total_cmp);
+                Second {
+                    second,
+                    tasks: v.len(),
+                    p50_ms: quantile(&v, 0.5),
+                    p99_ms: quantile(&v, 0.99),
+                    max_ms: *v.last().expect("non-empty"),
+                }
+            })
+            .collect()
     }
 
     /// Returns the ids of every task that ran.
@@ -196,9 +239,9 @@ pub(crate) fn start_workers(
         let handler = handler_fn(move |task| {
             let lateness = lateness.clone();
             async move {
-                let late =
-                    (Utc::now() - task.due_at()).num_microseconds().unwrap_or(0) as f64 / 1000.0;
-                lateness.samples.lock().expect("samples").push(late);
+                let due = task.due_at();
+                let late = (Utc::now() - due).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+                lateness.samples.lock().expect("samples").push((due, late));
                 lateness
                     .ran_ids
                     .lock()

@@ -1192,8 +1192,9 @@ async fn a_release_retried_after_its_due_time_comes_on_the_due_lane() {
 }
 
 /// A worker that knows only the queue's own subject (an older worker, or
-/// one in another language) never pulls the ahead lane; tasks released
-/// ahead reach it on the queue's subject.
+/// one in another language) never pulls the ahead lane; a task booked a
+/// full lead ahead reaches it on the queue's subject, as it falls due
+/// rather than a lead early (it would hold a run slot all that while).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn released_ahead_reaches_a_worker_that_pulls_only_the_queue_subject() {
     use async_nats::jetstream::consumer::PullConsumer;
@@ -1219,7 +1220,7 @@ async fn released_ahead_reaches_a_worker_that_pulls_only_the_queue_subject() {
     let mut batch = consumer
         .fetch()
         .max_messages(1)
-        .expires(Duration::from_secs(3))
+        .expires(Duration::from_secs(6))
         .messages()
         .await
         .expect("pull");
@@ -1229,10 +1230,53 @@ async fn released_ahead_reaches_a_worker_that_pulls_only_the_queue_subject() {
         .await
         .expect("a message before the pull expired")
         .expect("message");
-    assert!(Utc::now() < task.due_at, "released ahead of its due time");
+    let early = task.due_at - Utc::now();
+    assert!(
+        early < chrono::Duration::milliseconds(500),
+        "released {early} before its due time, not as it fell due"
+    );
     assert_eq!(msg.subject.as_str(), wire::ready_subject("legacy"));
     let ahead = stack.ready_consumer(&wire::ahead_consumer("legacy")).await;
     assert_eq!(ahead.num_pending + ahead.num_ack_pending as u64, 0);
+}
+
+/// A limited queue has no ahead lane: a task booked a full lead ahead goes
+/// to its queue's subject only as it falls due, so it never holds the
+/// limit's permit while a task booked later but due sooner waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_limited_queue_a_task_due_later_does_not_keep_one_due_sooner_waiting() {
+    let one = QueueChange::new().max_concurrency(1);
+    let (stack, server, mut client) = lead_stack("gate", one).await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "gate", 4, log.handler());
+    let later_at = Utc::now() + chrono::Duration::seconds(4);
+    let later = client
+        .schedule(NewTask::new("gate").payload("later").at(later_at))
+        .await
+        .expect("schedule later");
+    // Within the later task's lead: it would have gone to the worker by now.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let sooner = client
+        .schedule(
+            NewTask::new("gate")
+                .payload("sooner")
+                .at(later_at - chrono::Duration::seconds(1)),
+        )
+        .await
+        .expect("schedule sooner");
+    log.wait_for(2, Duration::from_secs(10)).await;
+    let runs = log.runs();
+    assert_eq!(
+        runs.iter().map(|r| r.task_id.as_str()).collect::<Vec<_>>(),
+        [sooner.id.as_str(), later.id.as_str()],
+        "in due order"
+    );
+    let late = runs[0].at - sooner.due_at;
+    assert!(
+        late < chrono::Duration::milliseconds(600),
+        "the sooner task ran {late} late"
+    );
+    assert!(runs.iter().all(|r| r.at >= r.due_at), "ran early");
 }
 
 /// Tasks held longer than a third of their queue's run timeout (released

@@ -194,9 +194,9 @@ impl ServerConfig {
             });
         }
         if self.release_lead > Duration::from_secs(5) {
-            // A worker that does not pull the ahead lane holds what it gets
-            // early with a run slot; a burst's longer lead goes only to the
-            // ahead lane (see engine::backlog).
+            // What goes ahead waits in the workers' holds, which a longer
+            // lead only fills; a burst's longer lead is the backlog's to
+            // plan (see engine::backlog).
             return bad("KAIROS_RELEASE_LEAD", "must be at most 5s");
         }
         if self.subscribe_buffer == 0 {

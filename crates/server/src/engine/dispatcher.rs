@@ -151,8 +151,8 @@ pub struct Dispatcher {
     backlog: Backlog,
     /// How far ahead of the release lead a burst may start to leave.
     burst_lead_ms: i64,
-    /// Tasks a burst's release reached before their own release time whose
-    /// queue's ahead lane no worker pulls: they wait for their own time.
+    /// Tasks released early whose queue's ahead lane no worker pulls: they
+    /// wait for the due lane's lead (see [`due_lane_lead`]).
     deferred: BinaryHeap<Reverse<Held>>,
     /// Tasks a backend failed to release, by when to try again; apart from
     /// the timer, so a retry keeps its due time (and so its lane).
@@ -301,7 +301,7 @@ impl Dispatcher {
         let deferred = self.deferred.peek().map(|Reverse(h)| {
             release_at(
                 h.msg.due_ms,
-                lead_of(&h.msg, self.lead_ms),
+                due_lane_lead(&h.msg, self.lead_ms),
                 self.ahead,
                 now_ms,
                 i64::MAX,
@@ -340,10 +340,15 @@ impl Dispatcher {
         let mut without_body = BTreeSet::new();
         let lead_ms = self.lead_ms;
         let plan = self.plan(now_ms);
-        // A deferred task waits for its own release time (no plan).
+        // A deferred task (no plan) waits for the due lane's lead.
         let releasable = |ahead, top: &Held, plan: Option<&Plan>| {
-            let lead = lead_of(&top.msg, lead_ms);
-            let burst_ms = plan.map_or(i64::MAX, |p| p.release_ms(top.msg.due_ms, now_ms));
+            let (lead, burst_ms) = match plan {
+                Some(plan) => (
+                    lead_of(&top.msg, lead_ms),
+                    plan.release_ms(top.msg.due_ms, now_ms),
+                ),
+                None => (due_lane_lead(&top.msg, lead_ms), i64::MAX),
+            };
             release_at(top.msg.due_ms, lead, ahead, now_ms, burst_ms) <= now_ms
         };
         while due.len() < self.round {
@@ -517,9 +522,11 @@ impl Dispatcher {
             } else {
                 false
             };
-            if !ahead && held.msg.due_ms - lead_of(&held.msg, self.lead_ms) > now_ms {
-                // A burst's release reached it early, and only the ahead lane
-                // holds a task without a run slot until its due time.
+            if !ahead && held.msg.due_ms - due_lane_lead(&held.msg, self.lead_ms) > now_ms {
+                // Only the ahead lane holds a task without a run slot until
+                // its due time: on the queue's own subject it would take a
+                // worker's run slot (or a limited queue's permit) for the
+                // whole lead, and tasks due now would wait behind it.
                 self.deferred.push(Reverse(held));
                 continue;
             }
@@ -886,6 +893,12 @@ fn lead_of(msg: &BucketMessage, lead_ms: i64) -> i64 {
     late_lead(msg.due_ms, msg.booked_ms(), lead_ms)
 }
 
+/// How long before its due time a task goes to its queue's own subject:
+/// what a late booking gets, so that a worker takes it up as it falls due.
+fn due_lane_lead(msg: &BucketMessage, lead_ms: i64) -> i64 {
+    lead_of(msg, lead_ms).min(LATE_LEAD_MS)
+}
+
 /// Whether a task's start deadline (`expire_at_ms`, 0 for none) has passed.
 fn past_deadline(expire_at_ms: i64, now_ms: i64) -> bool {
     expire_at_ms > 0 && now_ms > expire_at_ms
@@ -900,16 +913,18 @@ fn late_lead(due_ms: i64, booked_ms: Option<i64>, lead_ms: i64) -> i64 {
 
 /// Whether a task released at `now_ms` goes to its queue's ahead lane: it
 /// is released a full lead before its due time. A task booked within the
-/// lead, or released at or after its due time, goes to the queue's own
-/// subject, which workers serve first, so it never waits behind what went
-/// ahead.
+/// lead, or released no earlier than a late booking would be, goes to the
+/// queue's own subject, which workers serve first, so it never waits behind
+/// what went ahead.
 fn goes_ahead(msg: &BucketMessage, lead_ms: i64, now_ms: i64) -> bool {
     full_lead(msg.due_ms, msg.booked_ms(), lead_ms, now_ms)
 }
 
 /// See [`goes_ahead`].
 fn full_lead(due_ms: i64, booked_ms: Option<i64>, lead_ms: i64, now_ms: i64) -> bool {
-    lead_ms > LATE_LEAD_MS && due_ms > now_ms && late_lead(due_ms, booked_ms, lead_ms) == lead_ms
+    lead_ms > LATE_LEAD_MS
+        && due_ms - now_ms > LATE_LEAD_MS
+        && late_lead(due_ms, booked_ms, lead_ms) == lead_ms
 }
 
 /// Whether the instant `due_ms` is a burst: MAX_AHEAD of its tasks went
@@ -983,7 +998,10 @@ mod tests {
         let (due, lead) = (1_000_000, 2_000);
         let booked = Some(due - 60_000);
         assert!(full_lead(due, booked, lead, due - lead));
-        assert!(full_lead(due, None, lead, due - 1));
+        assert!(full_lead(due, None, lead, due - LATE_LEAD_MS - 1));
+        // Released as late as a late booking (deferred, or a dispatcher that
+        // fell behind): on the due lane, not behind what went ahead.
+        assert!(!full_lead(due, booked, lead, due - LATE_LEAD_MS));
         // Booked within the lead: released 20 ms ahead, on the due lane.
         assert!(!full_lead(
             due,

@@ -153,7 +153,6 @@ pub(crate) async fn ingest_singles(
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Lateness of each handler start, in ms after the task's due time.
 /// One handler start: its task's due time and how late it started, in ms.
 type Sample = (DateTime<Utc>, f64);
 
@@ -168,6 +167,7 @@ pub(crate) struct Second {
     pub(crate) max_ms: f64,
 }
 
+/// Lateness of each handler start, in ms after the task's due time.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Lateness {
     samples: Arc<Mutex<Vec<Sample>>>,

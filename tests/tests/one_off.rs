@@ -997,6 +997,61 @@ async fn released_ahead_starts_at_due_time_not_before() {
     assert_eq!(log.len(), 1, "ran once");
 }
 
+/// A task released while no worker pulled its queue's ahead lane yet (the
+/// first worker comes within the lead, or the server's read fell between
+/// two of a worker's pulls) waits in the dispatcher, and goes ahead as soon
+/// as a worker pulls the lane, not only as it falls due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_deferred_before_a_worker_pulls_the_ahead_lane_goes_ahead_once_one_does() {
+    let (stack, server, mut client) = lead_stack("default", QueueChange::new()).await;
+    let task = client
+        .schedule(
+            NewTask::new("default")
+                .payload("ahead")
+                .delay(Duration::from_secs(5)),
+        )
+        .await
+        .expect("schedule");
+    let until = |before_ms: i64| {
+        (task.due_at - chrono::Duration::milliseconds(before_ms) - Utc::now())
+            .to_std()
+            .expect("booked 5 s ahead")
+    };
+    // Past its release (2 s ahead) with nobody pulling: it waits.
+    tokio::time::sleep(until(1700)).await;
+    assert_eq!(
+        stack.stream_state("KAIROS_READY").await.0,
+        0,
+        "released to nobody"
+    );
+
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "default", 4, log.handler());
+    stack.wait_ahead_pulled("default").await;
+    let deadline = tokio::time::Instant::now() + until(400);
+    while stack.stream_state("KAIROS_READY").await.0 == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still not released 400 ms before its due time, though a worker pulls the ahead lane"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(log.is_empty(), "released ahead, held until its due time");
+
+    log.wait_for(1, Duration::from_secs(10)).await;
+    assert!(
+        log.runs()[0].at >= task.due_at,
+        "started before its due time"
+    );
+    wait_for_state(
+        &mut client,
+        &task.id,
+        TaskState::Succeeded,
+        Duration::from_secs(10),
+    )
+    .await;
+}
+
 /// A task cancelled after it reached its queue (held by a worker until its
 /// due time) is skipped by its start claim, the only claim a release leaves
 /// to decide it, and stays CANCELLED with no attempt; its message leaves the

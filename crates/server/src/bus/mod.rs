@@ -87,27 +87,84 @@ pub struct Bus {
     lanes: Arc<std::sync::Mutex<HashMap<String, Lane>>>,
 }
 
+/// What a replica knows of whether workers pull a queue's ahead lane
+/// (see [`Bus::ahead_lane`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AheadLane {
+    /// A worker pulls it, or was seen pulling it within LANE_GRACE.
+    Pulled,
+    /// Its consumer is there but no worker was seen pulling it lately: none
+    /// may know it (an older or foreign worker), or one is still finding it.
+    Idle,
+    /// It has no consumer (a queue with a concurrency limit), is paused, or
+    /// could not be read.
+    Absent,
+}
+
 /// What a replica last read of a queue's ahead lane.
 #[derive(Debug)]
 struct Lane {
-    pulled: bool,
+    /// What the last read saw.
+    seen: AheadLane,
     read_at: std::time::Instant,
+    /// When a read last saw a worker pulling.
+    pulled_at: Option<std::time::Instant>,
     /// A read is under way in the background.
     reading: bool,
 }
 
 impl Lane {
-    fn read(pulled: bool) -> Self {
+    fn unread() -> Self {
         Self {
-            pulled,
+            seen: AheadLane::Absent,
             read_at: std::time::Instant::now(),
+            pulled_at: None,
             reading: false,
         }
+    }
+
+    /// Records a read.
+    fn update(&mut self, seen: AheadLane) {
+        let now = std::time::Instant::now();
+        self.seen = seen;
+        self.read_at = now;
+        self.reading = false;
+        if seen == AheadLane::Pulled {
+            self.pulled_at = Some(now);
+        }
+    }
+
+    /// What the reads say: a worker ends each pull and asks again, and a
+    /// read that falls between the two sees nobody waiting, so a lane seen
+    /// pulled a moment ago still counts as pulled.
+    fn state(&self) -> AheadLane {
+        match self.seen {
+            AheadLane::Idle if self.pulled_at.is_some_and(|at| at.elapsed() < LANE_GRACE) => {
+                AheadLane::Pulled
+            }
+            seen => seen,
+        }
+    }
+
+    /// Whether the last read is recent enough to answer from: an idle lane
+    /// is read again sooner, so a worker that just came is seen quickly.
+    fn fresh(&self) -> bool {
+        let ttl = match self.state() {
+            AheadLane::Idle => LANE_RECHECK,
+            AheadLane::Pulled | AheadLane::Absent => LANE_TTL,
+        };
+        self.read_at.elapsed() < ttl
     }
 }
 
 /// How long the dispatcher trusts what it read of a queue's ahead lane.
 const LANE_TTL: Duration = Duration::from_secs(2);
+/// How long it trusts a read that saw the lane's consumer with nobody
+/// pulling it.
+pub const LANE_RECHECK: Duration = Duration::from_millis(200);
+/// How long a lane seen pulled counts as pulled while reads see nobody
+/// waiting: more than two of a worker's 2 s pulls.
+const LANE_GRACE: Duration = Duration::from_secs(5);
 
 /// Most messages in one atomic batch (the server's limit).
 const ATOMIC_MAX_MESSAGES: usize = 1000;
@@ -610,41 +667,45 @@ impl Bus {
     }
 
     /// Tells whether a worker pulls the queue's ahead lane now: its consumer
-    /// exists, is not paused, and has a pull waiting or messages pending.
-    /// A worker that does not know the lane never pulls it, so its tasks stay
-    /// on the queue's own subject. Read once per queue, then again in the
-    /// background every two seconds, so a slow JetStream API never holds up
-    /// a release round.
-    pub async fn ahead_lane(&self, queue: &str) -> bool {
+    /// exists, is not paused, and has a pull waiting or messages pending (or
+    /// had within LANE_GRACE). A worker that does not know the lane never
+    /// pulls it, so its tasks stay on the queue's own subject. Read once per
+    /// queue, then again in the background (every two seconds, or every
+    /// LANE_RECHECK while idle), so a slow JetStream API never holds up a
+    /// release round.
+    pub async fn ahead_lane(&self, queue: &str) -> AheadLane {
         let stale = match self.lanes().get_mut(queue) {
-            Some(lane) if lane.read_at.elapsed() < LANE_TTL || lane.reading => {
-                return lane.pulled;
-            }
+            Some(lane) if lane.reading || lane.fresh() => return lane.state(),
             Some(lane) => {
                 lane.reading = true;
-                Some(lane.pulled)
+                Some(lane.state())
             }
             None => None,
         };
         match stale {
-            Some(pulled) => {
+            Some(state) => {
                 let (bus, queue) = (self.clone(), queue.to_owned());
                 tokio::spawn(async move {
-                    let now = bus.read_ahead_lane(&queue).await;
-                    bus.lanes().insert(queue, Lane::read(now));
+                    let seen = bus.read_ahead_lane(&queue).await;
+                    bus.lanes()
+                        .entry(queue)
+                        .or_insert_with(Lane::unread)
+                        .update(seen);
                 });
-                pulled
+                state
             }
             None => {
-                let pulled = self.read_ahead_lane(queue).await;
-                self.lanes().insert(queue.to_owned(), Lane::read(pulled));
-                pulled
+                let seen = self.read_ahead_lane(queue).await;
+                let mut lanes = self.lanes();
+                let lane = lanes.entry(queue.to_owned()).or_insert_with(Lane::unread);
+                lane.update(seen);
+                lane.state()
             }
         }
     }
 
     /// Reads from JetStream whether a worker pulls the queue's ahead lane.
-    async fn read_ahead_lane(&self, queue: &str) -> bool {
+    async fn read_ahead_lane(&self, queue: &str) -> AheadLane {
         let info = match self.js.get_stream(wire::READY_STREAM).await {
             Ok(stream) => stream
                 .consumer_info(wire::ahead_consumer(queue))
@@ -653,10 +714,12 @@ impl Bus {
             Err(err) => Err(BusError::from_any(err)),
         };
         match info {
-            Ok(info) => !info.paused && (info.num_waiting > 0 || info.num_ack_pending > 0),
+            Ok(info) if info.paused => AheadLane::Absent,
+            Ok(info) if info.num_waiting > 0 || info.num_ack_pending > 0 => AheadLane::Pulled,
+            Ok(_) => AheadLane::Idle,
             Err(err) => {
                 tracing::debug!(queue, error = %err, "ahead lane not read; using the queue's subject");
-                false
+                AheadLane::Absent
             }
         }
     }
@@ -872,5 +935,44 @@ async fn delete_consumer_if_present(
         }
         Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => Ok(false),
         Err(err) => Err(BusError::from_any(err)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lane_seen_pulled_a_moment_ago_counts_as_pulled_between_two_pulls() {
+        let mut lane = Lane::unread();
+        lane.update(AheadLane::Idle);
+        assert_eq!(lane.state(), AheadLane::Idle, "never seen pulled");
+        lane.update(AheadLane::Pulled);
+        lane.update(AheadLane::Idle);
+        assert_eq!(lane.state(), AheadLane::Pulled, "between two pulls");
+        lane.pulled_at = std::time::Instant::now().checked_sub(LANE_GRACE);
+        assert_eq!(
+            lane.state(),
+            AheadLane::Idle,
+            "nobody pulled for LANE_GRACE"
+        );
+        lane.update(AheadLane::Absent);
+        lane.pulled_at = Some(std::time::Instant::now());
+        assert_eq!(lane.state(), AheadLane::Absent, "its consumer went");
+    }
+
+    #[test]
+    fn an_idle_lane_is_read_again_sooner() {
+        let mut lane = Lane::unread();
+        lane.update(AheadLane::Idle);
+        lane.read_at = std::time::Instant::now()
+            .checked_sub(LANE_RECHECK)
+            .expect("uptime");
+        assert!(!lane.fresh());
+        lane.update(AheadLane::Pulled);
+        lane.read_at = std::time::Instant::now()
+            .checked_sub(LANE_RECHECK)
+            .expect("uptime");
+        assert!(lane.fresh());
     }
 }

@@ -17,7 +17,7 @@
 //! near, its consumer is recreated with bodies and delivers them all again.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +31,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::app::Recorder;
-use crate::bus::{BucketMessage, BucketProgress, Bus, Interner, decode_bucket_message};
+use crate::bus::{
+    AheadLane, BucketMessage, BucketProgress, Bus, Interner, LANE_RECHECK, decode_bucket_message,
+};
 use crate::domain::{StatusWrite, bucket_of};
 use crate::engine::backlog::{Backlog, Plan};
 use crate::store::DynStore;
@@ -55,6 +57,9 @@ const QUIET_MS: i64 = 500;
 /// its due time instead, and holds back the tasks due after it until then,
 /// so a queue still gets its tasks in due order.
 const LATE_LEAD_MS: i64 = 20;
+/// How often the dispatcher asks again about an idle ahead lane it watches
+/// (see [`Dispatcher::recheck_lanes`]).
+const RECHECK_MS: i64 = LANE_RECHECK.as_millis() as i64;
 /// How long a task waits before another try when a backend failed its release.
 const RETRY_DELAY_MS: i64 = 1000;
 /// Furthest ahead of the release lead a burst starts to leave (see
@@ -121,6 +126,14 @@ impl Held {
     }
 }
 
+/// When to ask again about a queue's idle ahead lane, and until when: the
+/// last due time, less LATE_LEAD_MS, of its deferred tasks.
+#[derive(Debug, Clone, Copy)]
+struct Watch {
+    next_ms: i64,
+    until_ms: i64,
+}
+
 /// A bucket this replica holds the lease of.
 struct Owned {
     /// Bumped on every (re)acquisition, so messages of an old puller are ignored.
@@ -154,6 +167,10 @@ pub struct Dispatcher {
     /// Tasks released early whose queue's ahead lane no worker pulls: they
     /// wait for the due lane's lead (see [`due_lane_lead`]).
     deferred: BinaryHeap<Reverse<Held>>,
+    /// Queues whose tasks were deferred while their ahead lane's consumer
+    /// waited for a pull (see [`AheadLane::Idle`]): asked about again until
+    /// a worker pulls it, when their deferred tasks go ahead after all.
+    watching: HashMap<Arc<str>, Watch>,
     /// Tasks a backend failed to release, by when to try again; apart from
     /// the timer, so a retry keeps its due time (and so its lane).
     retrying: BinaryHeap<Reverse<(i64, Held)>>,
@@ -202,6 +219,7 @@ impl Dispatcher {
             backlog: Backlog::default(),
             burst_lead_ms,
             deferred: BinaryHeap::new(),
+            watching: HashMap::new(),
             retrying: BinaryHeap::new(),
             known: BTreeSet::new(),
             next_generation: 0,
@@ -308,7 +326,13 @@ impl Dispatcher {
             )
         });
         let retry = self.retrying.peek().map(|Reverse((at_ms, _))| *at_ms);
-        timer.into_iter().chain(deferred).chain(retry).min()
+        let watch = self.watching.values().map(|w| w.next_ms).min();
+        timer
+            .into_iter()
+            .chain(deferred)
+            .chain(retry)
+            .chain(watch)
+            .min()
     }
 
     /// When the timer's tasks must start to leave so that each goes a full
@@ -351,9 +375,14 @@ impl Dispatcher {
             };
             release_at(top.msg.due_ms, lead, ahead, now_ms, burst_ms) <= now_ms
         };
-        while due.len() < self.round {
+        // Tasks whose queue's ahead lane was just found pulled go first,
+        // whatever the round's size: they are due soonest of all that go ahead.
+        let mut found = self.recheck_lanes(now_ms).await.into_iter();
+        loop {
             let retry = self.retrying.peek().map(|Reverse((at_ms, _))| *at_ms);
             let held = match (self.deferred.peek(), self.timer.peek()) {
+                _ if let Some(held) = found.next() => held,
+                _ if due.len() >= self.round => break,
                 _ if retry.is_some_and(|at_ms| at_ms <= now_ms) => {
                     self.retrying.pop().expect("peeked").0.1
                 }
@@ -498,6 +527,60 @@ impl Dispatcher {
         }
     }
 
+    /// Watches the idle ahead lane of a deferred task's queue while the task
+    /// could still go ahead.
+    fn watch_lane(&mut self, msg: &BucketMessage, now_ms: i64) {
+        let until_ms = msg.due_ms - LATE_LEAD_MS;
+        self.watching
+            .entry(msg.queue.clone())
+            .and_modify(|w| w.until_ms = w.until_ms.max(until_ms))
+            .or_insert(Watch {
+                next_ms: now_ms + RECHECK_MS,
+                until_ms,
+            });
+    }
+
+    /// Asks again about the watched lanes due for it, and takes out of the
+    /// deferred tasks those whose queue's ahead lane a worker now pulls and
+    /// that can still go a full lead ahead: a read that fell between two of a
+    /// worker's pulls, or a worker that had not found a new queue's lane yet,
+    /// no longer sends them to the due lane at the last moment.
+    async fn recheck_lanes(&mut self, now_ms: i64) -> Vec<Held> {
+        let asked: Vec<Arc<str>> = self
+            .watching
+            .iter()
+            .filter(|(_, w)| w.next_ms <= now_ms)
+            .map(|(queue, _)| queue.clone())
+            .collect();
+        let mut pulled = HashSet::new();
+        for queue in asked {
+            let lane = self.bus.ahead_lane(&queue).await;
+            match self.watching.get_mut(&queue) {
+                Some(w) if lane == AheadLane::Idle && w.until_ms > now_ms => {
+                    w.next_ms = now_ms + RECHECK_MS;
+                }
+                _ => {
+                    self.watching.remove(&queue);
+                    if lane == AheadLane::Pulled {
+                        pulled.insert(queue);
+                    }
+                }
+            }
+        }
+        if pulled.is_empty() {
+            return Vec::new();
+        }
+        let (found, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
+            .into_iter()
+            .partition(|Reverse(h)| {
+                pulled.contains(&h.msg.queue) && goes_ahead(&h.msg, self.lead_ms, now_ms)
+            });
+        self.deferred = kept.into();
+        let mut found: Vec<Held> = found.into_iter().map(|Reverse(h)| h).collect();
+        found.sort_unstable();
+        found
+    }
+
     /// Publishes claimed tasks to their queues, then acknowledges the bucket
     /// messages whose publish JetStream acknowledged.
     async fn publish(&mut self, batch: Vec<Held>) {
@@ -506,27 +589,31 @@ impl Dispatcher {
         }
         // Which of its queue's two lanes each task goes to.
         let now_ms = Utc::now().timestamp_millis();
-        let mut pulled: HashMap<Arc<str>, bool> = HashMap::new();
+        let mut known: HashMap<Arc<str>, AheadLane> = HashMap::new();
         let mut lanes = Vec::with_capacity(batch.len());
         let mut sending = Vec::with_capacity(batch.len());
         for held in batch {
-            let ahead = if goes_ahead(&held.msg, self.lead_ms, now_ms) {
-                match pulled.get(&held.msg.queue) {
-                    Some(&known) => known,
+            let lane = if goes_ahead(&held.msg, self.lead_ms, now_ms) {
+                match known.get(&held.msg.queue) {
+                    Some(&lane) => lane,
                     None => {
-                        let known = self.bus.ahead_lane(&held.msg.queue).await;
-                        pulled.insert(held.msg.queue.clone(), known);
-                        known
+                        let lane = self.bus.ahead_lane(&held.msg.queue).await;
+                        known.insert(held.msg.queue.clone(), lane);
+                        lane
                     }
                 }
             } else {
-                false
+                AheadLane::Absent
             };
+            let ahead = lane == AheadLane::Pulled;
             if !ahead && held.msg.due_ms - due_lane_lead(&held.msg, self.lead_ms) > now_ms {
                 // Only the ahead lane holds a task without a run slot until
                 // its due time: on the queue's own subject it would take a
                 // worker's run slot (or a limited queue's permit) for the
                 // whole lead, and tasks due now would wait behind it.
+                if lane == AheadLane::Idle {
+                    self.watch_lane(&held.msg, now_ms);
+                }
                 self.deferred.push(Reverse(held));
                 continue;
             }
@@ -810,6 +897,7 @@ impl Dispatcher {
         }
         self.timer.clear();
         self.deferred.clear();
+        self.watching.clear();
         self.retrying.clear();
         self.backlog.clear();
     }

@@ -1018,7 +1018,7 @@ async fn a_task_deferred_before_a_worker_pulls_the_ahead_lane_goes_ahead_once_on
             .expect("booked 5 s ahead")
     };
     // Past its release (2 s ahead) with nobody pulling: it waits.
-    tokio::time::sleep(until(1700)).await;
+    tokio::time::sleep(until(1850)).await;
     assert_eq!(
         stack.stream_state("KAIROS_READY").await.0,
         0,
@@ -1028,11 +1028,12 @@ async fn a_task_deferred_before_a_worker_pulls_the_ahead_lane_goes_ahead_once_on
     let log = RunLog::default();
     let _worker = stack.worker(&server, "default", 4, log.handler());
     stack.wait_ahead_pulled("default").await;
-    let deadline = tokio::time::Instant::now() + until(400);
+    // Deferred, it would come only 20 ms before its due time.
+    let deadline = tokio::time::Instant::now() + until(250);
     while stack.stream_state("KAIROS_READY").await.0 == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "still not released 400 ms before its due time, though a worker pulls the ahead lane"
+            "still not released 250 ms before its due time, though a worker pulls the ahead lane"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

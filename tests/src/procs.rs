@@ -78,11 +78,19 @@ impl Drop for ChildServer {
 }
 
 fn nats(dir: &Path, port: u16) -> (&'static str, Vec<String>) {
+    nats_syncing(dir, port, "  sync_interval: always\n")
+}
+
+fn nats_default_sync(dir: &Path, port: u16) -> (&'static str, Vec<String>) {
+    nats_syncing(dir, port, "")
+}
+
+fn nats_syncing(dir: &Path, port: u16, sync_line: &str) -> (&'static str, Vec<String>) {
     let conf = dir.join("nats.conf");
     std::fs::write(
         &conf,
         format!(
-            "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+            "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n{sync_line}}}\n",
             dir.join("js").display()
         ),
     )
@@ -111,7 +119,8 @@ fn redis(dir: &Path, port: u16) -> (&'static str, Vec<String>) {
     ("redis-server", args)
 }
 
-/// A JetStream-enabled nats-server with file storage and `sync_interval: always`.
+/// A JetStream-enabled nats-server with file storage and `sync_interval: always`
+/// (unless started otherwise).
 #[derive(Debug)]
 pub struct NatsServer(ChildServer);
 
@@ -119,6 +128,12 @@ impl NatsServer {
     /// Starts a server on a free port.
     pub fn start() -> Self {
         Self(ChildServer::start(nats))
+    }
+
+    /// Starts a server on a free port with NATS's default sync (every two
+    /// minutes) instead.
+    pub fn start_default_sync() -> Self {
+        Self(ChildServer::start(nats_default_sync))
     }
 
     /// Returns the client URL.

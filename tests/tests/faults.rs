@@ -6,9 +6,10 @@ use std::time::Duration;
 use chrono::Utc;
 use futures::StreamExt as _;
 use kairos_client::{NewTask, TaskState};
+use kairos_server::bus::BatchPublish;
 use kairos_server::domain::bucket_of;
 use kairos_tests::stack::{client, wait_all_succeeded, wait_for_state};
-use kairos_tests::{Backend, RunLog, Stack, backend_tests};
+use kairos_tests::{Backend, NatsServer, RunLog, Stack, backend_tests};
 
 async fn book(
     client: &mut kairos_client::Client,
@@ -292,7 +293,82 @@ async fn bucket_messages_lost_on_the_way_come_back(backend: Backend) {
     );
 }
 
+/// JetStream stores only part of a batch (the tasks stream is full): every
+/// task of it is refused, nothing of it is kept, and none of the tasks that
+/// did reach the stream runs. For both ways of publishing a batch.
+async fn a_batch_stored_in_part_is_refused_whole_and_none_of_it_runs(backend: Backend) {
+    for mode in [BatchPublish::Fast, BatchPublish::Atomic] {
+        let stack = Stack::start(backend).await;
+        let mut config = stack.config();
+        config.batch_publish = mode;
+        let server = stack.server_with(config).await;
+        let log = RunLog::default();
+        let _worker = stack.worker(&server, "default", 8, log.handler());
+        let mut client = client(&server).await;
+        // Due after the batch's fate is read: until its release the stream
+        // holds each of them.
+        let kept = book(&mut client, "default", 100, 4000).await;
+        stack.set_tasks_max_messages(400).await;
+
+        let due = Utc::now() + chrono::Duration::milliseconds(4000);
+        let batch = (0..1000).map(|_| NewTask::new("default").at(due)).collect();
+        let results = client.schedule_batch(batch).await.expect("batch answered");
+        assert_eq!(results.len(), 1000);
+        for result in results {
+            let err = result.expect_err("the stream refused part of the batch");
+            assert_eq!(err.code, tonic::Code::Unavailable, "{mode:?}: {err}");
+        }
+        let (in_stream, _) = stack.stream_state("KAIROS_TASKS").await;
+        let stored = if mode == BatchPublish::Fast { 300 } else { 0 };
+        assert_eq!(in_stream, 100 + stored, "{mode:?}: what reached the stream");
+        let page = client
+            .list_tasks(None, None, 1000, None)
+            .await
+            .expect("list");
+        assert_eq!(
+            page.tasks.len(),
+            100,
+            "{mode:?}: nothing of the batch is kept"
+        );
+
+        log.wait_for(100, Duration::from_secs(15)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_each_ran_once(&log, &kept);
+
+        stack.set_tasks_max_messages(-1).await;
+        let after = book(&mut client, "default", 20, 0).await;
+        wait_all_succeeded(&mut client, &after, Duration::from_secs(15)).await;
+    }
+}
+
+/// With the default `KAIROS_BATCH_PUBLISH=auto`, a replica publishes atomic
+/// batches to NATS that syncs every message and fast ones to NATS with its
+/// default sync: capped, the tasks stream keeps nothing of a refused atomic
+/// batch and the first part of a fast one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_batches_follow_how_nats_syncs() {
+    for syncs_always in [true, false] {
+        let mut stack = Stack::start(Backend::Sqlite).await;
+        if !syncs_always {
+            stack.nats = NatsServer::start_default_sync();
+        }
+        let mut config = stack.config();
+        config.batch_publish = BatchPublish::Auto;
+        let server = stack.server_with(config).await;
+        let mut client = client(&server).await;
+        stack.set_tasks_max_messages(300).await;
+        let due = Utc::now() + chrono::Duration::hours(1);
+        let batch = (0..1000).map(|_| NewTask::new("default").at(due)).collect();
+        let results = client.schedule_batch(batch).await.expect("batch answered");
+        assert!(results.iter().all(Result::is_err), "the batch is refused");
+        let (in_stream, _) = stack.stream_state("KAIROS_TASKS").await;
+        let expected = if syncs_always { 0 } else { 300 };
+        assert_eq!(in_stream, expected, "NATS syncs always: {syncs_always}");
+    }
+}
+
 backend_tests!(
+    a_batch_stored_in_part_is_refused_whole_and_none_of_it_runs,
     bucket_messages_lost_on_the_way_come_back,
     killed_replica_tasks_move_to_another,
     restarted_replica_releases_its_tasks,

@@ -107,6 +107,13 @@ pub struct ServerConfig {
     #[arg(long, env = "KAIROS_DUPLICATE_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
     pub duplicate_window: Duration,
 
+    /// How several new tasks go to NATS at once: `fast` (fast-ingest
+    /// batches, nats-server 2.14+), `atomic` (one sync per batch: for NATS
+    /// with `sync_interval: always`, which syncs every message of a fast
+    /// one), or `auto`: whichever a trial at startup finds quicker.
+    #[arg(long, env = "KAIROS_BATCH_PUBLISH", value_enum, default_value = "auto")]
+    pub batch_publish: crate::bus::BatchPublish,
+
     /// Identity of this replica (the bucket lease value); random when empty.
     #[arg(long, env = "KAIROS_REPLICA_ID", default_value = "")]
     pub replica_id: String,

@@ -71,6 +71,7 @@ pub async fn run(
         replicas: config.stream_replicas,
         duplicate_window: config.duplicate_window,
         dead_retention: config.dead_retention,
+        batch_publish: config.batch_publish,
     })
     .await
     .context("failed to create the jetstream streams")?;

@@ -24,6 +24,7 @@ use async_nats::Subject;
 use crate::domain::{NewTask, Queue, TaskId};
 
 mod bucket;
+mod fast;
 pub use bucket::{AckSubject, BucketMessage, Interner, decode_bucket_message};
 
 /// Errors talking to NATS.
@@ -72,16 +73,38 @@ pub struct StreamSettings {
     pub duplicate_window: Duration,
     /// How long dead tasks' envelopes are kept for RetryTask.
     pub dead_retention: Duration,
+    /// How several new tasks are published at once.
+    pub batch_publish: BatchPublish,
 }
+
+/// How a replica publishes several new tasks at once, where the NATS
+/// server can; otherwise it falls back to atomic batches (2.12+), then to
+/// one acknowledged publish per task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BatchPublish {
+    /// Whichever of the two a trial at startup finds quicker on this NATS.
+    Auto,
+    /// Fast-ingest batches (nats-server 2.14+), the quickest with NATS's
+    /// default sync; with `sync_interval: always` NATS syncs every message.
+    Fast,
+    /// Atomic batches (nats-server 2.12+), one sync per batch: for
+    /// `sync_interval: always`.
+    Atomic,
+}
+
+/// What the tasks stream takes, as [`Bus::batches`] holds it.
+const ONE_BY_ONE: u8 = 0;
+const ATOMIC: u8 = 1;
+const FAST: u8 = 2;
 
 /// The JetStream side of Kairos. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Bus {
     client: async_nats::Client,
     js: jetstream::Context,
-    /// Whether the tasks stream takes atomic batches (nats-server 2.12+).
-    atomic: Arc<std::sync::atomic::AtomicBool>,
-    /// Atomic batches in flight; the server allows 50 per stream.
+    /// How several tasks are published: ONE_BY_ONE, ATOMIC or FAST.
+    batches: Arc<std::sync::atomic::AtomicU8>,
+    /// Batches in flight; the server allows 50 atomic ones per stream.
     batch_slots: Arc<tokio::sync::Semaphore>,
     /// Per queue: whether a worker pulls its ahead lane.
     lanes: Arc<std::sync::Mutex<HashMap<String, Lane>>>,
@@ -171,6 +194,8 @@ const ATOMIC_MAX_MESSAGES: usize = 1000;
 /// Most body bytes in one atomic batch: the server stages a batch in memory
 /// until its commit.
 const ATOMIC_MAX_BYTES: usize = 4 << 20;
+/// Messages in each batch of the startup trial ([`Bus::try_batches`]).
+const TRIAL_MESSAGES: usize = 400;
 /// Atomic batches in flight at once, below the server's 50 per stream.
 const ATOMIC_IN_FLIGHT: usize = 32;
 
@@ -206,7 +231,7 @@ impl Bus {
         Ok(Self {
             client,
             js,
-            atomic: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            batches: Arc::new(std::sync::atomic::AtomicU8::new(ONE_BY_ONE)),
             batch_slots: Arc::new(tokio::sync::Semaphore::new(ATOMIC_IN_FLIGHT)),
             lanes: Arc::default(),
         })
@@ -218,8 +243,8 @@ impl Bus {
     }
 
     /// Creates both streams if they do not exist (file storage, work-queue
-    /// retention), and turns on atomic batches for the tasks stream where the
-    /// server has them.
+    /// retention), and turns on atomic and fast batches for the tasks stream
+    /// where the server has them.
     pub async fn ensure_streams(&self, settings: &StreamSettings) -> BusResult<()> {
         // Dead letters: the last envelope of each dead task, for RetryTask.
         self.js
@@ -255,6 +280,7 @@ impl Bus {
                     num_replicas: settings.replicas,
                     duplicate_window: settings.duplicate_window,
                     allow_atomic_publish: name == wire::TASKS_STREAM,
+                    allow_batch_publish: name == wire::TASKS_STREAM,
                     ..Default::default()
                 })
                 .await
@@ -268,11 +294,13 @@ impl Bus {
                 .map_err(BusError::from_any)?
                 .config
                 .clone();
-            if !config.allow_atomic_publish {
-                // A stream made by an older Kairos, or a server before 2.12.
+            if !config.allow_atomic_publish || !config.allow_batch_publish {
+                // A stream made by an older Kairos, or a server before 2.14
+                // (which drops the settings it does not know).
                 config.allow_atomic_publish = true;
+                config.allow_batch_publish = true;
                 if let Err(err) = self.js.update_stream(config).await {
-                    tracing::info!(error = %err, "atomic batches unavailable; publishing tasks one by one");
+                    tracing::info!(error = %err, "batch publishing unavailable");
                 }
                 config = stream
                     .info()
@@ -281,19 +309,100 @@ impl Bus {
                     .config
                     .clone();
             }
-            self.atomic.store(
-                config.allow_atomic_publish,
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            let fast = config.allow_batch_publish && fast::inbox_fits(&self.client);
+            let mode = match settings.batch_publish {
+                BatchPublish::Auto if fast && config.allow_atomic_publish => {
+                    self.try_batches(settings.replicas).await
+                }
+                BatchPublish::Auto | BatchPublish::Fast if fast => FAST,
+                _ if config.allow_atomic_publish => ATOMIC,
+                _ => ONE_BY_ONE,
+            };
+            if mode == ONE_BY_ONE {
+                tracing::info!("batch publishing unavailable; publishing tasks one by one");
+            }
+            self.batches
+                .store(mode, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
     }
 
+    /// Times a fast and an atomic batch on a scratch stream and returns the
+    /// quicker way: NATS with `sync_interval: always` syncs each message of a
+    /// fast batch (measured 10-20 × slower than an atomic one), while with
+    /// its default sync the two take about as long, and fast batches go
+    /// further under load (BENCHMARKS.md). Atomic when the trial fails.
+    async fn try_batches(&self, replicas: usize) -> u8 {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let name = format!("KAIROS_TRIAL_{id}");
+        let subject: Subject = format!("kairos.trial.{id}").into();
+        let trial = async {
+            self.js
+                .create_stream(stream::Config {
+                    name: name.clone(),
+                    subjects: vec![subject.to_string()],
+                    storage: stream::StorageType::File,
+                    num_replicas: replicas,
+                    allow_atomic_publish: true,
+                    allow_batch_publish: true,
+                    ..Default::default()
+                })
+                .await
+                .map_err(BusError::from_any)?;
+            let batch = || {
+                (0..TRIAL_MESSAGES)
+                    .map(|_| {
+                        (
+                            subject.clone(),
+                            HeaderMap::new(),
+                            Bytes::from_static(&[0; 256]),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let (mut fast, mut atomic) = (Duration::MAX, Duration::MAX);
+            // Twice each, keeping the quicker, so a first-time cost on
+            // either side does not decide.
+            for _ in 0..2 {
+                let started = std::time::Instant::now();
+                self.publish_atomic(batch()).await?;
+                atomic = atomic.min(started.elapsed());
+                let started = std::time::Instant::now();
+                fast::publish(&self.client, batch()).await?;
+                fast = fast.min(started.elapsed());
+            }
+            Ok::<_, BusError>((fast, atomic))
+        };
+        let outcome = trial.await;
+        if let Err(err) = self.js.delete_stream(&name).await {
+            tracing::warn!(stream = %name, error = %err, "could not delete the trial stream");
+        }
+        match outcome {
+            Ok((fast, atomic)) => {
+                let mode = if fast > atomic * 2 { ATOMIC } else { FAST };
+                tracing::info!(
+                    fast_ms = fast.as_secs_f64() * 1e3,
+                    atomic_ms = atomic.as_secs_f64() * 1e3,
+                    "publishing batches {}",
+                    if mode == FAST { "fast" } else { "atomic" }
+                );
+                mode
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "batch trial failed; publishing batches atomic");
+                ATOMIC
+            }
+        }
+    }
+
     /// Publishes new tasks into their buckets and waits until JetStream has
-    /// stored each; one result per task, in order. Several tasks go as atomic
-    /// batches where the stream takes them: a batch is stored whole or not at
-    /// all, and with `sync_interval: always` it was measured 16 × faster than
-    /// one acknowledged publish per task (BENCHMARKS.md).
+    /// stored each; one result per task, in order. Several tasks go as fast
+    /// or atomic batches ([`BatchPublish`]) where the stream takes them; a
+    /// batch that fails fails all its tasks (even those stored, which the
+    /// caller forgets). With `sync_interval: always` an atomic batch was
+    /// measured 16 × faster than one acknowledged publish per task, and a
+    /// fast batch 1.5-2 × faster than an atomic one with the default sync
+    /// (BENCHMARKS.md).
     pub async fn publish_tasks(&self, tasks: &[(i64, &NewTask)]) -> Vec<BusResult<()>> {
         let encoded: Vec<(Subject, HeaderMap, Bytes)> = tasks
             .iter()
@@ -302,7 +411,8 @@ impl Bus {
                 (wire::bucket_subject(*bucket).into(), headers, body)
             })
             .collect();
-        if tasks.len() < 2 || !self.atomic.load(std::sync::atomic::Ordering::Relaxed) {
+        let mode = self.batches.load(std::sync::atomic::Ordering::Relaxed);
+        if tasks.len() < 2 || mode == ONE_BY_ONE {
             return self.publish_each(tasks, encoded).await;
         }
         let mut chunks: Vec<Vec<(Subject, HeaderMap, Bytes)>> = Vec::new();
@@ -319,13 +429,14 @@ impl Bus {
             chunks.last_mut().expect("pushed above").push(message);
         }
         let outcomes =
-            futures::future::join_all(chunks.into_iter().map(|c| self.publish_atomic(c))).await;
+            futures::future::join_all(chunks.into_iter().map(|c| self.publish_batch(mode, c)))
+                .await;
         outcomes
             .into_iter()
             .flat_map(|(len, outcome)| {
                 (0..len).map(move |_| match &outcome {
                     Ok(()) => Ok(()),
-                    Err(err) => Err(BusError::Unavailable(err.to_string())),
+                    Err(BusError::Unavailable(cause)) => Err(BusError::Unavailable(cause.clone())),
                 })
             })
             .collect()
@@ -361,17 +472,30 @@ impl Bus {
         results
     }
 
-    /// Publishes messages as one atomic batch; returns how many it held and
-    /// whether the commit was acknowledged. On an error nothing was stored,
-    /// except after a timeout, when the caller must treat the batch as in doubt.
-    async fn publish_atomic(
+    /// Publishes messages as one batch; returns how many it held and whether
+    /// the batch was acknowledged whole.
+    async fn publish_batch(
         &self,
+        mode: u8,
         batch: Vec<(Subject, HeaderMap, Bytes)>,
     ) -> (usize, BusResult<()>) {
         let len = batch.len();
         let Ok(_slot) = self.batch_slots.acquire().await else {
             return (len, Err(BusError::Unavailable("shutting down".into())));
         };
+        let outcome = if mode == FAST {
+            fast::publish(&self.client, batch).await
+        } else {
+            self.publish_atomic(batch).await
+        };
+        (len, outcome)
+    }
+
+    /// Publishes messages as one atomic batch. On an error nothing was
+    /// stored, except after a timeout, when the caller must treat the batch
+    /// as in doubt.
+    async fn publish_atomic(&self, batch: Vec<(Subject, HeaderMap, Bytes)>) -> BusResult<()> {
+        let len = batch.len();
         let id = uuid::Uuid::now_v7().simple().to_string();
         let mut reply = None;
         for (seq, (subject, mut headers, body)) in batch.into_iter().enumerate() {
@@ -384,7 +508,7 @@ impl Bus {
                     .publish_with_headers(subject, headers, body)
                     .await
                 {
-                    return (len, Err(BusError::from_any(err)));
+                    return Err(BusError::from_any(err));
                 }
             } else {
                 headers.insert(BATCH_COMMIT, "1");
@@ -395,7 +519,7 @@ impl Bus {
                 reply = Some(self.client.send_request(subject, request).await);
             }
         }
-        let outcome = match reply {
+        match reply {
             Some(Ok(message)) => match serde_json::from_slice::<BatchAck>(&message.payload) {
                 Ok(BatchAck { error: Some(e), .. }) => Err(BusError::Unavailable(format!(
                     "atomic batch refused: {}",
@@ -410,8 +534,7 @@ impl Bus {
             },
             Some(Err(err)) => Err(BusError::from_any(err)),
             None => Ok(()),
-        };
-        (len, outcome)
+        }
     }
 
     /// Makes a queue's durable consumers match its settings: global

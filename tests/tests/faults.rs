@@ -367,7 +367,42 @@ async fn auto_batches_follow_how_nats_syncs() {
     }
 }
 
+/// A client gives up on a ScheduleBatch while the server is still booking
+/// it (held up by the database here): the booking still runs to its end, so
+/// each task it wrote runs once, none is left SCHEDULED without its message.
+async fn a_batch_the_client_gives_up_on_is_booked_whole(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let server = stack.server().await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "default", 8, log.handler());
+    let mut client = client(&server).await;
+    let lock = stack.hold_sql_writes().await;
+    let due = Utc::now() + chrono::Duration::milliseconds(3000);
+    let batch = (0..200).map(|_| NewTask::new("default").at(due)).collect();
+    let call = client.schedule_batch(batch);
+    let gave_up = tokio::time::timeout(Duration::from_millis(500), call).await;
+    assert!(gave_up.is_err(), "the batch waits for the database");
+    lock.release().await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let ids = loop {
+        let page = client
+            .list_tasks(None, None, 1000, None)
+            .await
+            .expect("list");
+        if page.tasks.len() == 200 || tokio::time::Instant::now() > deadline {
+            break page.tasks.into_iter().map(|t| t.id).collect::<Vec<_>>();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(ids.len(), 200, "the booking went on without the client");
+    log.wait_for(200, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_each_ran_once(&log, &ids);
+}
+
 backend_tests!(
+    a_batch_the_client_gives_up_on_is_booked_whole,
     a_batch_stored_in_part_is_refused_whole_and_none_of_it_runs,
     bucket_messages_lost_on_the_way_come_back,
     killed_replica_tasks_move_to_another,

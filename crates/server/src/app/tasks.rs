@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use tracing::{instrument, warn};
+use tracing::{Instrument as _, instrument, warn};
 
 use super::{AppError, AppResult, Inserter, QueueService, Recorder};
 use crate::bus::Bus;
@@ -89,8 +89,22 @@ impl TaskService {
 
     /// Books many tasks, each stored or rejected on its own; one result per
     /// item, in order. Items that failed validation upstream come in as `Err`.
+    ///
+    /// The booking runs to its end even if the caller goes away (a client
+    /// that gives up on its call): stopped part way, it would leave rows
+    /// without their claims and messages, SCHEDULED for ever, or part of a
+    /// fast batch stored.
     #[instrument(skip_all, fields(items = specs.len()))]
     pub async fn schedule_batch(
+        &self,
+        specs: Vec<Result<ScheduleSpec, ValidationError>>,
+    ) -> AppResult<Vec<AppResult<TaskRecord>>> {
+        let this = self.clone();
+        to_the_end(async move { this.book(specs).await }).await
+    }
+
+    /// Books many tasks: see [`TaskService::schedule_batch`].
+    async fn book(
         &self,
         specs: Vec<Result<ScheduleSpec, ValidationError>>,
     ) -> AppResult<Vec<AppResult<TaskRecord>>> {
@@ -266,6 +280,12 @@ impl TaskService {
     /// Cancels a task no worker has started; it will never run.
     #[instrument(skip_all, fields(%id))]
     pub async fn cancel(&self, id: TaskId) -> AppResult<TaskRecord> {
+        let this = self.clone();
+        to_the_end(async move { this.cancel_now(id).await }).await
+    }
+
+    /// Cancels a task: see [`TaskService::cancel`].
+    async fn cancel_now(&self, id: TaskId) -> AppResult<TaskRecord> {
         let inner = &self.inner;
         let mut task = self.find(id).await?;
         match task.state {
@@ -310,6 +330,12 @@ impl TaskService {
     /// at first), numbered after those it made; returns it DISPATCHED.
     #[instrument(skip_all, fields(%id))]
     pub async fn retry(&self, id: TaskId) -> AppResult<TaskRecord> {
+        let this = self.clone();
+        to_the_end(async move { this.retry_now(id).await }).await
+    }
+
+    /// Runs a DEAD task again: see [`TaskService::retry`].
+    async fn retry_now(&self, id: TaskId) -> AppResult<TaskRecord> {
         let inner = &self.inner;
         let task = self.find(id).await?;
         if task.state != TaskState::Dead {
@@ -434,6 +460,17 @@ impl TaskService {
 }
 
 /// Names the state a claim value stands for.
+/// Runs a use case that writes to several backends to its end, even if its
+/// caller goes away (a client that gives up on its call drops the handler):
+/// stopped between two writes, it would leave them disagreeing.
+async fn to_the_end<T: Send + 'static>(
+    work: impl std::future::Future<Output = AppResult<T>> + Send + 'static,
+) -> AppResult<T> {
+    tokio::spawn(work.in_current_span())
+        .await
+        .map_err(|err| AppError::Internal(format!("stopped part way: {err}")))?
+}
+
 fn claim_state(claim: &str) -> TaskState {
     match claim {
         "S" => TaskState::Scheduled,

@@ -31,7 +31,7 @@ impl From<AppError> for Status {
             AppError::OutOfRange(reason) => Status::out_of_range(reason),
             AppError::Unavailable { backend, ref cause } => {
                 warn!(backend, cause, "backend unavailable");
-                Status::unavailable(format!("{backend} unavailable, retry later"))
+                Status::unavailable(unavailable(backend))
             }
             AppError::Internal(ref cause) => {
                 error!(cause, "internal error");
@@ -43,6 +43,15 @@ impl From<AppError> for Status {
 
 /// Returns the code and field a batch item's error is reported with.
 pub(crate) fn item_error(err: AppError) -> kairos_proto::v1::ItemError {
+    // An outage fails a batch's items alike; the handler logs it once
+    // ([`log_unavailable_items`]), not once per item.
+    if let AppError::Unavailable { backend, .. } = err {
+        return kairos_proto::v1::ItemError {
+            code: Code::Unavailable as i32,
+            message: unavailable(backend),
+            field: String::new(),
+        };
+    }
     let field = match &err {
         AppError::Invalid(v) => v.field.clone(),
         _ => String::new(),
@@ -53,4 +62,23 @@ pub(crate) fn item_error(err: AppError) -> kairos_proto::v1::ItemError {
         message: status.message().to_owned(),
         field,
     }
+}
+
+/// Logs once how many of a batch's items a backend outage refused.
+pub(crate) fn log_unavailable_items<T>(results: &[Result<T, AppError>]) {
+    let mut refused = results.iter().filter_map(|r| match r {
+        Err(AppError::Unavailable { backend, cause }) => Some((*backend, cause)),
+        _ => None,
+    });
+    if let Some((backend, cause)) = refused.next() {
+        let items = 1 + refused.count();
+        warn!(
+            backend,
+            cause, items, "backend unavailable; batch items refused"
+        );
+    }
+}
+
+fn unavailable(backend: &str) -> String {
+    format!("{backend} unavailable, retry later")
 }

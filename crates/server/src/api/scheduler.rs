@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::convert;
-use super::error::item_error;
+use super::error::{item_error, log_unavailable_items};
 use crate::app::{AppError, EventService, RecurringService, SubscribeEnd, TaskService};
 use crate::domain::{RecurringSpec, ScheduleSpec, ValidationError};
 
@@ -135,6 +135,7 @@ impl SchedulerService for SchedulerApi {
             })
             .collect();
         let results = self.tasks.schedule_batch(specs).await?;
+        log_unavailable_items(&results);
         let results = results
             .into_iter()
             .map(|r| pb::ScheduleBatchResult {

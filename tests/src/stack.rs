@@ -400,23 +400,31 @@ impl Stack {
     /// Sets the largest message the ready stream takes (-1 for no limit):
     /// 1 makes JetStream refuse every release.
     pub async fn set_ready_max_message_size(&self, bytes: i32) {
-        let client = async_nats::connect(self.nats.url()).await.expect("nats");
-        let js = async_nats::jetstream::new(client);
-        let mut stream = js.get_stream("KAIROS_READY").await.expect("stream");
-        let mut config = stream.info().await.expect("stream info").config.clone();
-        config.max_message_size = bytes;
-        js.update_stream(config).await.expect("update stream");
+        self.change_stream("KAIROS_READY", |config| config.max_message_size = bytes)
+            .await;
     }
 
     /// Caps the tasks stream at `n` messages (-1 for no cap), refusing new
     /// ones beyond it: a batch then fails part way.
     pub async fn set_tasks_max_messages(&self, n: i64) {
+        self.change_stream("KAIROS_TASKS", |config| {
+            config.max_messages = n;
+            config.discard = async_nats::jetstream::stream::DiscardPolicy::New;
+        })
+        .await;
+    }
+
+    /// Changes a stream's settings behind the servers' backs.
+    async fn change_stream(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut async_nats::jetstream::stream::Config),
+    ) {
         let client = async_nats::connect(self.nats.url()).await.expect("nats");
         let js = async_nats::jetstream::new(client);
-        let mut stream = js.get_stream("KAIROS_TASKS").await.expect("stream");
+        let mut stream = js.get_stream(name).await.expect("stream");
         let mut config = stream.info().await.expect("stream info").config.clone();
-        config.max_messages = n;
-        config.discard = async_nats::jetstream::stream::DiscardPolicy::New;
+        change(&mut config);
         js.update_stream(config).await.expect("update stream");
     }
 

@@ -329,9 +329,10 @@ impl Bus {
 
     /// Times a fast and an atomic batch on a scratch stream and returns the
     /// quicker way: NATS with `sync_interval: always` syncs each message of a
-    /// fast batch (measured 10-20 × slower than an atomic one), while with
-    /// its default sync the two take about as long, and fast batches go
-    /// further under load (BENCHMARKS.md). Atomic when the trial fails.
+    /// fast batch (the trial measured it 5-6 × slower than an atomic one),
+    /// while with its default sync a fast batch took half as long, and fast
+    /// batches go further under load (BENCHMARKS.md item 45). Atomic when
+    /// the trial fails.
     async fn try_batches(&self, replicas: usize) -> u8 {
         let id = uuid::Uuid::now_v7().simple().to_string();
         let name = format!("KAIROS_TRIAL_{id}");
@@ -400,9 +401,9 @@ impl Bus {
     /// or atomic batches ([`BatchPublish`]) where the stream takes them; a
     /// batch that fails fails all its tasks (even those stored, which the
     /// caller forgets). With `sync_interval: always` an atomic batch was
-    /// measured 16 × faster than one acknowledged publish per task, and a
-    /// fast batch 1.5-2 × faster than an atomic one with the default sync
-    /// (BENCHMARKS.md).
+    /// measured 16 × faster than one acknowledged publish per task; with the
+    /// default sync, fast batches stored 1.5-1.8 × as many messages per
+    /// second as atomic ones in a raw test (BENCHMARKS.md items 10 and 45).
     pub async fn publish_tasks(&self, tasks: &[(i64, &NewTask)]) -> Vec<BusResult<()>> {
         let encoded: Vec<(Subject, HeaderMap, Bytes)> = tasks
             .iter()

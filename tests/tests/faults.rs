@@ -413,3 +413,43 @@ backend_tests!(
     nats_restart_loses_no_acknowledged_task,
     worker_reconnects_after_server_restart_without_losing_results,
 );
+
+/// NATS restarts and loses the dispatcher's bucket consumers (they live in
+/// memory); the dispatcher sees it only when their heartbeats stop, about
+/// 10 s later, by which time a narrow bucket is past. A task booked into it
+/// just after the restart must not wait for the next scan of the stream
+/// (every 30 s) to be found: the bucket is reopened at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_gone_past_while_nats_restarted_is_reopened_at_once() {
+    let mut stack = Stack::start(Backend::Sqlite).await;
+    let mut config = stack.config();
+    config.bucket_width = Duration::from_secs(2);
+    let server = stack.server_with(config).await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "default", 8, log.handler());
+    let mut client = client(&server).await;
+    let mut ids = book(&mut client, "default", 20, 1500).await;
+    stack.nats.restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let later = loop {
+        match client.schedule(NewTask::new("default")).await {
+            Ok(task) => break task,
+            Err(err) if err.is_retryable() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(err) => panic!("scheduling after the restart failed: {err}"),
+        }
+    };
+    ids.push(later.id.clone());
+    // Before the fix it came with the scan, 30 s after the server started.
+    wait_for_state(
+        &mut client,
+        &later.id,
+        TaskState::Succeeded,
+        Duration::from_secs(20),
+    )
+    .await;
+    wait_all_succeeded(&mut client, &ids, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_each_ran_once(&log, &ids);
+}

@@ -726,6 +726,11 @@ impl Dispatcher {
             if owned.puller.is_finished() {
                 info!(bucket, "bucket puller stopped; reopening");
                 self.close(bucket);
+                // A past bucket is wanted again only while known. A consumer
+                // lost to a NATS restart is noticed when its heartbeats stop,
+                // about 10 s on, when a bucket is often past: unknown, its
+                // tasks waited for the next scan (30 s).
+                self.known.insert(bucket);
                 continue;
             }
             if owned.last_renew.elapsed() >= renew_every {

@@ -31,6 +31,21 @@ async fn book(
     ids
 }
 
+/// Books one task due now on "default", retrying for up to 30 s while a
+/// restarted NATS comes back.
+async fn schedule_once_nats_is_back(client: &mut kairos_client::Client) -> kairos_client::Task {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.schedule(NewTask::new("default")).await {
+            Ok(task) => return task,
+            Err(err) if err.is_retryable() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(err) => panic!("scheduling after the restart failed: {err}"),
+        }
+    }
+}
+
 fn assert_each_ran_once(log: &RunLog, ids: &[String]) {
     let counts = log.counts();
     for id in ids {
@@ -201,16 +216,7 @@ async fn nats_restart_loses_no_acknowledged_task(backend: Backend) {
     stack.nats.restart();
 
     log.wait_for(200, Duration::from_secs(60)).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let later = loop {
-        match client.schedule(NewTask::new("default")).await {
-            Ok(task) => break task,
-            Err(err) if err.is_retryable() && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(err) => panic!("scheduling after the restart failed: {err}"),
-        }
-    };
+    let later = schedule_once_nats_is_back(&mut client).await;
     ids.push(later.id.clone());
     wait_for_state(
         &mut client,
@@ -430,18 +436,9 @@ async fn a_bucket_gone_past_while_nats_restarted_is_reopened_at_once() {
     let mut client = client(&server).await;
     let mut ids = book(&mut client, "default", 20, 1500).await;
     stack.nats.restart();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let later = loop {
-        match client.schedule(NewTask::new("default")).await {
-            Ok(task) => break task,
-            Err(err) if err.is_retryable() && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(err) => panic!("scheduling after the restart failed: {err}"),
-        }
-    };
+    let later = schedule_once_nats_is_back(&mut client).await;
     ids.push(later.id.clone());
-    // Before the fix it came with the scan, 30 s after the server started.
+    // Left to the next scan, it would come 30 s after the server started.
     wait_for_state(
         &mut client,
         &later.id,

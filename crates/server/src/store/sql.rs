@@ -223,7 +223,7 @@ fn rows(n: usize, cols: usize, placeholder: Placeholder) -> String {
 /// version, attempts) then cost no binding, which with a thousand rows per
 /// statement is thousands of values fewer to copy.
 fn shaped_rows(n: usize, shape: &[Option<&str>], placeholder: Placeholder) -> String {
-    let bound = shape.iter().filter(|c| c.is_none()).count();
+    let bound = bound_columns(shape);
     let mut text = String::with_capacity(n * shape.len() * 4);
     for r in 0..n {
         text.push_str(if r == 0 { "(" } else { ", (" });
@@ -243,6 +243,27 @@ fn shaped_rows(n: usize, shape: &[Option<&str>], placeholder: Placeholder) -> St
         text.push(')');
     }
     text
+}
+
+/// How many values each row of `shape` binds.
+fn bound_columns(shape: &[Option<&str>]) -> usize {
+    shape.iter().filter(|c| c.is_none()).count()
+}
+
+/// The columns of a booked task's SCHEDULED event, in insert order: task id,
+/// schedule id, queue and time are bound; attempt 0, the state, no worker
+/// and no error are the same for every booking.
+fn booked_event_shape(scheduled: &str) -> [Option<&str>; 8] {
+    [
+        None,
+        None,
+        None,
+        Some("0"),
+        Some(scheduled),
+        None,
+        Some("''"),
+        Some("NULL"),
+    ]
 }
 
 /// The columns of a booked task's row, in insert order: its state, version,
@@ -803,7 +824,7 @@ macro_rules! impl_task_store {
                 let mut texts = Texts::default();
                 let scheduled = format!("'{}'", TaskState::Scheduled.as_str());
                 let task_shape = booked_task_shape(&scheduled);
-                let bound = task_shape.iter().filter(|c| c.is_none()).count();
+                let event_shape = booked_event_shape(&scheduled);
                 for chunk in shaped_chunks(&items) {
                     // Only an idempotency key can conflict (ids are fresh UUIDv7s).
                     // Without one, every row goes in, and not reading 1,000 ids
@@ -822,7 +843,7 @@ macro_rules! impl_task_store {
                             ""
                         }
                     );
-                    let mut query = sized(sql, chunk.len() * bound);
+                    let mut query = sized(sql, chunk.len() * bound_columns(&task_shape));
                     for (task, bucket) in chunk {
                         let created = task.created_at.timestamp_millis();
                         query = query
@@ -863,13 +884,9 @@ macro_rules! impl_task_store {
                         let sql = format!(
                             "INSERT{or_fail} INTO task_events (task_id, schedule_id, queue, \
                              attempt, state, at_ms, worker_id, error) VALUES {}",
-                            shaped_rows(
-                                chunk.len(),
-                                &[None, None, None, Some("0"), Some(&scheduled), None, Some("''"), Some("NULL")],
-                                $placeholder
-                            )
+                            shaped_rows(chunk.len(), &event_shape, $placeholder)
                         );
-                        let mut query = sized(sql, chunk.len() * 4);
+                        let mut query = sized(sql, chunk.len() * bound_columns(&event_shape));
                         for task in chunk {
                             query = query
                                 .bind(texts.id(task.id))

@@ -450,3 +450,35 @@ async fn a_bucket_gone_past_while_nats_restarted_is_reopened_at_once() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_each_ran_once(&log, &ids);
 }
+
+/// NATS restarts and loses the dispatcher's bucket consumers. The dispatcher
+/// finds that out when its client reconnects, not when the consumers'
+/// heartbeats stop (5 to 10 s after the outage began), so a task booked into
+/// an open bucket just after the restart runs at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_consumer_lost_to_a_nats_restart_is_replaced_on_reconnect() {
+    let mut stack = Stack::start(Backend::Sqlite).await;
+    let server = stack.server().await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "default", 8, log.handler());
+    let mut client = client(&server).await;
+    // A first task proves the worker pulls and the current bucket is open.
+    let mut ids = book(&mut client, "default", 1, 0).await;
+    wait_all_succeeded(&mut client, &ids, Duration::from_secs(10)).await;
+
+    stack.nats.restart();
+    let later = schedule_once_nats_is_back(&mut client).await;
+    let booked = tokio::time::Instant::now();
+    ids.push(later.id.clone());
+    // Left to the heartbeats, it would wait at least 4 s more.
+    wait_for_state(
+        &mut client,
+        &later.id,
+        TaskState::Succeeded,
+        Duration::from_secs(4),
+    )
+    .await;
+    eprintln!("ran {:?} after booking", booked.elapsed());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_each_ran_once(&log, &ids);
+}

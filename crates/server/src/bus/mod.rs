@@ -108,6 +108,10 @@ pub struct Bus {
     batch_slots: Arc<tokio::sync::Semaphore>,
     /// Per queue: whether a worker pulls its ahead lane.
     lanes: Arc<std::sync::Mutex<HashMap<String, Lane>>>,
+    /// Counts the client's connections to NATS, so that pullers can check
+    /// at once after a reconnect whether a restarted server lost their
+    /// consumers (see [`Bus::connections`]).
+    connections: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// What a replica knows of whether workers pull a queue's ahead lane
@@ -217,10 +221,20 @@ struct BatchAckError {
 impl Bus {
     /// Connects to NATS; the client reconnects by itself after an outage.
     pub async fn connect(url: &str, name: &str) -> BusResult<Self> {
+        let connections = Arc::new(tokio::sync::watch::Sender::new(0_u64));
+        let counter = connections.clone();
         let client = async_nats::ConnectOptions::new()
             .name(name)
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(3))
+            .event_callback(move |event| {
+                let counter = counter.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Connected) {
+                        counter.send_modify(|n| *n += 1);
+                    }
+                }
+            })
             .connect(url)
             .await
             .map_err(BusError::from_any)?;
@@ -234,7 +248,13 @@ impl Bus {
             batches: Arc::new(std::sync::atomic::AtomicU8::new(ONE_BY_ONE)),
             batch_slots: Arc::new(tokio::sync::Semaphore::new(ATOMIC_IN_FLIGHT)),
             lanes: Arc::default(),
+            connections,
         })
+    }
+
+    /// Changes each time the client connects to NATS again from now on.
+    pub fn connections(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.connections.subscribe()
     }
 
     /// Returns the NATS client, e.g. to flush on shutdown.
@@ -962,6 +982,20 @@ impl Bus {
             }
             _ => false,
         }
+    }
+
+    /// Whether a bucket's consumer is gone once the client reconnected: a
+    /// restarted server keeps no memory consumer. JetStream may answer
+    /// nothing for a moment after a restart, so this asks for up to 2 s; if
+    /// it cannot tell, the consumer's missed heartbeats tell later.
+    pub async fn bucket_consumer_lost_on_reconnect(&self, bucket_ms: i64) -> bool {
+        for _ in 0..10 {
+            match self.bucket_consumer_info(bucket_ms).await {
+                Ok(found) => return found.is_none(),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        false
     }
 
     /// Reads how far a bucket's consumer got; `None` when it does not exist.

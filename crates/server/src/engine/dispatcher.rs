@@ -953,7 +953,19 @@ async fn pull(
         }
     };
     let mut shared = Interner::default();
-    while let Some(next) = messages.next().await {
+    let mut connections = bus.connections();
+    loop {
+        let next = tokio::select! {
+            next = messages.next() => next,
+            Ok(()) = connections.changed() => {
+                if bus.bucket_consumer_lost_on_reconnect(bucket).await {
+                    warn!(bucket, "bucket consumer lost with a NATS restart; reopening the bucket");
+                    return;
+                }
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         match next {
             Ok(msg) => match decode_bucket_message(msg, &mut shared, headers_only) {
                 Ok(msg) => {

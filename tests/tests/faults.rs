@@ -482,3 +482,33 @@ async fn a_bucket_consumer_lost_to_a_nats_restart_is_replaced_on_reconnect() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_each_ran_once(&log, &ids);
 }
+
+/// NATS restarts while a worker waits on a pull, which the restarted server
+/// no longer knows. The worker pulls again as soon as its client reconnects
+/// instead of waiting for the lost pull to time out (up to 7 s), so a task
+/// released just after the restart runs on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_pulls_again_as_soon_as_a_restarted_nats_is_back() {
+    let mut stack = Stack::start(Backend::Sqlite).await;
+    let server = stack.server().await;
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "default", 8, log.handler());
+    let mut client = client(&server).await;
+    let mut ids = book(&mut client, "default", 1, 0).await;
+    wait_all_succeeded(&mut client, &ids, Duration::from_secs(10)).await;
+    // Due inside the release lead: it goes to the worker only when due,
+    // from the dispatcher's timer, after the restart.
+    let due_in = Duration::from_millis(1500);
+    let booked = tokio::time::Instant::now();
+    let soon = book(&mut client, "default", 1, due_in.as_millis() as i64).await;
+    stack.wait_held(1).await;
+
+    stack.nats.restart();
+    ids.extend(soon.iter().cloned());
+    // Left to the lost pull's timeout, it would run 3.5 s late or more.
+    let left = (due_in + Duration::from_secs(2)).saturating_sub(booked.elapsed());
+    wait_for_state(&mut client, &soon[0], TaskState::Succeeded, left).await;
+    eprintln!("ran {:?} after booking", booked.elapsed());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_each_ran_once(&log, &ids);
+}

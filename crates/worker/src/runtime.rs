@@ -319,9 +319,19 @@ impl Worker {
     /// (up to the shutdown timeout) and reports their results.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
         let inner = &self.inner;
+        let (connected, connections) = tokio::sync::watch::channel(0_u64);
+        let connected = Arc::new(connected);
         let client = async_nats::ConnectOptions::new()
             .name(&inner.worker_id)
             .retry_on_initial_connect()
+            .event_callback(move |event| {
+                let connected = connected.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Connected) {
+                        connected.send_modify(|n| *n += 1);
+                    }
+                }
+            })
             .connect(&inner.nats)
             .await
             .map_err(|e| WorkerError::Nats(e.to_string()))?;
@@ -369,6 +379,7 @@ impl Worker {
             hold: Hold::default(),
             abort: &abort,
             shutdown: &shutdown,
+            connections,
         };
         // Boxed, so that the future of `run` stays small for its callers.
         tokio::join!(
@@ -401,6 +412,16 @@ impl Worker {
     }
 }
 
+/// Whether, after a reconnect, the consumer holds no waiting pull: a
+/// restarted server keeps none. One it cannot read counts as forgotten too,
+/// as a server still starting has none; a fresh pull costs little.
+async fn pull_forgotten(consumer: &consumer::PullConsumer) -> bool {
+    consumer
+        .get_info()
+        .await
+        .map_or(true, |info| info.num_waiting == 0)
+}
+
 /// Which of a queue's two subjects a pull loop serves (see
 /// [`wire::ahead_subject`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -422,6 +443,8 @@ struct Lanes<'a> {
     hold: Hold,
     abort: &'a CancellationToken,
     shutdown: &'a CancellationToken,
+    /// Changes each time the client connects to NATS (see [`Lanes::pull`]).
+    connections: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Most deliveries asked for in one pull of the ahead lane.
@@ -437,6 +460,8 @@ impl Lanes<'_> {
     async fn pull(&self, lane: Lane, mut consumer: Option<consumer::PullConsumer>, room: usize) {
         let shutdown = self.shutdown;
         let room = Arc::new(Semaphore::new(room));
+        let mut connections = self.connections.clone();
+        connections.mark_unchanged();
         loop {
             let Some(current) = consumer.clone() else {
                 consumer = Some(match self.find_ahead().await {
@@ -480,7 +505,21 @@ impl Lanes<'_> {
                 }
             };
             let mut interrupted = false;
-            while let Some(next) = batch.next().await {
+            loop {
+                let next = tokio::select! {
+                    next = batch.next() => next,
+                    Ok(()) = connections.changed() => {
+                        if pull_forgotten(&current).await {
+                            // A restarted server forgot it; its client
+                            // would wait for it until 5 s past its expiry.
+                            debug!(?lane, "pull lost with a NATS restart; pulling anew");
+                            interrupted = true;
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                let Some(next) = next else { break };
                 let msg = match next {
                     Ok(msg) => msg,
                     Err(err) => {

@@ -725,12 +725,11 @@ impl Dispatcher {
             let owned = &self.owned[&bucket];
             if owned.puller.is_finished() {
                 info!(bucket, "bucket puller stopped; reopening");
-                self.close(bucket);
-                // A past bucket is wanted again only while known. A consumer
-                // lost to a NATS restart is noticed when its heartbeats stop,
-                // about 10 s on, when a bucket is often past: unknown, its
-                // tasks waited for the next scan (30 s).
-                self.known.insert(bucket);
+                // Reopened at once, even when past (closed, a past bucket
+                // would wait for the next scan). What the old consumer
+                // delivered leaves the timer: the new one delivers it again.
+                let headers_only = owned.headers_only;
+                self.reload(bucket, headers_only);
                 continue;
             }
             if owned.last_renew.elapsed() >= renew_every {

@@ -884,6 +884,85 @@ async fn a_start_is_answered_while_a_result_beside_it_waits_for_its_commit(backe
     assert_eq!(task.state, TaskState::Succeeded);
 }
 
+/// A burst's starts come faster than SQL commits their RUNNING writes. The
+/// starts are answered once Redis decided them, whatever the recorder's
+/// backlog: here 24,000 of them while the test holds SQLite's write lock, so
+/// that nothing is committed at all. Before, a start waited for room in a
+/// queue of 16,384 writes, which kept its worker's run slot from the next
+/// task for as long as the backlog took to commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_are_answered_while_their_running_writes_wait_for_sql() {
+    use kairos_proto::v1 as pb;
+
+    const TASKS: usize = 24_000;
+    let stack = Stack::start(Backend::Sqlite).await;
+    let width_ms = stack.config().bucket_width.as_millis() as i64;
+    let server = stack.server().await;
+    let mut client = client(&server).await;
+    let mut tasks = Vec::with_capacity(TASKS);
+    while tasks.len() < TASKS {
+        let batch = (0..1000)
+            .map(|_| NewTask::new("nobody-works-here"))
+            .collect();
+        for result in client.schedule_batch(batch).await.expect("batch") {
+            tasks.push(result.expect("stored"));
+        }
+    }
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    let mut answers = pb::status_service_client::StatusServiceClient::connect(server.url.clone())
+        .await
+        .expect("status client")
+        .report(rx)
+        .await
+        .expect("report stream")
+        .into_inner();
+
+    let lock = stack.hold_sql_writes().await;
+    let held = tokio::time::Instant::now();
+    for (chunk, some) in tasks.chunks(1000).enumerate() {
+        let reports = some
+            .iter()
+            .enumerate()
+            .map(|(i, task)| pb::Report {
+                seq: (chunk * 1000 + i) as u64,
+                event: Some(pb::report::Event::Started(raw_start(task, 1, width_ms))),
+            })
+            .collect();
+        tx.unbounded_send(pb::ReportRequest {
+            worker_id: "raw".into(),
+            reports,
+            ..Default::default()
+        })
+        .expect("send");
+    }
+    // Well within SQLite's busy timeout (10 s), after which the held
+    // batch would fail and free the queue anyway.
+    let deadline = held + Duration::from_secs(8);
+    let run = i32::from(pb::StartDecision::Run);
+    let mut decided = 0;
+    while decided < TASKS {
+        let message = tokio::time::timeout_at(deadline, answers.message())
+            .await
+            .unwrap_or_else(|_| panic!("{decided} of {TASKS} starts answered while SQL waits"))
+            .expect("answer")
+            .expect("stream open");
+        for answer in message.answers {
+            assert_eq!(answer.decision, run, "{answer:?}");
+            decided += 1;
+        }
+    }
+    eprintln!("{TASKS} starts answered in {:?}", held.elapsed());
+    lock.release().await;
+    let last = &tasks[TASKS - 1].id;
+    wait_for_state(
+        &mut client,
+        last,
+        TaskState::Running,
+        Duration::from_secs(30),
+    )
+    .await;
+}
+
 /// A SQLite stack whose server releases tasks 2 s ahead of their due time,
 /// with one worker of `slots` on "default" that runs into `log`.
 async fn released_ahead_stack(

@@ -9,7 +9,7 @@ use kairos_client::{NewTask, TaskState};
 use kairos_server::bus::BatchPublish;
 use kairos_server::domain::bucket_of;
 use kairos_tests::stack::{client, wait_all_succeeded, wait_for_state};
-use kairos_tests::{Backend, NatsServer, RunLog, Stack, backend_tests};
+use kairos_tests::{Backend, NatsServer, RunLog, ServerHandle, Stack, WorkerHandle, backend_tests};
 
 async fn book(
     client: &mut kairos_client::Client,
@@ -451,28 +451,54 @@ async fn a_bucket_gone_past_while_nats_restarted_is_reopened_at_once() {
     assert_each_ran_once(&log, &ids);
 }
 
+/// A SQLite stack with one worker on "default" that has run a first task,
+/// which proves the worker pulls and the current bucket is open before NATS
+/// restarts.
+struct Warm {
+    stack: Stack,
+    _server: ServerHandle,
+    _worker: WorkerHandle,
+    log: RunLog,
+    client: kairos_client::Client,
+    /// The first task's id.
+    ids: Vec<String>,
+}
+
+impl Warm {
+    async fn start() -> Self {
+        let stack = Stack::start(Backend::Sqlite).await;
+        let server = stack.server().await;
+        let log = RunLog::default();
+        let worker = stack.worker(&server, "default", 8, log.handler());
+        let mut client = client(&server).await;
+        let ids = book(&mut client, "default", 1, 0).await;
+        wait_all_succeeded(&mut client, &ids, Duration::from_secs(10)).await;
+        Self {
+            stack,
+            _server: server,
+            _worker: worker,
+            log,
+            client,
+            ids,
+        }
+    }
+}
+
 /// NATS restarts and loses the dispatcher's bucket consumers. The dispatcher
 /// finds that out when its client reconnects, not when the consumers'
 /// heartbeats stop (5 to 10 s after the outage began), so a task booked into
 /// an open bucket just after the restart runs at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bucket_consumer_lost_to_a_nats_restart_is_replaced_on_reconnect() {
-    let mut stack = Stack::start(Backend::Sqlite).await;
-    let server = stack.server().await;
-    let log = RunLog::default();
-    let _worker = stack.worker(&server, "default", 8, log.handler());
-    let mut client = client(&server).await;
-    // A first task proves the worker pulls and the current bucket is open.
-    let mut ids = book(&mut client, "default", 1, 0).await;
-    wait_all_succeeded(&mut client, &ids, Duration::from_secs(10)).await;
+    let mut warm = Warm::start().await;
 
-    stack.nats.restart();
-    let later = schedule_once_nats_is_back(&mut client).await;
+    warm.stack.nats.restart();
+    let later = schedule_once_nats_is_back(&mut warm.client).await;
     let booked = tokio::time::Instant::now();
-    ids.push(later.id.clone());
+    warm.ids.push(later.id.clone());
     // Left to the heartbeats, it would wait at least 4 s more.
     wait_for_state(
-        &mut client,
+        &mut warm.client,
         &later.id,
         TaskState::Succeeded,
         Duration::from_secs(4),
@@ -480,7 +506,7 @@ async fn a_bucket_consumer_lost_to_a_nats_restart_is_replaced_on_reconnect() {
     .await;
     eprintln!("ran {:?} after booking", booked.elapsed());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_each_ran_once(&log, &ids);
+    assert_each_ran_once(&warm.log, &warm.ids);
 }
 
 /// NATS restarts while a worker waits on a pull, which the restarted server
@@ -489,26 +515,20 @@ async fn a_bucket_consumer_lost_to_a_nats_restart_is_replaced_on_reconnect() {
 /// released just after the restart runs on time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_pulls_again_as_soon_as_a_restarted_nats_is_back() {
-    let mut stack = Stack::start(Backend::Sqlite).await;
-    let server = stack.server().await;
-    let log = RunLog::default();
-    let _worker = stack.worker(&server, "default", 8, log.handler());
-    let mut client = client(&server).await;
-    let mut ids = book(&mut client, "default", 1, 0).await;
-    wait_all_succeeded(&mut client, &ids, Duration::from_secs(10)).await;
+    let mut warm = Warm::start().await;
     // Due inside the release lead: it goes to the worker only when due,
     // from the dispatcher's timer, after the restart.
     let due_in = Duration::from_millis(1500);
     let booked = tokio::time::Instant::now();
-    let soon = book(&mut client, "default", 1, due_in.as_millis() as i64).await;
-    stack.wait_held(1).await;
+    let soon = book(&mut warm.client, "default", 1, due_in.as_millis() as i64).await;
+    warm.stack.wait_held(1).await;
 
-    stack.nats.restart();
-    ids.extend(soon.iter().cloned());
+    warm.stack.nats.restart();
+    warm.ids.extend(soon.iter().cloned());
     // Left to the lost pull's timeout, it would run 3.5 s late or more.
     let left = (due_in + Duration::from_secs(2)).saturating_sub(booked.elapsed());
-    wait_for_state(&mut client, &soon[0], TaskState::Succeeded, left).await;
+    wait_for_state(&mut warm.client, &soon[0], TaskState::Succeeded, left).await;
     eprintln!("ran {:?} after booking", booked.elapsed());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_each_ran_once(&log, &ids);
+    assert_each_ran_once(&warm.log, &warm.ids);
 }

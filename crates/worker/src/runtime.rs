@@ -506,7 +506,10 @@ impl Lanes<'_> {
             };
             let mut interrupted = false;
             loop {
+                // Deliveries first: while they flow, the watch is never
+                // polled, so it adds no waiter registration per delivery.
                 let next = tokio::select! {
+                    biased;
                     next = batch.next() => next,
                     Ok(()) = connections.changed() => {
                         if pull_forgotten(&current).await {

@@ -954,7 +954,10 @@ async fn pull(
     let mut shared = Interner::default();
     let mut connections = bus.connections();
     loop {
+        // Messages first: while they flow, the watch is never polled, so
+        // it adds no waiter registration per message.
         let next = tokio::select! {
+            biased;
             next = messages.next() => next,
             Ok(()) = connections.changed() => {
                 if bus.bucket_consumer_lost_on_reconnect(bucket).await {

@@ -46,6 +46,21 @@ async fn schedule_once_nats_is_back(client: &mut kairos_client::Client) -> kairo
     }
 }
 
+/// Books one more task once a restarted NATS is back, adds its id to
+/// `ids` and waits up to `within` for it to succeed; returns how long that
+/// took from its booking.
+async fn one_more_succeeds_within(
+    client: &mut kairos_client::Client,
+    ids: &mut Vec<String>,
+    within: Duration,
+) -> Duration {
+    let later = schedule_once_nats_is_back(client).await;
+    let booked = tokio::time::Instant::now();
+    ids.push(later.id.clone());
+    wait_for_state(client, &later.id, TaskState::Succeeded, within).await;
+    booked.elapsed()
+}
+
 fn assert_each_ran_once(log: &RunLog, ids: &[String]) {
     let counts = log.counts();
     for id in ids {
@@ -216,15 +231,7 @@ async fn nats_restart_loses_no_acknowledged_task(backend: Backend) {
     stack.nats.restart();
 
     log.wait_for(200, Duration::from_secs(60)).await;
-    let later = schedule_once_nats_is_back(&mut client).await;
-    ids.push(later.id.clone());
-    wait_for_state(
-        &mut client,
-        &later.id,
-        TaskState::Succeeded,
-        Duration::from_secs(20),
-    )
-    .await;
+    one_more_succeeds_within(&mut client, &mut ids, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_each_ran_once(&log, &ids);
 }
@@ -436,16 +443,8 @@ async fn a_bucket_gone_past_while_nats_restarted_is_reopened_at_once() {
     let mut client = client(&server).await;
     let mut ids = book(&mut client, "default", 20, 1500).await;
     stack.nats.restart();
-    let later = schedule_once_nats_is_back(&mut client).await;
-    ids.push(later.id.clone());
     // Left to the next scan, it would come 30 s after the server started.
-    wait_for_state(
-        &mut client,
-        &later.id,
-        TaskState::Succeeded,
-        Duration::from_secs(20),
-    )
-    .await;
+    one_more_succeeds_within(&mut client, &mut ids, Duration::from_secs(20)).await;
     wait_all_succeeded(&mut client, &ids, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_each_ran_once(&log, &ids);
@@ -493,18 +492,10 @@ async fn a_bucket_consumer_lost_to_a_nats_restart_is_replaced_on_reconnect() {
     let mut warm = Warm::start().await;
 
     warm.stack.nats.restart();
-    let later = schedule_once_nats_is_back(&mut warm.client).await;
-    let booked = tokio::time::Instant::now();
-    warm.ids.push(later.id.clone());
     // Left to the heartbeats, it would wait at least 4 s more.
-    wait_for_state(
-        &mut warm.client,
-        &later.id,
-        TaskState::Succeeded,
-        Duration::from_secs(4),
-    )
-    .await;
-    eprintln!("ran {:?} after booking", booked.elapsed());
+    let took =
+        one_more_succeeds_within(&mut warm.client, &mut warm.ids, Duration::from_secs(4)).await;
+    eprintln!("ran {took:?} after booking");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_each_ran_once(&warm.log, &warm.ids);
 }

@@ -804,6 +804,7 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
         .with_writer(std::io::stderr)
         .try_init();
+    kairos_worker::small_pages();
     anyhow::ensure!(
         args.server_bin.exists(),
         "{} not found: build it with `cargo build --release -p kairos-server`",

@@ -21,8 +21,9 @@ pub(crate) struct Held {
     pub(crate) due_us: i64,
     seq: u64,
     pub(crate) msg: Arc<jetstream::Message>,
-    /// The envelope, decoded once here rather than again when it starts.
-    pub(crate) envelope: Option<pb::TaskEnvelope>,
+    /// The envelope, decoded once here rather than again when it starts;
+    /// boxed, since the heap moves entries on every push and pop.
+    pub(crate) envelope: Option<Box<pb::TaskEnvelope>>,
     /// Its place in the hold, given back once its handler returned.
     pub(crate) room: OwnedSemaphorePermit,
     /// When JetStream last heard it is being worked on (delivered, or kept alive).
@@ -68,7 +69,9 @@ impl Hold {
 
     /// Holds a delivery until its due time.
     pub(crate) fn push(&self, msg: jetstream::Message, room: OwnedSemaphorePermit) {
-        let envelope = pb::TaskEnvelope::decode(msg.payload.clone()).ok();
+        let envelope = pb::TaskEnvelope::decode(msg.payload.clone())
+            .ok()
+            .map(Box::new);
         let due_us = envelope
             .as_ref()
             .map_or(0, |e| e.due_at_ms.saturating_mul(1000));

@@ -630,7 +630,7 @@ impl Lanes<'_> {
     fn spawn(
         &self,
         msg: Arc<jetstream::Message>,
-        envelope: Option<pb::TaskEnvelope>,
+        envelope: Option<Box<pb::TaskEnvelope>>,
         slot: Option<OwnedSemaphorePermit>,
         room: OwnedSemaphorePermit,
     ) {
@@ -808,20 +808,22 @@ async fn settle(
     js: &jetstream::Context,
     shutdown: CancellationToken,
     msg: &jetstream::Message,
-    decoded: Option<pb::TaskEnvelope>,
+    decoded: Option<Box<pb::TaskEnvelope>>,
     place: Place,
 ) {
     let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
-    let mut envelope =
-        match decoded.map_or_else(|| pb::TaskEnvelope::decode(msg.payload.clone()), Ok) {
-            Ok(envelope) => envelope,
-            Err(err) => {
-                warn!(error = %err, "undecodable task message; reported dead");
-                let error = format!("undecodable task message: {err}");
-                Box::pin(report_undecodable(reporter, msg, delivered, error)).await;
-                return;
-            }
-        };
+    let mut envelope = match decoded.map_or_else(
+        || pb::TaskEnvelope::decode(msg.payload.clone()).map(Box::new),
+        Ok,
+    ) {
+        Ok(envelope) => envelope,
+        Err(err) => {
+            warn!(error = %err, "undecodable task message; reported dead");
+            let error = format!("undecodable task message: {err}");
+            Box::pin(report_undecodable(reporter, msg, delivered, error)).await;
+            return;
+        }
+    };
     // A task re-run by RetryTask numbers its attempts after those it made.
     let attempt = envelope.attempt_offset.saturating_add(delivered);
     let id = std::mem::take(&mut envelope.id);

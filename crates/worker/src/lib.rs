@@ -48,7 +48,7 @@ pub use handler::{
 pub use runtime::{Worker, WorkerBuilder, WorkerError};
 pub use webhook::WebhookHandler;
 
-/// Keeps this process off transparent huge pages; call it first in `main`
+/// Keeps this process off transparent huge pages; call it early in `main`
 /// of a worker process that uses mimalloc (as `kairos-worker` does).
 ///
 /// mimalloc v3 advises huge pages for its arenas, and the kernel then
@@ -61,5 +61,17 @@ pub fn small_pages() {
     #[cfg(target_os = "linux")]
     if let Err(err) = rustix::thread::disable_transparent_huge_pages(true) {
         tracing::warn!(error = %err, "transparent huge pages stay on");
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    #[test]
+    fn small_pages_turns_transparent_huge_pages_off_for_the_process() {
+        super::small_pages();
+        assert_eq!(
+            rustix::thread::transparent_huge_pages_are_disabled().ok(),
+            Some(true)
+        );
     }
 }

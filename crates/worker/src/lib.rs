@@ -54,7 +54,7 @@ pub use webhook::WebhookHandler;
 /// mimalloc v3 advises huge pages for its arenas, and the kernel then
 /// zeroes (and may compact for) a whole 2 MiB page at a first touch, in the
 /// thread that touches it. In a burst that was about 6 % of the machine's
-/// CPU, and the drain went about a fifth faster without (BENCHMARKS item
+/// CPU, and the drain went about a sixth faster without (BENCHMARKS item
 /// 48). The flag is the process's and holds for memory mapped before it is
 /// set; elsewhere than on Linux this does nothing.
 pub fn small_pages() {

@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt as _;
-use kairos_client::{NewTask, TaskState};
+use kairos_client::{NewTask, QueueChange, TaskState};
 use kairos_server::bus::BatchPublish;
 use kairos_server::domain::bucket_of;
 use kairos_tests::stack::{client, wait_all_succeeded, wait_for_state};
 use kairos_tests::{Backend, NatsServer, RunLog, ServerHandle, Stack, WorkerHandle, backend_tests};
+use kairos_worker::{HandlerError, handler_fn};
 
 async fn book(
     client: &mut kairos_client::Client,
@@ -522,4 +523,118 @@ async fn a_worker_pulls_again_as_soon_as_a_restarted_nats_is_back() {
     eprintln!("ran {:?} after booking", booked.elapsed());
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_each_ran_once(&warm.log, &warm.ids);
+}
+
+/// NATS restarts while a worker runs a task, and then that worker dies: the
+/// task is not left RUNNING. The queue consumer keeps its record of the
+/// delivery across the restart (its state is on disk), so the task comes
+/// again once the run timeout passes, as attempt 2, and another worker
+/// completes it. A queue consumer kept in nats-server's memory would come
+/// back empty and hand the task out anew as attempt 1, whose start claim the
+/// running attempt 1 skips, and nothing would deliver it again (BENCHMARKS
+/// item 49).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_running_across_a_nats_restart_runs_again_when_its_worker_dies() {
+    let mut stack = Stack::start(Backend::Sqlite).await;
+    let server = stack.server().await;
+    let mut client = client(&server).await;
+    client
+        .create_queue(
+            "jobs",
+            QueueChange::new().run_timeout(Duration::from_secs(2)),
+        )
+        .await
+        .expect("create");
+    let hung = RunLog::default();
+    let hang = {
+        let hung = hung.clone();
+        handler_fn(move |task| {
+            let hung = hung.clone();
+            async move {
+                hung.record(&task);
+                std::future::pending::<()>().await;
+                Ok::<(), HandlerError>(())
+            }
+        })
+    };
+    let mut doomed = stack.worker(&server, "jobs", 1, hang);
+    let task = client
+        .schedule(NewTask::new("jobs").payload("long"))
+        .await
+        .expect("book");
+    hung.wait_for(1, Duration::from_secs(10)).await;
+    // nats-server writes a consumer's state at most every 100 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    stack.nats.restart();
+    // The worker reconnects and keeps its delivery alive, then dies.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    doomed.kill().await;
+
+    let log = RunLog::default();
+    let _healthy = stack.worker(&server, "jobs", 1, log.handler());
+    let done = wait_for_state(
+        &mut client,
+        &task.id,
+        TaskState::Succeeded,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(done.attempts, 2, "run again as the next attempt");
+    assert_eq!(log.counts().get(&task.id).copied(), Some(1));
+}
+
+/// NATS restarts while a failed task waits out its backoff: the retry still
+/// comes, as attempt 2. The attempt number is JetStream's delivery count,
+/// and the queue consumer keeps it, with the delayed redelivery, across the
+/// restart (its state is on disk). A consumer kept in nats-server's memory
+/// would hand the task out anew as attempt 1, whose start claim the ended
+/// attempt 1 skips (BENCHMARKS item 49).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_waiting_across_a_nats_restart_still_comes() {
+    let mut stack = Stack::start(Backend::Sqlite).await;
+    let server = stack.server().await;
+    let mut client = client(&server).await;
+    let log = RunLog::default();
+    let flaky = {
+        let log = log.clone();
+        handler_fn(move |task| {
+            let log = log.clone();
+            async move {
+                log.record(&task);
+                if task.attempt() == 1 {
+                    return Err(HandlerError::retry_after(
+                        "first attempt fails",
+                        Duration::from_secs(3),
+                    ));
+                }
+                Ok(())
+            }
+        })
+    };
+    let _worker = stack.worker(&server, "default", 4, flaky);
+    let task = client
+        .schedule(NewTask::new("default").max_attempts(3))
+        .await
+        .expect("book");
+    wait_for_state(
+        &mut client,
+        &task.id,
+        TaskState::Retrying,
+        Duration::from_secs(10),
+    )
+    .await;
+    // nats-server writes a consumer's state at most every 100 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    stack.nats.restart();
+    let done = wait_for_state(
+        &mut client,
+        &task.id,
+        TaskState::Succeeded,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(done.attempts, 2, "the retry is attempt 2");
+    assert_eq!(log.counts().get(&task.id).copied(), Some(2));
 }

@@ -181,6 +181,22 @@ impl RunLog {
         })
     }
 
+    /// Returns a handler that records each run here and never returns, for
+    /// a worker that then dies. Each running call holds a clone of `alive`,
+    /// so a test can tell when its handler is gone.
+    pub fn hanging_handler(&self, alive: Arc<()>) -> impl Handler {
+        let log = self.clone();
+        kairos_worker::handler_fn(move |task| {
+            let (log, alive) = (log.clone(), alive.clone());
+            async move {
+                let _alive = alive;
+                log.record(&task);
+                std::future::pending::<()>().await;
+                Ok::<(), kairos_worker::HandlerError>(())
+            }
+        })
+    }
+
     /// Returns every run so far.
     pub fn runs(&self) -> Vec<Run> {
         self.0.lock().expect("run log").clone()

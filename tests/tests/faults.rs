@@ -1,6 +1,7 @@
 //! Replicas, crashes and backend outages: nothing acknowledged is lost and
 //! nothing runs twice.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -546,18 +547,7 @@ async fn a_task_running_across_a_nats_restart_runs_again_when_its_worker_dies() 
         .await
         .expect("create");
     let hung = RunLog::default();
-    let hang = {
-        let hung = hung.clone();
-        handler_fn(move |task| {
-            let hung = hung.clone();
-            async move {
-                hung.record(&task);
-                std::future::pending::<()>().await;
-                Ok::<(), HandlerError>(())
-            }
-        })
-    };
-    let mut doomed = stack.worker(&server, "jobs", 1, hang);
+    let mut doomed = stack.worker(&server, "jobs", 1, hung.hanging_handler(Arc::default()));
     let task = client
         .schedule(NewTask::new("jobs").payload("long"))
         .await

@@ -292,23 +292,9 @@ async fn run_timeout_redelivers_only_what_a_dead_worker_held(backend: Backend) {
         .await
         .expect("create");
 
-    // A handler that never returns, on a worker that then dies. Each running
-    // call holds a clone of `alive`.
     let hung = RunLog::default();
     let alive = Arc::new(());
-    let hang = {
-        let (hung, alive) = (hung.clone(), alive.clone());
-        handler_fn(move |task| {
-            let (hung, alive) = (hung.clone(), alive.clone());
-            async move {
-                let _alive = alive;
-                hung.record(&task);
-                std::future::pending::<()>().await;
-                Ok::<(), HandlerError>(())
-            }
-        })
-    };
-    let mut doomed = stack.worker(&server, "jobs", 1, hang);
+    let mut doomed = stack.worker(&server, "jobs", 1, hung.hanging_handler(alive.clone()));
     let task = client
         .schedule(NewTask::new("jobs").payload("stuck"))
         .await

@@ -29,6 +29,7 @@ QUEUE = os.environ.get("KAIROS_QUEUE", "default")
 USERS = 10_000
 BATCH = 1_000
 RUNNING = TaskState.TASK_STATE_RUNNING
+RESUMABLE = {grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE}
 FINAL = {
     TaskState.TASK_STATE_SUCCEEDED,
     TaskState.TASK_STATE_DEAD,
@@ -42,23 +43,53 @@ def state(value):
 
 
 def watch(kairos):
-    """Opens a Subscribe stream on the queue and feeds its events to a queue.Queue."""
+    """Follows the queue's events on a thread, feeding them to a queue.Queue.
+
+    A stream cut off because it fell behind its buffer (ABORTED), or ended by
+    a replica shutting down (UNAVAILABLE), is opened again after the last
+    event seen, so none is missed. Returns the queue and the watch's state:
+    `stop()` ends it, `resumed` counts the streams opened again.
+    """
     wanted = [RUNNING, *FINAL]
-    stream = kairos.Subscribe(events_pb2.SubscribeRequest(queue=QUEUE, states=wanted))
+    watching = {"stream": None, "resumed": 0, "stopped": threading.Event()}
+
+    def subscribe(after):
+        request = events_pb2.SubscribeRequest(queue=QUEUE, states=wanted)
+        if after is not None:
+            request.after_cursor = after
+        watching["stream"] = kairos.Subscribe(request)
+        return watching["stream"]
+
+    stream = subscribe(None)
     # The server registers the stream before it answers with headers: from
-    # here on no event is missed.
-    stream.initial_metadata()
+    # here on no event is missed. They carry the cursor it starts after.
+    headers = dict(stream.initial_metadata())
+    after = int(headers["kairos-resume-after"]) if "kairos-resume-after" in headers else None
     events = queue.Queue()
 
-    def pump():
-        try:
-            for response in stream:
-                events.put(response.event)
-        except grpc.RpcError as error:
-            events.put(error)
+    def pump(stream, after):
+        while True:
+            try:
+                for response in stream:
+                    after = response.event.cursor
+                    events.put(response.event)
+                return
+            except grpc.RpcError as error:
+                if watching["stopped"].is_set():
+                    return
+                if error.code() not in RESUMABLE or after is None:
+                    events.put(error)
+                    return
+                watching["resumed"] += 1
+                stream = subscribe(after)
 
-    threading.Thread(target=pump, daemon=True).start()
-    return stream, events
+    def stop():
+        watching["stopped"].set()
+        watching["stream"].cancel()
+
+    watching["stop"] = stop
+    threading.Thread(target=pump, args=(stream, after), daemon=True).start()
+    return watching, events
 
 
 def book(kairos):
@@ -136,7 +167,7 @@ def main():
     target = SERVER.removeprefix("http://")
     with grpc.insecure_channel(target) as channel:
         kairos = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-        stream, events = watch(kairos)
+        watching, events = watch(kairos)
         ids = book(kairos)
 
         cancelled = ids[42]
@@ -151,7 +182,9 @@ def main():
         )
 
         wait_until_done(events, ids, cancelled)
-        stream.cancel()
+        watching["stop"]()
+        if watching["resumed"]:
+            print(f"the watch fell behind and resumed {watching['resumed']} times")
         remind(kairos)
 
 

@@ -11,7 +11,7 @@
 // (default `default`) the queue a worker serves.
 
 import { randomUUID } from "node:crypto";
-import { ConnectError, createClient, type Client } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, type Client } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { create } from "@bufbuild/protobuf";
 import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
@@ -33,6 +33,8 @@ const time = (date: Date) => date.toISOString().slice(11, 19) + "Z";
 class Watch {
   readonly ran = new Set<string>();
   readonly final = new Map<string, TaskState>();
+  /** How many times the stream was cut off and resumed. */
+  resumed = 0;
   private pending = new Set<string>();
   private done?: () => void;
   readonly ended: Promise<void>;
@@ -48,19 +50,43 @@ class Watch {
   }
 
   private constructor(kairos: Kairos, registered: () => void) {
-    const stream = kairos.subscribe(
-      { queue: QUEUE, states: [TaskState.RUNNING, ...FINAL] },
-      { signal: this.abort.signal, onHeader: registered },
-    );
     this.ended = (async () => {
-      for await (const { event } of stream) {
-        if (!event) continue;
-        if (event.state === TaskState.RUNNING) {
-          this.ran.add(event.taskId);
-        } else {
-          this.final.set(event.taskId, event.state);
-          this.pending.delete(event.taskId);
-          if (this.pending.size === 0) this.done?.();
+      // The cursor to resume after: where the first stream starts (its
+      // `kairos-resume-after` header), then the last event seen.
+      let after: bigint | undefined;
+      for (;;) {
+        const stream = kairos.subscribe(
+          { queue: QUEUE, states: [TaskState.RUNNING, ...FINAL], afterCursor: after },
+          {
+            signal: this.abort.signal,
+            onHeader: (headers) => {
+              const start = headers.get("kairos-resume-after");
+              if (after === undefined && start) after = BigInt(start);
+              registered();
+            },
+          },
+        );
+        try {
+          for await (const { event } of stream) {
+            if (!event) continue;
+            after = event.cursor;
+            if (event.state === TaskState.RUNNING) {
+              this.ran.add(event.taskId);
+            } else {
+              this.final.set(event.taskId, event.state);
+              this.pending.delete(event.taskId);
+              if (this.pending.size === 0) this.done?.();
+            }
+          }
+          return;
+        } catch (err) {
+          // A subscriber that falls behind its buffer is cut off (ABORTED),
+          // and a replica shutting down ends its streams (UNAVAILABLE): both
+          // resume after the last event seen, missing none.
+          const code = ConnectError.from(err).code;
+          const resumable = code === Code.Aborted || code === Code.Unavailable;
+          if (this.abort.signal.aborted || !resumable || after === undefined) throw err;
+          this.resumed += 1;
         }
       }
     })();
@@ -167,6 +193,7 @@ async function main() {
   }
   const summary = [...counts].sort().map(([state, n]) => `${n} ${state}`);
   console.log(`done: ${summary.join(", ")}`);
+  if (watch.resumed > 0) console.log(`the watch fell behind and resumed ${watch.resumed} times`);
   if (watch.ran.has(cancelled)) throw new Error(`cancelled task ${cancelled} ran`);
   console.log(`the cancelled task ${cancelled} never ran`);
 

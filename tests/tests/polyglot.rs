@@ -74,7 +74,12 @@ fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
 /// what it printed against what the workers and the server saw.
 async fn producer_example(program: PathBuf, script: &str) {
     let stack = Stack::start(Backend::Sqlite).await;
-    let server = stack.server().await;
+    let mut config = stack.config();
+    // Small enough that the example's watch falls behind in the burst: it
+    // must resume after the last event it saw, as a subscriber cut off
+    // (ABORTED) does.
+    config.subscribe_buffer = 50;
+    let server = stack.server_with(config).await;
     let mut client = client(&server).await;
     let log = RunLog::default();
     let _worker = stack.worker(&server, "default", 64, log.handler());

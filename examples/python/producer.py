@@ -42,54 +42,55 @@ def state(value):
     return TaskState.Name(value).removeprefix("TASK_STATE_")
 
 
-def watch(kairos):
-    """Follows the queue's events on a thread, feeding them to a queue.Queue.
+class Watch:
+    """Follows the queue's events on a thread, feeding them to `events`.
 
     A stream cut off because it fell behind its buffer (ABORTED), or ended by
     a replica shutting down (UNAVAILABLE), is opened again after the last
-    event seen, so none is missed. Returns the queue and the watch's state:
-    `stop()` ends it, `resumed` counts the streams opened again.
+    event seen, so none is missed; `resumed` counts how often.
     """
-    wanted = [RUNNING, *FINAL]
-    watching = {"stream": None, "resumed": 0, "stopped": threading.Event()}
 
-    def subscribe(after):
-        request = events_pb2.SubscribeRequest(queue=QUEUE, states=wanted)
+    def __init__(self, kairos):
+        self.kairos = kairos
+        self.events = queue.Queue()
+        self.resumed = 0
+        self.stopped = threading.Event()
+        self.stream = self.subscribe(None)
+        # The server registers the stream before it answers with headers: from
+        # here on no event is missed. They carry the cursor it starts after.
+        headers = dict(self.stream.initial_metadata())
+        after = headers.get("kairos-resume-after")
+        threading.Thread(target=self.pump, args=(int(after) if after else None,), daemon=True).start()
+
+    def subscribe(self, after):
+        """Opens a stream of the queue's events after the cursor `after` (None: from now on)."""
+        request = events_pb2.SubscribeRequest(queue=QUEUE, states=[RUNNING, *FINAL])
         if after is not None:
             request.after_cursor = after
-        watching["stream"] = kairos.Subscribe(request)
-        return watching["stream"]
+        self.stream = self.kairos.Subscribe(request)
+        return self.stream
 
-    stream = subscribe(None)
-    # The server registers the stream before it answers with headers: from
-    # here on no event is missed. They carry the cursor it starts after.
-    headers = dict(stream.initial_metadata())
-    after = int(headers["kairos-resume-after"]) if "kairos-resume-after" in headers else None
-    events = queue.Queue()
-
-    def pump(stream, after):
+    def pump(self, after):
+        """Feeds the events to the queue, opening the stream again where it may resume."""
         while True:
             try:
-                for response in stream:
+                for response in self.stream:
                     after = response.event.cursor
-                    events.put(response.event)
+                    self.events.put(response.event)
                 return
             except grpc.RpcError as error:
-                if watching["stopped"].is_set():
+                if self.stopped.is_set():
                     return
                 if error.code() not in RESUMABLE or after is None:
-                    events.put(error)
+                    self.events.put(error)
                     return
-                watching["resumed"] += 1
-                stream = subscribe(after)
+                self.resumed += 1
+                self.subscribe(after)
 
-    def stop():
-        watching["stopped"].set()
-        watching["stream"].cancel()
-
-    watching["stop"] = stop
-    threading.Thread(target=pump, args=(stream, after), daemon=True).start()
-    return watching, events
+    def stop(self):
+        """Ends the watch."""
+        self.stopped.set()
+        self.stream.cancel()
 
 
 def book(kairos):
@@ -167,7 +168,7 @@ def main():
     target = SERVER.removeprefix("http://")
     with grpc.insecure_channel(target) as channel:
         kairos = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-        watching, events = watch(kairos)
+        watch = Watch(kairos)
         ids = book(kairos)
 
         cancelled = ids[42]
@@ -181,10 +182,10 @@ def main():
             f"due {task.due_at.ToDatetime(timezone.utc):%H:%M:%S}Z, {len(looked_up.attempts)} attempts"
         )
 
-        wait_until_done(events, ids, cancelled)
-        watching["stop"]()
-        if watching["resumed"]:
-            print(f"the watch fell behind and resumed {watching['resumed']} times")
+        wait_until_done(watch.events, ids, cancelled)
+        watch.stop()
+        if watch.resumed:
+            print(f"the watch fell behind and resumed {watch.resumed} times")
         remind(kairos)
 
 

@@ -1132,6 +1132,45 @@ async fn a_task_deferred_before_a_worker_pulls_the_ahead_lane_goes_ahead_once_on
     .await;
 }
 
+/// More tasks deferred than JetStream publishes may await at once (its
+/// context allows 20,000): when a worker comes to pull the ahead lane, they
+/// all go ahead, in waves, and run at their instant. Published as one wave,
+/// the dispatcher waited for ever for a permit it held itself, and none of
+/// the later tasks ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_deferred_tasks_than_acks_in_flight_all_go_ahead_once_a_worker_pulls() {
+    let stack = Stack::start(Backend::Sqlite).await;
+    let mut config = stack.config();
+    config.release_lead = Duration::from_secs(5);
+    let server = stack.server_with(config).await;
+    let mut client = client(&server).await;
+    client
+        .create_queue("default", QueueChange::new())
+        .await
+        .expect("create queue");
+    let instant = Utc::now() + chrono::Duration::seconds(15);
+    let due = book_burst(&mut client, "default", 25_000, instant).await;
+    let booked = Utc::now();
+    assert!(
+        booked < instant - chrono::Duration::seconds(5),
+        "booked a full lead ahead (took until {booked})"
+    );
+    // Released within the lead to nobody, every task is deferred.
+    let deferred = (instant - chrono::Duration::seconds(4) - Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(deferred).await;
+    assert_eq!(
+        stack.stream_state("KAIROS_READY").await.0,
+        0,
+        "released to nobody"
+    );
+
+    let log = RunLog::default();
+    let _worker = stack.worker(&server, "default", 64, log.handler());
+    each_ran_once_on_time(&log, &due).await;
+}
+
 /// A task cancelled after it reached its queue (held by a worker until its
 /// due time) is skipped by its start claim, the only claim a release leaves
 /// to decide it, and stays CANCELLED with no attempt; its message leaves the

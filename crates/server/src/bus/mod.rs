@@ -106,6 +106,8 @@ pub struct Bus {
     batches: Arc<std::sync::atomic::AtomicU8>,
     /// Batches in flight; the server allows 50 atomic ones per stream.
     batch_slots: Arc<tokio::sync::Semaphore>,
+    /// Calls of [`Bus::publish_each`] under way (see EACH_IN_FLIGHT).
+    each_slots: Arc<tokio::sync::Semaphore>,
     /// Per queue: whether a worker pulls its ahead lane.
     lanes: Arc<std::sync::Mutex<HashMap<String, Lane>>>,
     /// Counts the client's connections to NATS, so that pullers can check
@@ -202,6 +204,16 @@ const ATOMIC_MAX_BYTES: usize = 4 << 20;
 const TRIAL_MESSAGES: usize = 400;
 /// Atomic batches in flight at once, below the server's 50 per stream.
 const ATOMIC_IN_FLIGHT: usize = 32;
+/// The JetStream context's in-flight permits: a publish holds one until its
+/// acknowledgement is awaited (or dropped), and a publish without a free one
+/// waits for it.
+const ACKS_IN_FLIGHT: usize = 20_000;
+/// ScheduleBatch calls publishing one message per task at once. Each holds
+/// up to 1,000 of the ACKS_IN_FLIGHT permits until it awaits its
+/// acknowledgements: together with the dispatcher's waves (at most 4,096)
+/// they stay below it, so no caller waits for a permit others hold while
+/// they wait too.
+const EACH_IN_FLIGHT: usize = 8;
 
 /// The commit's answer: a publish acknowledgement for the whole batch, or an error.
 #[derive(Debug, serde::Deserialize)]
@@ -240,13 +252,14 @@ impl Bus {
             .map_err(BusError::from_any)?;
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(5))
-            .max_ack_inflight(20_000)
+            .max_ack_inflight(ACKS_IN_FLIGHT)
             .build(client.clone());
         Ok(Self {
             client,
             js,
             batches: Arc::new(std::sync::atomic::AtomicU8::new(ONE_BY_ONE)),
             batch_slots: Arc::new(tokio::sync::Semaphore::new(ATOMIC_IN_FLIGHT)),
+            each_slots: Arc::new(tokio::sync::Semaphore::new(EACH_IN_FLIGHT)),
             lanes: Arc::default(),
             connections,
         })
@@ -480,6 +493,12 @@ impl Bus {
         tasks: &[(i64, &NewTask)],
         encoded: Vec<(Subject, HeaderMap, Bytes)>,
     ) -> Vec<BusResult<()>> {
+        let Ok(_slot) = self.each_slots.acquire().await else {
+            return tasks
+                .iter()
+                .map(|_| Err(BusError::Unavailable("shutting down".into())))
+                .collect();
+        };
         let mut pending = Vec::with_capacity(tasks.len());
         for ((_, task), (subject, headers, body)) in tasks.iter().zip(encoded) {
             let sent = self

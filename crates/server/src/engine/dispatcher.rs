@@ -620,10 +620,23 @@ impl Dispatcher {
             lanes.push(ahead);
             sending.push(held);
         }
-        let batch = sending;
-        if batch.is_empty() {
-            return;
+        // A wave holds at most MAX_RELEASE acknowledgements: each keeps one
+        // of the JetStream context's in-flight permits until awaited, and a
+        // release waiting for a permit the dispatcher itself held would wait
+        // for ever. The deferred tasks found at once can outnumber them all.
+        let mut lanes = lanes.into_iter();
+        let mut sending = sending.into_iter().peekable();
+        while sending.peek().is_some() {
+            let wave: Vec<Held> = sending.by_ref().take(MAX_RELEASE).collect();
+            let wave_lanes: Vec<bool> = lanes.by_ref().take(wave.len()).collect();
+            self.send(wave, wave_lanes).await;
         }
+    }
+
+    /// Publishes a wave of tasks to their lanes (`lanes`: ahead or not, per
+    /// task), then acknowledges the bucket messages whose publish JetStream
+    /// acknowledged.
+    async fn send(&mut self, batch: Vec<Held>, lanes: Vec<bool>) {
         let mut acks = Vec::with_capacity(batch.len());
         for (held, ahead) in batch.iter().zip(lanes) {
             // release_due lets only tasks with a body through.

@@ -567,6 +567,12 @@ impl Dispatcher {
                 }
             }
         }
+        self.take_deferred(&pulled, now_ms)
+    }
+
+    /// Takes out of the deferred tasks, in due order, those of `pulled`
+    /// queues that can still go a full lead ahead.
+    fn take_deferred(&mut self, pulled: &HashSet<Arc<str>>, now_ms: i64) -> Vec<Held> {
         if pulled.is_empty() {
             return Vec::new();
         }
@@ -590,18 +596,43 @@ impl Dispatcher {
         // Which of its queue's two lanes each task goes to.
         let now_ms = Utc::now().timestamp_millis();
         let mut known: HashMap<Arc<str>, AheadLane> = HashMap::new();
+        for held in &batch {
+            if goes_ahead(&held.msg, self.lead_ms, now_ms) && !known.contains_key(&held.msg.queue) {
+                let lane = self.bus.ahead_lane(&held.msg.queue).await;
+                known.insert(held.msg.queue.clone(), lane);
+            }
+        }
+        // A queue whose tasks were deferred while no worker pulled its ahead
+        // lane, found pulled before the next recheck: its deferred tasks that
+        // can still go ahead go first. Workers hold only so many of a lane's
+        // tasks, in lane order, so a lane out of due order would leave tasks
+        // due now waiting behind ones due later (a new queue's first second
+        // under load started up to 1.1 s late).
+        let pulled: HashSet<Arc<str>> = known
+            .iter()
+            .filter(|(queue, lane)| {
+                **lane == AheadLane::Pulled && self.watching.contains_key(*queue)
+            })
+            .map(|(queue, _)| queue.clone())
+            .collect();
+        for queue in &pulled {
+            self.watching.remove(queue);
+        }
+        let mut found = self.take_deferred(&pulled, now_ms);
+        let batch = if found.is_empty() {
+            batch
+        } else {
+            found.extend(batch);
+            found
+        };
         let mut lanes = Vec::with_capacity(batch.len());
         let mut sending = Vec::with_capacity(batch.len());
         for held in batch {
             let lane = if goes_ahead(&held.msg, self.lead_ms, now_ms) {
-                match known.get(&held.msg.queue) {
-                    Some(&lane) => lane,
-                    None => {
-                        let lane = self.bus.ahead_lane(&held.msg.queue).await;
-                        known.insert(held.msg.queue.clone(), lane);
-                        lane
-                    }
-                }
+                known
+                    .get(&held.msg.queue)
+                    .copied()
+                    .unwrap_or(AheadLane::Absent)
             } else {
                 AheadLane::Absent
             };

@@ -110,9 +110,14 @@ struct Args {
     /// Folder for the SQLite files of each run.
     #[arg(long, default_value = ".kairos/bench")]
     work_dir: PathBuf,
-    /// Folder for each server run's log (`KAIROS_LOG=warn`), kept after the bench.
+    /// Folder for each server run's log, kept after the bench.
     #[arg(long, default_value = ".kairos/bench-logs")]
     log_dir: PathBuf,
+    /// Log filter of the servers (`KAIROS_LOG`, into `--log-dir`) and of the
+    /// bench's own workers (stderr), e.g. `kairos_worker=debug,warn` to see
+    /// why a run stalled.
+    #[arg(long, default_value = "warn")]
+    log: String,
     /// Worker processes' share: workers started in the bench process.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -187,9 +192,8 @@ impl Bench {
             redis_url: self.args.redis_url.clone(),
             database_url,
             log: self.args.log_dir.join(format!("{name}.log")),
-            env: env
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            env: std::iter::once(("KAIROS_LOG".to_owned(), self.args.log.clone()))
+                .chain(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())))
                 .collect(),
         };
         ServerProcess::start(&settings).await
@@ -801,7 +805,7 @@ fn print_table(result: &Value) {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
         .with_writer(std::io::stderr)
         .try_init();
     kairos_worker::small_pages();

@@ -53,6 +53,7 @@ impl ServerProcess {
             .env("KAIROS_REDIS_URL", &settings.redis_url)
             .env("KAIROS_DATABASE_URL", &settings.database_url)
             .env("KAIROS_LOG", "warn")
+            // `env` may set another level (the bench's `--log`).
             // The server logs to stdout: its warnings (a lost lease, a
             // bucket reopened) explain a run that went wrong.
             .stdout(log)

@@ -978,9 +978,19 @@ async fn released_ahead_stack(
 /// A SQLite stack whose server releases tasks 2 s ahead, with `queue`
 /// created with `settings` (and so its two lanes).
 async fn lead_stack(queue: &str, settings: QueueChange) -> (Stack, ServerHandle, Client) {
+    stack_with_lead(Duration::from_secs(2), queue, settings).await
+}
+
+/// A SQLite stack whose server releases tasks `lead` ahead, with `queue`
+/// created with `settings`.
+async fn stack_with_lead(
+    lead: Duration,
+    queue: &str,
+    settings: QueueChange,
+) -> (Stack, ServerHandle, Client) {
     let stack = Stack::start(Backend::Sqlite).await;
     let mut config = stack.config();
-    config.release_lead = Duration::from_secs(2);
+    config.release_lead = lead;
     let server = stack.server_with(config).await;
     let mut client = client(&server).await;
     client
@@ -1139,15 +1149,8 @@ async fn a_task_deferred_before_a_worker_pulls_the_ahead_lane_goes_ahead_once_on
 /// the later tasks ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_deferred_tasks_than_acks_in_flight_all_go_ahead_once_a_worker_pulls() {
-    let stack = Stack::start(Backend::Sqlite).await;
-    let mut config = stack.config();
-    config.release_lead = Duration::from_secs(5);
-    let server = stack.server_with(config).await;
-    let mut client = client(&server).await;
-    client
-        .create_queue("default", QueueChange::new())
-        .await
-        .expect("create queue");
+    let (stack, server, mut client) =
+        stack_with_lead(Duration::from_secs(5), "default", QueueChange::new()).await;
     let instant = Utc::now() + chrono::Duration::seconds(15);
     let due = book_burst(&mut client, "default", 25_000, instant).await;
     let booked = Utc::now();

@@ -25,7 +25,8 @@ pub(crate) struct ServerSettings {
     pub(crate) redis_url: String,
     /// Database URL.
     pub(crate) database_url: String,
-    /// Extra environment (e.g. KAIROS_LOOKAHEAD).
+    /// Environment beyond the URLs: the log filter (KAIROS_LOG), and extra
+    /// settings (e.g. KAIROS_LOOKAHEAD).
     pub(crate) env: Vec<(String, String)>,
     /// File the server logs to.
     pub(crate) log: PathBuf,
@@ -52,8 +53,6 @@ impl ServerProcess {
             .env("KAIROS_NATS_URL", &settings.nats_url)
             .env("KAIROS_REDIS_URL", &settings.redis_url)
             .env("KAIROS_DATABASE_URL", &settings.database_url)
-            .env("KAIROS_LOG", "warn")
-            // `env` may set another level (the bench's `--log`).
             // The server logs to stdout: its warnings (a lost lease, a
             // bucket reopened) explain a run that went wrong.
             .stdout(log)

@@ -963,6 +963,78 @@ async fn starts_are_answered_while_their_running_writes_wait_for_sql() {
     .await;
 }
 
+/// Releases due one after another go on while SQL commits nothing: the
+/// recorder keeps taking their DISPATCHED writes while its batches wait (here
+/// two cancels', behind the test's lock on the tasks table). Before, it took
+/// none while its batches committed, and the dispatcher stopped once 16,384
+/// waited in its channel; under load that stopped every release for as long
+/// as SQL was behind (BENCHMARKS item 52). Postgres waits for the lock as
+/// long as it takes, where SQLite would give up after its busy timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_go_on_while_sql_commits_nothing() {
+    const TASKS: usize = 24_000;
+    let stack = Stack::start(Backend::Postgres).await;
+    let server = stack.server().await;
+    let mut client = client(&server).await;
+    // 10 tasks a millisecond, as in the steady bench: no instant is a burst.
+    let first_due = Utc::now() + chrono::Duration::seconds(5);
+    let mut booked = 0;
+    while booked < TASKS {
+        let batch = (booked..booked + 1000)
+            .map(|i| {
+                NewTask::new("nobody-works-here")
+                    .at(first_due + chrono::Duration::milliseconds((i / 10) as i64))
+            })
+            .collect();
+        for result in client.schedule_batch(batch).await.expect("batch") {
+            result.expect("stored");
+        }
+        booked += 1000;
+    }
+    let later = Utc::now() + chrono::Duration::hours(1);
+    let mut to_cancel = Vec::new();
+    for _ in 0..2 {
+        let task = client
+            .schedule(NewTask::new("nobody-works-here").at(later))
+            .await
+            .expect("schedule");
+        to_cancel.push(task.id);
+    }
+    assert!(Utc::now() < first_due, "booked before the first is due");
+
+    let lock = stack.hold_sql_writes().await;
+    let held = tokio::time::Instant::now();
+    // Two cancels, one batch each: as many as the recorder applies at once.
+    let mut cancels = Vec::new();
+    for id in to_cancel {
+        let mut cancelling = client.clone();
+        cancels.push(tokio::spawn(async move { cancelling.cancel(&id).await }));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Generous: the releases take a few seconds in a debug build.
+    let deadline = held + Duration::from_secs(60);
+    loop {
+        let (ready, _) = stack.stream_state("KAIROS_READY").await;
+        if ready as usize == TASKS {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{ready} of {TASKS} released while SQL waits"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        cancels.iter().all(|c| !c.is_finished()),
+        "the cancels wait for their commits"
+    );
+    lock.release().await;
+    for cancel in cancels {
+        let cancelled = cancel.await.expect("join").expect("cancel");
+        assert_eq!(cancelled.state, TaskState::Cancelled);
+    }
+}
+
 /// A SQLite stack whose server releases tasks 2 s ahead of their due time,
 /// with one worker of `slots` on "default" that runs into `log`.
 async fn released_ahead_stack(

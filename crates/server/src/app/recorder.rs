@@ -12,6 +12,10 @@
 //! waits up to `STARTED_LINGER` for the attempt's result. A result in that
 //! time takes it along into its own batch, where the two collapse into one
 //! task-row update and one run row; both events are still logged.
+//!
+//! The recorder takes writes from its channels while a batch commits, so a
+//! start finds its release still lingering however far SQL is behind, and a
+//! dispatcher sending releases never waits for SQL (BENCHMARKS item 52).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -37,12 +41,17 @@ const DISPATCHED_LINGER: Duration = Duration::from_secs(2);
 const STARTED_LINGER: Duration = Duration::from_millis(50);
 /// Most writes waiting in one linger; beyond it the oldest are written at once.
 const MAX_LINGERING: usize = 200_000;
-/// Most writes someone sent and the recorder has not taken yet. A start
-/// sends its RUNNING write here and waits only for room: in a burst, starts
-/// come faster than SQL commits them, and a start waiting for that backlog
-/// would keep its worker's run slot from the next task (BENCHMARKS item 47).
-/// The backlog is worked off after the burst.
+/// Most urgent writes taken from the channel and not yet in a batch. A start
+/// sends its RUNNING write and waits only for room: in a burst, starts come
+/// faster than SQL commits them, and a start waiting for that backlog would
+/// keep its worker's run slot from the next task (BENCHMARKS item 47). The
+/// backlog is worked off after the burst.
 const MAX_QUEUED: usize = 256 * MAX_BATCH;
+/// Most background writes (releases ahead, expiries) not yet in a batch.
+const MAX_BACKGROUND: usize = 16 * MAX_BATCH;
+/// Room in each channel: the recorder empties them into `Pending` and
+/// `Lingering` while SQL is busy, so they only hand writes over.
+const CHANNEL: usize = 4 * MAX_BATCH;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
 
@@ -77,8 +86,8 @@ impl Recorder {
         bus: Bus,
         shutdown: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (urgent, urgent_rx) = mpsc::channel(MAX_QUEUED);
-        let (background, background_rx) = mpsc::channel(16 * MAX_BATCH);
+        let (urgent, urgent_rx) = mpsc::channel(CHANNEL);
+        let (background, background_rx) = mpsc::channel(CHANNEL);
         let handle = tokio::spawn(run(store, bus, urgent_rx, background_rx, shutdown));
         (Self { urgent, background }, handle)
     }
@@ -207,6 +216,10 @@ impl Lingering {
     fn is_empty(&self) -> bool {
         self.waiting.is_empty()
     }
+
+    fn len(&self) -> usize {
+        self.waiting.len()
+    }
 }
 
 /// Tasks whose first attempt started lately. The dispatcher records a round's
@@ -294,6 +307,47 @@ impl KeptBack {
     }
 }
 
+/// Writes taken from the channels and not yet in a batch, by priority, each
+/// with whoever waits for its commit.
+#[derive(Default)]
+struct Pending {
+    /// From the urgent channel.
+    soon: VecDeque<(StatusWrite, Option<Waiter>)>,
+    /// From the background channel.
+    later: VecDeque<(StatusWrite, Option<Waiter>)>,
+}
+
+impl Pending {
+    /// Takes up to MAX_BATCH writes, urgent ones first; background ones only
+    /// fill what is left.
+    fn next_batch(&mut self, writes: &mut Vec<StatusWrite>, waiters: &mut Vec<Waiter>) {
+        for queue in [&mut self.soon, &mut self.later] {
+            while writes.len() < MAX_BATCH
+                && let Some((write, waiter)) = queue.pop_front()
+            {
+                writes.push(write);
+                waiters.extend(waiter);
+            }
+        }
+    }
+}
+
+/// Queues `first` and whatever else waits on its channel, up to MAX_BATCH.
+fn receive(
+    first: Item,
+    rx: &mut mpsc::Receiver<Item>,
+    queue: &mut VecDeque<(StatusWrite, Option<Waiter>)>,
+    lingering: &mut KeptBack,
+) {
+    take(first, queue, lingering);
+    for _ in 1..MAX_BATCH {
+        match rx.try_recv() {
+            Ok(item) => take(item, queue, lingering),
+            Err(_) => break,
+        }
+    }
+}
+
 async fn run(
     store: DynStore,
     bus: Bus,
@@ -301,71 +355,73 @@ async fn run(
     mut background: mpsc::Receiver<Item>,
     shutdown: CancellationToken,
 ) {
-    let mut writes = Vec::with_capacity(MAX_BATCH);
-    let mut waiters = Vec::with_capacity(MAX_BATCH);
+    let mut pending = Pending::default();
     let mut lingering = KeptBack::default();
     let mut closing = false;
+    let (mut urgent_open, mut background_open) = (true, true);
     let at_once = store.batches_at_once().max(1);
     let mut applying = futures::stream::FuturesUnordered::new();
+    // The batch begun last, until it holds its rows.
+    let mut holding: Option<oneshot::Receiver<()>> = None;
     loop {
-        let first = if closing {
-            // Take what is already queued, then the lingering writes, then stop.
-            match urgent.try_recv() {
-                Ok(item) => Some(item),
-                Err(_) => background.try_recv().ok(),
+        // The next batch begins once the one before holds its rows, so a
+        // task's changes still apply in the order they came.
+        let may_begin = holding.is_none() && applying.len() < at_once;
+        if may_begin {
+            let mut writes = Vec::with_capacity(MAX_BATCH);
+            let mut waiters = Vec::new();
+            pending.next_batch(&mut writes, &mut waiters);
+            lingering.take_due(&mut writes, closing);
+            if !writes.is_empty() {
+                let (held, rows_held) = oneshot::channel();
+                applying.push(tokio::spawn(apply(
+                    store.clone(),
+                    bus.clone(),
+                    writes,
+                    waiters,
+                    held,
+                )));
+                holding = Some(rows_held);
+                continue;
             }
-        } else {
-            let deadline = lingering.next_deadline();
-            let linger = async {
+            if closing && !urgent_open && !background_open && lingering.is_empty() {
+                break;
+            }
+        }
+        let deadline = lingering.next_deadline().filter(|_| may_begin);
+        // Writes are taken from the channels while SQL is busy, so a start
+        // drops its lingering release at once, however far SQL is behind:
+        // the bound on what waits is here, not in the channels.
+        let urgent_room = urgent_open && pending.soon.len() < MAX_QUEUED;
+        let background_room = background_open
+            && pending.later.len() < MAX_BACKGROUND
+            && lingering.dispatched.len() < MAX_LINGERING;
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled(), if !closing => {
+                urgent.close();
+                background.close();
+                closing = true;
+            }
+            _ = async { holding.as_mut().expect("guarded").await }, if holding.is_some() => {
+                // Sent, or dropped by a batch that failed: either way its turn is over.
+                holding = None;
+            }
+            Some(_) = applying.next(), if !applying.is_empty() => {}
+            item = urgent.recv(), if urgent_room => match item {
+                Some(item) => receive(item, &mut urgent, &mut pending.soon, &mut lingering),
+                None => urgent_open = false,
+            },
+            item = background.recv(), if background_room => match item {
+                Some(item) => receive(item, &mut background, &mut pending.later, &mut lingering),
+                None => background_open = false,
+            },
+            () = async {
                 match deadline {
                     Some(deadline) => tokio::time::sleep_until(deadline).await,
                     None => futures::future::pending().await,
                 }
-            };
-            tokio::select! {
-                biased;
-                Some(item) = urgent.recv() => Some(item),
-                Some(item) = background.recv() => Some(item),
-                () = linger => None,
-                () = shutdown.cancelled() => {
-                    urgent.close();
-                    background.close();
-                    closing = true;
-                    continue;
-                }
-            }
-        };
-        if let Some(item) = first {
-            take(item, &mut writes, &mut waiters, &mut lingering);
-        } else if closing && lingering.is_empty() {
-            break;
-        }
-        // Urgent writes first; background ones only fill what is left of the batch.
-        for rx in [&mut urgent, &mut background] {
-            while writes.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(item) => take(item, &mut writes, &mut waiters, &mut lingering),
-                    Err(_) => break,
-                }
-            }
-        }
-        lingering.take_due(&mut writes, closing);
-        if writes.is_empty() {
-            continue;
-        }
-        let (held, rows_held) = oneshot::channel();
-        applying.push(tokio::spawn(apply(
-            store.clone(),
-            bus.clone(),
-            std::mem::replace(&mut writes, Vec::with_capacity(MAX_BATCH)),
-            std::mem::take(&mut waiters),
-            held,
-        )));
-        // The next batch begins once this one holds its rows, so a task's
-        // changes still apply in the order they came (an error drops `held`).
-        let _ = rows_held.await;
-        while applying.len() >= at_once {
-            applying.next().await;
+            } => {}
         }
     }
     while applying.next().await.is_some() {}
@@ -391,11 +447,10 @@ async fn apply(
     }
 }
 
-/// Adds one queued write to the batch, or keeps it back (see `Lingering`).
+/// Queues one write for a batch, or keeps it back (see `Lingering`).
 fn take(
     (write, sent): Item,
-    writes: &mut Vec<StatusWrite>,
-    waiters: &mut Vec<Waiter>,
+    queue: &mut VecDeque<(StatusWrite, Option<Waiter>)>,
     lingering: &mut KeptBack,
 ) {
     match (&write, sent) {
@@ -408,16 +463,17 @@ fn take(
         }
         (StatusWrite::Started { .. }, Sent::Later) => {
             lingering.note_start(&write);
-            writes.extend(lingering.started.add(write));
+            queue.extend(lingering.started.add(write).map(|w| (w, None)));
         }
         (_, sent) => {
             lingering.note_start(&write);
             // The attempt's RUNNING goes in the same batch as its result.
-            writes.extend(lingering.started.remove(write.task_id()));
-            writes.push(write);
-            if let Sent::Waited(waiter) = sent {
-                waiters.push(waiter);
-            }
+            queue.extend(lingering.started.remove(write.task_id()).map(|w| (w, None)));
+            let waiter = match sent {
+                Sent::Waited(waiter) => Some(waiter),
+                Sent::Later | Sent::Plain => None,
+            };
+            queue.push_back((write, waiter));
         }
     }
 }
@@ -427,6 +483,21 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
+
+    /// `super::take`, with the queued writes and their waiters apart.
+    fn take(
+        item: Item,
+        writes: &mut Vec<StatusWrite>,
+        waiters: &mut Vec<Waiter>,
+        lingering: &mut KeptBack,
+    ) {
+        let mut queue = VecDeque::new();
+        super::take(item, &mut queue, lingering);
+        for (write, waiter) in queue {
+            writes.push(write);
+            waiters.extend(waiter);
+        }
+    }
 
     fn started(id: TaskId, attempt: u32) -> StatusWrite {
         StatusWrite::Started {

@@ -69,6 +69,9 @@ enum Sent {
 /// A write on its way to the recorder.
 type Item = (StatusWrite, Sent);
 
+/// A write taken from a channel, with whoever waits for its commit.
+type Queued = (StatusWrite, Option<Waiter>);
+
 /// Handle to the recorder task. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Recorder {
@@ -312,9 +315,9 @@ impl KeptBack {
 #[derive(Default)]
 struct Pending {
     /// From the urgent channel.
-    soon: VecDeque<(StatusWrite, Option<Waiter>)>,
+    soon: VecDeque<Queued>,
     /// From the background channel.
-    later: VecDeque<(StatusWrite, Option<Waiter>)>,
+    later: VecDeque<Queued>,
 }
 
 impl Pending {
@@ -336,7 +339,7 @@ impl Pending {
 fn receive(
     first: Item,
     rx: &mut mpsc::Receiver<Item>,
-    queue: &mut VecDeque<(StatusWrite, Option<Waiter>)>,
+    queue: &mut VecDeque<Queued>,
     lingering: &mut KeptBack,
 ) {
     take(first, queue, lingering);
@@ -363,13 +366,14 @@ async fn run(
     let mut applying = futures::stream::FuturesUnordered::new();
     // The batch begun last, until it holds its rows.
     let mut holding: Option<oneshot::Receiver<()>> = None;
+    // Filled and handed over whole, so a wake with nothing to write allocates nothing.
+    let mut writes = Vec::with_capacity(MAX_BATCH);
+    let mut waiters = Vec::new();
     loop {
         // The next batch begins once the one before holds its rows, so a
         // task's changes still apply in the order they came.
         let may_begin = holding.is_none() && applying.len() < at_once;
         if may_begin {
-            let mut writes = Vec::with_capacity(MAX_BATCH);
-            let mut waiters = Vec::new();
             pending.next_batch(&mut writes, &mut waiters);
             lingering.take_due(&mut writes, closing);
             if !writes.is_empty() {
@@ -377,8 +381,8 @@ async fn run(
                 applying.push(tokio::spawn(apply(
                     store.clone(),
                     bus.clone(),
-                    writes,
-                    waiters,
+                    std::mem::replace(&mut writes, Vec::with_capacity(MAX_BATCH)),
+                    std::mem::take(&mut waiters),
                     held,
                 )));
                 holding = Some(rows_held);
@@ -448,11 +452,7 @@ async fn apply(
 }
 
 /// Queues one write for a batch, or keeps it back (see `Lingering`).
-fn take(
-    (write, sent): Item,
-    queue: &mut VecDeque<(StatusWrite, Option<Waiter>)>,
-    lingering: &mut KeptBack,
-) {
+fn take((write, sent): Item, queue: &mut VecDeque<Queued>, lingering: &mut KeptBack) {
     match (&write, sent) {
         // Its first start came already and logged the release.
         (StatusWrite::Dispatched { id, .. }, Sent::Later | Sent::Plain)

@@ -169,8 +169,9 @@ async fn two_replicas_three_workers_run_each_task_once(backend: Backend) {
     assert_eq!(workers.len(), 3, "all three workers took tasks");
 }
 
-/// Redis down: Schedule and Cancel answer UNAVAILABLE and store nothing; once
-/// Redis is back, everything scheduled before fires.
+/// Redis down: Schedule and Cancel answer UNAVAILABLE and store nothing, not
+/// even an event a subscriber sees; once Redis is back, everything scheduled
+/// before fires.
 async fn redis_outage_is_unavailable_then_everything_fires(backend: Backend) {
     let mut stack = Stack::start(backend).await;
     let server = stack.server().await;
@@ -178,6 +179,13 @@ async fn redis_outage_is_unavailable_then_everything_fires(backend: Backend) {
     let _worker = stack.worker(&server, "default", 4, log.handler());
     let mut client = client(&server).await;
     let before = book(&mut client, "default", 20, 2500).await;
+    let mut refused_queue = client
+        .subscribe(
+            kairos_client::Subscribe::all().queue("refused"),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("subscribe");
 
     stack.redis.stop();
     let err = client
@@ -189,6 +197,11 @@ async fn redis_outage_is_unavailable_then_everything_fires(backend: Backend) {
     assert_eq!(err.code, tonic::Code::Unavailable, "{err}");
     let err = client
         .schedule_batch(vec![NewTask::new("default"); 3])
+        .await
+        .expect_err("redis is down");
+    assert_eq!(err.code, tonic::Code::Unavailable, "{err}");
+    let err = client
+        .schedule_batch(vec![NewTask::new("refused"); 3])
         .await
         .expect_err("redis is down");
     assert_eq!(err.code, tonic::Code::Unavailable, "{err}");
@@ -206,6 +219,20 @@ async fn redis_outage_is_unavailable_then_everything_fires(backend: Backend) {
         .await
         .expect("list");
     assert_eq!(page.tasks.len(), 20, "the refused requests stored nothing");
+    let booked = client
+        .schedule(NewTask::new("refused").delay(Duration::from_secs(60)))
+        .await
+        .expect("schedule works again");
+    let first = tokio::time::timeout(Duration::from_secs(10), refused_queue.next())
+        .await
+        .expect("an event")
+        .expect("stream open")
+        .expect("event");
+    assert_eq!(
+        (first.task_id.as_str(), first.state),
+        (booked.id.as_str(), TaskState::Scheduled),
+        "the refused batch left no event behind"
+    );
     let after = client
         .schedule(NewTask::new("default"))
         .await

@@ -155,6 +155,17 @@ impl TaskService {
             .iter()
             .map(|(_, t)| bucket_of(t.due_at.timestamp_millis().max(now_ms), inner.width_ms))
             .collect();
+        // Claims first: until the rows commit, no Cancel can reach these
+        // fresh ids, so the seed may overwrite (one HSET per bucket, not one
+        // HSETNX per task) without undoing a cancel. A task that then fails
+        // or meets an existing key leaves an `S` nobody reads, gone with its
+        // bucket's hash; a Redis outage stores nothing.
+        let seeds: Vec<(i64, TaskId)> = valid
+            .iter()
+            .zip(&buckets)
+            .map(|((_, t), b)| (*b, t.id))
+            .collect();
+        inner.claims.seed(&seeds, inner.width_ms).await?;
         let tasks: Vec<NewTask> = valid.iter().map(|(_, t)| t.clone()).collect();
         let outcomes = inner.inserter.insert(tasks, buckets.clone()).await?;
 
@@ -169,12 +180,6 @@ impl TaskService {
             }
         }
         if !fresh.is_empty() {
-            let seeds: Vec<(i64, TaskId)> = fresh.iter().map(|(_, b, t)| (*b, t.id)).collect();
-            if let Err(err) = inner.claims.seed(&seeds, inner.width_ms).await {
-                self.forget(&fresh.iter().map(|(_, b, t)| (*b, t.id)).collect::<Vec<_>>())
-                    .await;
-                return Err(err.into());
-            }
             let to_publish: Vec<(i64, &NewTask)> = fresh.iter().map(|(_, b, t)| (*b, *t)).collect();
             let published = inner.bus.publish_tasks(&to_publish).await;
             let mut failed = Vec::new();

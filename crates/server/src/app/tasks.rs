@@ -155,8 +155,17 @@ impl TaskService {
             .iter()
             .map(|(_, t)| bucket_of(t.due_at.timestamp_millis().max(now_ms), inner.width_ms))
             .collect();
-        // Redis first, so that an outage stores nothing.
-        inner.claims.mark_booked(&buckets, inner.width_ms).await?;
+        // Claims first: until the rows commit, no Cancel can reach these
+        // fresh ids, so the seed may overwrite (one HSET per bucket, not one
+        // HSETNX per task) without undoing a cancel. A task that then fails
+        // or meets an existing key leaves an `S` nobody reads, gone with its
+        // bucket's hash; a Redis outage stores nothing.
+        let seeds: Vec<(i64, TaskId)> = valid
+            .iter()
+            .zip(&buckets)
+            .map(|((_, t), b)| (*b, t.id))
+            .collect();
+        inner.claims.seed(&seeds, inner.width_ms).await?;
         let tasks: Vec<NewTask> = valid.iter().map(|(_, t)| t.clone()).collect();
         let outcomes = inner.inserter.insert(tasks, buckets.clone()).await?;
 

@@ -7,12 +7,6 @@
 //! attempt n started, `Y<n>` retrying after attempt n, `OK` succeeded, `X`
 //! dead, `C` cancelled, `E` expired, `K` skipped (overlap).
 //!
-//! A booking writes no field per task: it sets the hash's field `_`, and in
-//! a hash that has it a task without a field is `S`. So a million waiting
-//! tasks cost Redis nothing per task. A hash without `_` (gone with its
-//! expiry or a data loss, then made again by a later write) says nothing of
-//! a missing field, which then counts as missing: SQL decides.
-//!
 //! A success need not be claimed: the server that let an attempt start
 //! records its success in SQL only, unless the task holds an overlap marker
 //! (below), so its claim stays `R<n>`. A start of a later attempt over `R<n>`
@@ -141,12 +135,11 @@ const DISPATCH_CHUNK: usize = 256;
 const DISPATCH: &str = r"
 local out = {}
 local now = tonumber(ARGV[3])
-local booked = ARGV[1] == '1' or redis.call('HEXISTS', KEYS[1], '_') == 1
 for i = 4, #ARGV, 2 do
   local id = ARGV[i]
   local exp = tonumber(ARGV[i + 1])
   local s = redis.call('HGET', KEYS[1], id)
-  if (not s) and booked then s = 'S' end
+  if (not s) and ARGV[1] == '1' then s = 'S' end
   if not s then
     out[#out + 1] = 'missing'
   elseif s == 'S' or s == 'D' then
@@ -199,7 +192,6 @@ local first = #KEYS + 3
 local force, now = ARGV[#KEYS + 1] == '1', tonumber(ARGV[#KEYS + 2])
 local out = {}
 local used = {}
-local booked = {}
 local k = 0
 for b = first, #ARGV, 4 do
   k = k + 1
@@ -210,10 +202,6 @@ for b = first, #ARGV, 4 do
   local got = redis.call('HMGET', key, id, id .. ':o')
   local s, schedule = got[1], got[2]
   if (not s) and force then s = 'D' end
-  if not s then
-    if booked[kn] == nil then booked[kn] = redis.call('HEXISTS', key, '_') == 1 end
-    if booked[kn] then s = 'S' end
-  end
   local c = s and string.sub(s, 1, 1)
   local exp = tonumber(ARGV[b + 3])
   if not s then
@@ -429,16 +417,24 @@ impl Claims {
         (invocation, numbers)
     }
 
-    /// Records tasks booked into `buckets` as scheduled: marks each bucket's
-    /// hash (field `_`), in which a task without a claim is `S` (see the
-    /// module's doc). One round trip, nothing per task, so it never
-    /// overwrites a claim.
-    pub async fn mark_booked(&self, buckets: &[i64], width_ms: i64) -> ClaimResult<()> {
-        let buckets: std::collections::BTreeSet<i64> = buckets.iter().copied().collect();
+    /// Records new tasks as scheduled, one HSET per bucket (one round trip).
+    /// It overwrites: the caller seeds fresh ids before anything else can
+    /// know them (see `TaskService::book`).
+    pub async fn seed(&self, tasks: &[(i64, TaskId)], width_ms: i64) -> ClaimResult<()> {
+        let mut by_bucket: std::collections::BTreeMap<i64, Vec<(String, &str)>> =
+            std::collections::BTreeMap::new();
+        for (bucket, id) in tasks {
+            by_bucket
+                .entry(*bucket)
+                .or_default()
+                .push((id.to_string(), "S"));
+        }
+        // One command per hash, not one per task: fewer for Redis to parse,
+        // run and append to its log, and fewer replies (BENCHMARKS item 53).
         let mut pipe = redis::pipe();
-        for bucket in buckets {
+        for (bucket, fields) in by_bucket {
             let key = claims_key(bucket);
-            pipe.hset(&key, "_", "1")
+            pipe.hset_multiple(&key, &fields)
                 .ignore()
                 .pexpire_at(&key, self.expire_at(bucket, width_ms))
                 .ignore();

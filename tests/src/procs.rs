@@ -167,6 +167,15 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.0.port)
     }
 
+    /// Opens a connection, for a test that reads or changes claims itself.
+    pub async fn connect(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis")
+    }
+
     /// Stops the server (SIGKILL); the append-only file stays for a restart.
     pub fn stop(&mut self) {
         self.0.kill();

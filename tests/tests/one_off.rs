@@ -820,11 +820,7 @@ async fn claims_lost_with_redis_are_decided_by_sql(backend: Backend) {
         .collect::<Result<Vec<_>, _>>()
         .expect("each booked");
     client.cancel(&tasks[1].id).await.expect("cancel");
-    let mut redis = redis::Client::open(stack.redis.url())
-        .expect("redis url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut redis = stack.redis.connect().await;
     let () = redis::cmd("FLUSHALL")
         .query_async(&mut redis)
         .await
@@ -1814,11 +1810,7 @@ async fn a_later_attempt_runs_only_when_the_earlier_did_not_succeed() {
     let width_ms = stack.config().bucket_width.as_millis() as i64;
     let server = stack.server().await;
     let mut client = client(&server).await;
-    let mut redis = redis::Client::open(stack.redis.url())
-        .expect("redis url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut redis = stack.redis.connect().await;
     let bucket =
         |task: &Task| kairos_server::domain::bucket_of(task.due_at.timestamp_millis(), width_ms);
     let report = |event| pb::ReportRequest {

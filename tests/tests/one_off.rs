@@ -801,8 +801,10 @@ backend_tests!(
 /// Redis loses its data (FLUSHALL) while tasks wait, and a later booking
 /// lands in the same bucket: a task whose claim is gone is decided by SQL,
 /// so the waiting one runs once and the one cancelled before the loss never
-/// runs. (A booking that only marked its bucket's hash, with a missing claim
-/// in a marked hash counting as scheduled, would run the cancelled one.)
+/// runs. A booking writes no claim per task, only its hash's mark: the mark
+/// the later booking sets is younger than the lost tasks' ids, so their
+/// missing claims do not count as scheduled (a mark that did would run the
+/// cancelled one).
 async fn claims_lost_with_redis_are_decided_by_sql(backend: Backend) {
     let stack = Stack::start(backend).await;
     let server = stack.server().await;
@@ -821,6 +823,21 @@ async fn claims_lost_with_redis_are_decided_by_sql(backend: Backend) {
         .expect("each booked");
     client.cancel(&tasks[1].id).await.expect("cancel");
     let mut redis = stack.redis.connect().await;
+    let width_ms = stack.config().bucket_width.as_millis() as i64;
+    let hash = format!(
+        "kairos:claims:{{{}}}",
+        kairos_server::domain::bucket_of(tasks[0].due_at.timestamp_millis(), width_ms)
+    );
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(&hash)
+        .query_async(&mut redis)
+        .await
+        .expect("hkeys");
+    assert_eq!(
+        fields.len(),
+        2,
+        "the mark and the cancel, no claim per booked task: {fields:?}"
+    );
     let () = redis::cmd("FLUSHALL")
         .query_async(&mut redis)
         .await

@@ -155,17 +155,14 @@ impl TaskService {
             .iter()
             .map(|(_, t)| bucket_of(t.due_at.timestamp_millis().max(now_ms), inner.width_ms))
             .collect();
-        // Claims first: until the rows commit, no Cancel can reach these
-        // fresh ids, so the seed may overwrite (one HSET per bucket, not one
-        // HSETNX per task) without undoing a cancel. A task that then fails
-        // or meets an existing key leaves an `S` nobody reads, gone with its
-        // bucket's hash; a Redis outage stores nothing.
-        let seeds: Vec<(i64, TaskId)> = valid
-            .iter()
-            .zip(&buckets)
-            .map(|((_, t), b)| (*b, t.id))
-            .collect();
-        inner.claims.seed(&seeds, inner.width_ms).await?;
+        // Claims first: the buckets are marked before the rows commit, and
+        // the ids are timed by Redis after that, so each counts as scheduled
+        // without a claim of its own (see `Claims::mark`). A Redis outage
+        // stores nothing.
+        let at_ms = inner.claims.mark(&buckets, inner.width_ms).await?;
+        for (_, task) in &mut valid {
+            task.id = TaskId::booked(at_ms);
+        }
         let tasks: Vec<NewTask> = valid.iter().map(|(_, t)| t.clone()).collect();
         let outcomes = inner.inserter.insert(tasks, buckets.clone()).await?;
 

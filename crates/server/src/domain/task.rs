@@ -16,7 +16,14 @@ pub struct TaskId(Uuid);
 impl TaskId {
     /// Returns a fresh, time-ordered id.
     pub fn new() -> Self {
-        Self(v7(Utc::now().timestamp_millis().max(0) as u64))
+        Self(v7(&LAST_ID, Utc::now().timestamp_millis().max(0) as u64))
+    }
+
+    /// Returns a fresh id of a booked task, timed by the claim store's clock
+    /// (`at_ms`, never this host's): a missing claim counts as scheduled only
+    /// for ids no older than their hash's mark (see `Claims::mark`).
+    pub fn booked(at_ms: i64) -> Self {
+        Self(v7(&LAST_BOOKED, at_ms.max(0) as u64))
     }
 }
 
@@ -26,16 +33,20 @@ const COUNTER_BITS: u32 = 42;
 /// The millisecond and counter of the last id this process made.
 static LAST_ID: std::sync::Mutex<(u64, u64)> = std::sync::Mutex::new((0, 0));
 
+/// The same for booked ids: kept apart so that this host's clock, maybe
+/// ahead of the claim store's, never dates a booked id.
+static LAST_BOOKED: std::sync::Mutex<(u64, u64)> = std::sync::Mutex::new((0, 0));
+
 /// Makes a UUIDv7 for `now_ms` that sorts after every id this process made
 /// before (RFC 9562, a counter seeded at random each millisecond, then 32
 /// random bits). `Uuid::now_v7` does the same but asks the kernel for its
 /// random bits, one system call per id: 6 % of the server's time while a
 /// batch is booked. The thread's CSPRNG serves here.
-fn v7(now_ms: u64) -> Uuid {
+fn v7(state: &std::sync::Mutex<(u64, u64)>, now_ms: u64) -> Uuid {
     use rand::Rng as _;
     let mut rng = rand::rng();
     let (ms, counter) = {
-        let mut last = LAST_ID
+        let mut last = state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if now_ms > last.0 {
@@ -474,8 +485,23 @@ mod tests {
 
         // The same millisecond over and over (or a clock that went back):
         // still increasing, its counter counting.
-        let same: Vec<Uuid> = (0..1000).map(|_| v7(before)).collect();
+        let same: Vec<Uuid> = (0..1000).map(|_| v7(&LAST_ID, before)).collect();
         assert!(same.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn booked_ids_carry_the_claim_clock_not_this_hosts() {
+        // This host's ids ahead of the claim store's clock must not drag
+        // booked ids forward: the mark comparison would count them wrong.
+        let ahead = Utc::now().timestamp_millis() as u64 + 60_000;
+        let _ = v7(&LAST_ID, ahead);
+        let at = 1_700_000_000_123;
+        let ids: Vec<TaskId> = (0..100).map(|_| TaskId::booked(at)).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        for id in ids {
+            let (secs, nanos) = id.0.get_timestamp().expect("v7").to_unix();
+            assert_eq!(secs * 1000 + u64::from(nanos) / 1_000_000, at as u64);
+        }
     }
 
     #[test]

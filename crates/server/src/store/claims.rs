@@ -2,6 +2,14 @@
 //! Redis (one hash per bucket, Lua scripts), and the bucket leases that say
 //! which replica dispatches a bucket.
 //!
+//! A booked task has no claim until it moves: its bucket's hash holds a
+//! mark instead, field `_` = the Redis time (ms) of the hash's first booking,
+//! and the task's id is timed by Redis at its booking, never earlier than the
+//! marks of its hashes (`Claims::mark`). A missing claim counts as `S` when
+//! its id is no older than the mark. After a data loss the hash comes back
+//! with a later mark, so the claims lost with it count as missing and SQL
+//! decides: a task cancelled before the loss never runs.
+//!
 //! Claim values: `S` scheduled (a release leaves it so: the start claim
 //! decides), `D` dispatched (a dead task run again by RetryTask), `R<n>`
 //! attempt n started, `Y<n>` retrying after attempt n, `OK` succeeded, `X`
@@ -132,14 +140,35 @@ pub struct FinishRequest<'a> {
 /// claims are not queued behind one long script.
 const DISPATCH_CHUNK: usize = 256;
 
-const DISPATCH: &str = r"
+/// Lua: whether a task with no claim in hash `key` was booked under its
+/// mark (`Claims::mark`): its id's time (the first 48 bits of the UUIDv7,
+/// hex) no older than the mark. `marks` caches one read per hash.
+macro_rules! booked_under_mark {
+    () => {
+        r"
+local function booked(key, id, marks)
+  local mark = marks[key]
+  if mark == nil then
+    mark = tonumber(redis.call('HGET', key, '_') or '') or false
+    marks[key] = mark
+  end
+  return mark and tonumber(string.sub(id, 1, 8) .. string.sub(id, 10, 13), 16) >= mark
+end
+"
+    };
+}
+
+const DISPATCH: &str = concat!(
+    booked_under_mark!(),
+    r"
 local out = {}
+local marks = {}
 local now = tonumber(ARGV[3])
 for i = 4, #ARGV, 2 do
   local id = ARGV[i]
   local exp = tonumber(ARGV[i + 1])
   local s = redis.call('HGET', KEYS[1], id)
-  if (not s) and ARGV[1] == '1' then s = 'S' end
+  if (not s) and (ARGV[1] == '1' or booked(KEYS[1], id, marks)) then s = 'S' end
   if not s then
     out[#out + 1] = 'missing'
   elseif s == 'S' or s == 'D' then
@@ -158,7 +187,8 @@ for i = 4, #ARGV, 2 do
 end
 if ARGV[1] == '1' then redis.call('PEXPIREAT', KEYS[1], ARGV[2]) end
 return table.concat(out, ' ')
-";
+"
+);
 
 const CANCEL: &str = r"
 local s = redis.call('HGET', KEYS[1], ARGV[1])
@@ -187,10 +217,13 @@ return s
 // four values per item: its key's number in KEYS, id, attempt, start
 // deadline. Every argument costs Redis a string object and Lua an interned
 // string, so what items share goes once.
-const START: &str = r"
+const START: &str = concat!(
+    booked_under_mark!(),
+    r"
 local first = #KEYS + 3
 local force, now = ARGV[#KEYS + 1] == '1', tonumber(ARGV[#KEYS + 2])
 local out = {}
+local marks = {}
 local used = {}
 local k = 0
 for b = first, #ARGV, 4 do
@@ -201,7 +234,9 @@ for b = first, #ARGV, 4 do
   -- The claim and the overlap field in one call: one call less per start.
   local got = redis.call('HMGET', key, id, id .. ':o')
   local s, schedule = got[1], got[2]
-  if (not s) and force then s = 'D' end
+  if not s then
+    if force then s = 'D' elseif booked(key, id, marks) then s = 'S' end
+  end
   local c = s and string.sub(s, 1, 1)
   local exp = tonumber(ARGV[b + 3])
   if not s then
@@ -247,7 +282,8 @@ for b = first, #ARGV, 4 do
 end
 for kn in pairs(used) do redis.call('PEXPIREAT', KEYS[kn], ARGV[kn]) end
 return table.concat(out, ' ')
-";
+"
+);
 
 // Many results in one call. KEYS are the distinct bucket hashes; ARGV holds
 // each one's expiry (set once, after the loop), then four values per item:
@@ -272,6 +308,25 @@ for b = #KEYS + 1, #ARGV, 4 do
 end
 for kn in pairs(used) do redis.call('PEXPIREAT', KEYS[kn], ARGV[kn]) end
 return set
+";
+
+// Marks the hashes in KEYS (expiries in ARGV) for a booking: sets `_` to
+// Redis's time where it is missing, and answers the time the booking's ids
+// must carry: now, or a later mark (a clock that went back) if one exists.
+const MARK: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local at = now
+for i, key in ipairs(KEYS) do
+  local mark = tonumber(redis.call('HGET', key, '_') or '')
+  if not mark then
+    redis.call('HSET', key, '_', string.format('%.0f', now))
+  elseif mark > at then
+    at = mark
+  end
+  redis.call('PEXPIREAT', key, ARGV[i])
+end
+return at
 ";
 
 const RENEW: &str = r"
@@ -320,6 +375,7 @@ pub struct Claims {
     /// How long a bucket's claims outlive the bucket, so late retries still find them.
     retention: Duration,
     dispatch: Script,
+    mark: Script,
     cancel: Script,
     start: Script,
     finish: Script,
@@ -374,6 +430,7 @@ impl Claims {
             conn,
             retention,
             dispatch: Script::new(DISPATCH),
+            mark: Script::new(MARK),
             cancel: Script::new(CANCEL),
             start: Script::new(START),
             finish: Script::new(FINISH),
@@ -417,31 +474,22 @@ impl Claims {
         (invocation, numbers)
     }
 
-    /// Records new tasks as scheduled, one HSET per bucket (one round trip).
-    /// It overwrites: the caller seeds fresh ids before anything else can
-    /// know them (see `TaskService::book`).
-    pub async fn seed(&self, tasks: &[(i64, TaskId)], width_ms: i64) -> ClaimResult<()> {
-        let mut by_bucket: std::collections::BTreeMap<i64, Vec<(String, &str)>> =
-            std::collections::BTreeMap::new();
-        for (bucket, id) in tasks {
-            by_bucket
-                .entry(*bucket)
-                .or_default()
-                .push((id.to_string(), "S"));
-        }
-        // One command per hash, not one per task: fewer for Redis to parse,
-        // run and append to its log, and fewer replies (BENCHMARKS item 53).
-        let mut pipe = redis::pipe();
-        for (bucket, fields) in by_bucket {
-            let key = claims_key(bucket);
-            pipe.hset_multiple(&key, &fields)
-                .ignore()
-                .pexpire_at(&key, self.expire_at(bucket, width_ms))
-                .ignore();
+    /// Marks the buckets of a booking (one round trip, no write per task)
+    /// and returns the time, by Redis's clock, its ids must carry
+    /// ([`TaskId::booked`]): their claims then count as scheduled until they
+    /// move, while claims lost with a hash stay missing.
+    pub async fn mark(&self, buckets: &[i64], width_ms: i64) -> ClaimResult<i64> {
+        let mut distinct = buckets.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut invocation = self.mark.prepare_invoke();
+        for bucket in distinct {
+            invocation
+                .key(claims_key(bucket))
+                .arg(self.expire_at(bucket, width_ms));
         }
         let mut conn = self.conn.clone();
-        let () = pipe.query_async(&mut conn).await?;
-        Ok(())
+        Ok(invocation.invoke_async(&mut conn).await?)
     }
 
     /// Records one new occurrence as scheduled; with `overlap_of`, its start

@@ -159,6 +159,25 @@ struct Bench {
 }
 
 impl Bench {
+    /// Memory Redis holds (`used_memory`, MB): what the waiting tasks' claims cost it.
+    async fn redis_used_mb(&self) -> anyhow::Result<f64> {
+        let mut redis = redis::Client::open(self.args.redis_url.as_str())?
+            .get_multiplexed_async_connection()
+            .await
+            .context("redis")?;
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut redis)
+            .await?;
+        let bytes: f64 = info
+            .lines()
+            .find_map(|line| line.strip_prefix("used_memory:"))
+            .context("INFO memory without used_memory")?
+            .trim()
+            .parse()?;
+        Ok(bytes / 1e6)
+    }
+
     /// Starts a fresh Kairos: streams deleted, Redis flushed, a new SQLite file.
     async fn fresh_server(&mut self, env: &[(&str, &str)]) -> anyhow::Result<ServerProcess> {
         for stream in [
@@ -586,6 +605,7 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         eprintln!("idle: {n} tasks held; watching for {window:?}");
+        let redis_mb = self.redis_used_mb().await?;
         let (_, seq0) = scenarios::stream_state(&self.js, kairos_proto::wire::TASKS_STREAM).await?;
         let (_, ready0) =
             scenarios::stream_state(&self.js, kairos_proto::wire::READY_STREAM).await?;
@@ -619,6 +639,7 @@ impl Bench {
         m.insert("core_pct".into(), json!(round3(core_pct)));
         m.insert("rss_mb".into(), json!(rss.round()));
         m.insert("peak_rss_mb".into(), json!(peak.round()));
+        m.insert("redis_mb".into(), json!(round3(redis_mb)));
         m.insert("naive_published".into(), json!(naive_published));
         m.insert("naive_cpu_s".into(), json!(round3(naive_cpu1 - naive_cpu0)));
         m.insert(

@@ -1,6 +1,7 @@
 //! Kairos's integration tests, one module per area, in one binary so the
 //! workspace links it once.
 
+mod claims;
 mod cli;
 mod faults;
 mod one_off;

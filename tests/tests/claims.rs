@@ -45,11 +45,14 @@ async fn a_mark_covers_the_ids_booked_under_it_and_no_older_ones() {
             .expect("cancel"),
         CancelClaim::Cancelled
     );
+    // A report's id is not trusted: one that is no UUID goes to SQL and
+    // does not fail the starts beside it.
     let answers = claims
         .start(
             WIDTH_MS,
             now,
             &[
+                start(bucket, "not-a-task"),
                 start(bucket, &booked),
                 start(bucket, &lost),
                 start(bucket, &cancelled),
@@ -61,6 +64,7 @@ async fn a_mark_covers_the_ids_booked_under_it_and_no_older_ones() {
     assert_eq!(
         answers,
         [
+            StartClaim::Missing,
             StartClaim::Run { marker: false },
             StartClaim::Missing,
             StartClaim::Cancelled
@@ -75,12 +79,23 @@ async fn a_mark_covers_the_ids_booked_under_it_and_no_older_ones() {
             bucket,
             WIDTH_MS,
             now,
-            &[(late.as_str(), now - 1), (lost.as_str(), now - 1)],
+            &[
+                (late.as_str(), now - 1),
+                (lost.as_str(), now - 1),
+                ("", now - 1),
+            ],
             false,
         )
         .await
         .expect("dispatch");
-    assert_eq!(answers, [DispatchClaim::Expired, DispatchClaim::Missing]);
+    assert_eq!(
+        answers,
+        [
+            DispatchClaim::Expired,
+            DispatchClaim::Missing,
+            DispatchClaim::Missing
+        ]
+    );
 }
 
 /// A mark already later than Redis's clock (a clock that went back) is what

@@ -142,7 +142,9 @@ const DISPATCH_CHUNK: usize = 256;
 
 /// Lua: whether a task with no claim in hash `key` was booked under its
 /// mark (`Claims::mark`): its id's time (the first 48 bits of the UUIDv7,
-/// hex) no older than the mark. `marks` caches one read per hash.
+/// hex) no older than the mark. `marks` caches one read per hash. An id
+/// that is no UUID (a worker's report is not trusted) is not covered: it
+/// goes to SQL, which does not know it, instead of failing the whole call.
 macro_rules! booked_under_mark {
     () => {
         r"
@@ -152,7 +154,8 @@ local function booked(key, id, marks)
     mark = tonumber(redis.call('HGET', key, '_') or '') or false
     marks[key] = mark
   end
-  return mark and tonumber(string.sub(id, 1, 8) .. string.sub(id, 10, 13), 16) >= mark
+  local born = tonumber(string.sub(id, 1, 8) .. string.sub(id, 10, 13), 16)
+  return mark and born ~= nil and born >= mark
 end
 "
     };

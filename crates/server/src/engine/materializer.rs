@@ -115,11 +115,14 @@ impl Materializer {
             let made = u64::from(run.is_some());
             let limit = u64::from(schedule.max_occurrences);
             let next = next.filter(|_| limit == 0 || schedule.occurrences + made < limit);
+            let mut occurrence = None;
             if let Some(at) = run {
                 let skip_overlap = schedule.overlap == Overlap::Skip;
-                self.tasks
+                let record = self
+                    .tasks
                     .materialize(schedule.occurrence(at, Utc::now()), skip_overlap)
                     .await?;
+                occurrence = Some(record.id);
             }
             if !self
                 .store
@@ -127,6 +130,17 @@ impl Materializer {
                 .await?
             {
                 // Another replica moved it first; it carries on from there.
+                // Or the schedule was deleted while this occurrence was
+                // made: the delete may have listed its occurrences before
+                // this one's row existed, so it is cancelled here.
+                if let Some(id) = occurrence
+                    && self.store.get_schedule(schedule.id).await?.is_none()
+                {
+                    match self.tasks.cancel(id).await {
+                        Ok(_) | Err(AppError::FailedPrecondition { .. }) => {}
+                        Err(err) => return Err(err),
+                    }
+                }
                 break;
             }
             schedule.next_fire_at = next;

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use kairos_server::domain::TaskId;
-use kairos_server::store::claims::{CancelClaim, Claims, DispatchClaim, StartClaim, StartRequest};
+use kairos_server::store::claims::{
+    CancelClaim, Claims, DispatchClaim, StartClaim, StartRequest, claims_key,
+};
 use kairos_tests::procs::RedisServer;
 
 const WIDTH_MS: i64 = 1_000;
@@ -108,7 +110,7 @@ async fn a_booking_never_dates_its_ids_before_an_existing_mark() {
     let ahead = chrono::Utc::now().timestamp_millis() + 3_600_000;
     let mut conn = redis.connect().await;
     let () = redis::cmd("HSET")
-        .arg(format!("kairos:claims:{{{bucket}}}"))
+        .arg(claims_key(bucket))
         .arg("_")
         .arg(ahead)
         .query_async(&mut conn)

@@ -824,10 +824,10 @@ async fn claims_lost_with_redis_are_decided_by_sql(backend: Backend) {
     client.cancel(&tasks[1].id).await.expect("cancel");
     let mut redis = stack.redis.connect().await;
     let width_ms = stack.config().bucket_width.as_millis() as i64;
-    let hash = format!(
-        "kairos:claims:{{{}}}",
-        kairos_server::domain::bucket_of(tasks[0].due_at.timestamp_millis(), width_ms)
-    );
+    let hash = kairos_server::store::claims::claims_key(kairos_server::domain::bucket_of(
+        tasks[0].due_at.timestamp_millis(),
+        width_ms,
+    ));
     let fields: Vec<String> = redis::cmd("HKEYS")
         .arg(&hash)
         .query_async(&mut redis)
@@ -1848,7 +1848,10 @@ async fn a_later_attempt_runs_only_when_the_earlier_did_not_succeed() {
     };
     let claim = async |redis: &mut redis::aio::MultiplexedConnection, task: &Task| -> String {
         redis
-            .hget(format!("kairos:claims:{{{}}}", bucket(task)), &task.id)
+            .hget(
+                kairos_server::store::claims::claims_key(bucket(task)),
+                &task.id,
+            )
             .await
             .expect("hget")
     };

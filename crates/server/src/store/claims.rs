@@ -397,7 +397,7 @@ impl std::fmt::Debug for Claims {
 }
 
 /// Returns the Redis key of a bucket's claim hash.
-fn claims_key(bucket_ms: i64) -> String {
+pub fn claims_key(bucket_ms: i64) -> String {
     format!("kairos:claims:{{{bucket_ms}}}")
 }
 

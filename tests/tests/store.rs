@@ -63,9 +63,7 @@ async fn tasks_round_trip_and_list_newest_first(backend: Backend) {
         .await
         .expect("get")
         .expect("found");
-    let mut expected = tasks[0].record();
-    expected.bucket_ms = 600_000;
-    assert_eq!(got, expected);
+    assert_eq!(got, tasks[0].clone().into_record(600_000));
     assert!(store.get_task(TaskId::new()).await.expect("get").is_none());
 
     let all = store

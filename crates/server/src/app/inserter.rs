@@ -12,10 +12,13 @@ use crate::store::{DynStore, InsertOutcome};
 /// Most tasks folded into one transaction.
 const MAX_GROUP: usize = 1000;
 
+/// Tasks handed back with their outcomes, so the caller needs no copy of them.
+type Inserted = Vec<(NewTask, InsertOutcome)>;
+
 type Request = (
     Vec<NewTask>,
     Vec<i64>,
-    oneshot::Sender<Result<Vec<InsertOutcome>, String>>,
+    oneshot::Sender<Result<Inserted, String>>,
 );
 
 /// Handle to the inserter task. Cheap to clone.
@@ -33,12 +36,9 @@ impl Inserter {
     }
 
     /// Inserts tasks (with their buckets) in a transaction shared with
-    /// whatever else is waiting; one outcome per task, in order.
-    pub async fn insert(
-        &self,
-        tasks: Vec<NewTask>,
-        buckets: Vec<i64>,
-    ) -> AppResult<Vec<InsertOutcome>> {
+    /// whatever else is waiting; each task comes back with its outcome, in
+    /// order.
+    pub async fn insert(&self, tasks: Vec<NewTask>, buckets: Vec<i64>) -> AppResult<Inserted> {
         let (done, wait) = oneshot::channel();
         let gone = || AppError::Unavailable {
             backend: "database",
@@ -83,7 +83,7 @@ async fn run(store: DynStore, bus: Bus, mut rx: mpsc::Receiver<Request>) {
         match store.insert_tasks(&tasks, &buckets).await {
             Ok(outcomes) => {
                 bus.signal_events().await;
-                let mut outcomes = outcomes.into_iter();
+                let mut outcomes = tasks.into_iter().zip(outcomes);
                 for (n, done) in callers {
                     let _ = done.send(Ok(outcomes.by_ref().take(n).collect()));
                 }

@@ -160,36 +160,35 @@ impl TaskService {
         // without a claim of its own (see `Claims::mark`). A Redis outage
         // stores nothing.
         let at_ms = inner.claims.mark(&buckets, inner.width_ms).await?;
-        for (_, task) in &mut valid {
-            task.id = TaskId::booked(at_ms);
-        }
-        let tasks: Vec<NewTask> = valid.iter().map(|(_, t)| t.clone()).collect();
-        let outcomes = inner.inserter.insert(tasks, buckets.clone()).await?;
+        let (slots, tasks): (Vec<usize>, Vec<NewTask>) = valid
+            .into_iter()
+            .map(|(slot, mut task)| {
+                task.id = TaskId::booked(at_ms);
+                (slot, task)
+            })
+            .unzip();
+        let inserted = inner.inserter.insert(tasks, buckets.clone()).await?;
 
-        let mut fresh: Vec<(usize, i64, &NewTask)> = Vec::new();
-        for (((slot, task), bucket), outcome) in valid.iter().zip(&buckets).zip(outcomes) {
+        let mut fresh: Vec<(usize, i64, NewTask)> = Vec::new();
+        for ((slot, bucket), (task, outcome)) in slots.into_iter().zip(buckets).zip(inserted) {
             match outcome {
-                InsertOutcome::Inserted => fresh.push((*slot, *bucket, task)),
-                InsertOutcome::Existing(record) => results[*slot] = Some(Ok(record)),
+                InsertOutcome::Inserted => fresh.push((slot, bucket, task)),
+                InsertOutcome::Existing(record) => results[slot] = Some(Ok(record)),
                 InsertOutcome::Conflict { key } => {
-                    results[*slot] = Some(Err(AppError::AlreadyExists { key }));
+                    results[slot] = Some(Err(AppError::AlreadyExists { key }));
                 }
             }
         }
         if !fresh.is_empty() {
-            let to_publish: Vec<(i64, &NewTask)> = fresh.iter().map(|(_, b, t)| (*b, *t)).collect();
+            let to_publish: Vec<(i64, &NewTask)> = fresh.iter().map(|(_, b, t)| (*b, t)).collect();
             let published = inner.bus.publish_tasks(&to_publish).await;
             let mut failed = Vec::new();
-            for ((slot, bucket, task), outcome) in fresh.iter().zip(published) {
+            for ((slot, bucket, task), outcome) in fresh.into_iter().zip(published) {
                 match outcome {
-                    Ok(()) => {
-                        let mut record = task.record();
-                        record.bucket_ms = *bucket;
-                        results[*slot] = Some(Ok(record));
-                    }
+                    Ok(()) => results[slot] = Some(Ok(task.into_record(bucket))),
                     Err(err) => {
-                        failed.push((*bucket, task.id));
-                        results[*slot] = Some(Err(err.into()));
+                        failed.push((bucket, task.id));
+                        results[slot] = Some(Err(err.into()));
                     }
                 }
             }
@@ -223,13 +222,10 @@ impl TaskService {
             .insert(vec![task.clone()], vec![bucket])
             .await?
             .pop()
-            .ok_or_else(|| AppError::Internal("no insert outcome".into()))?;
+            .ok_or_else(|| AppError::Internal("no insert outcome".into()))?
+            .1;
         let (bucket, record, fresh) = match outcome {
-            InsertOutcome::Inserted => {
-                let mut record = task.record();
-                record.bucket_ms = bucket;
-                (bucket, record, true)
-            }
+            InsertOutcome::Inserted => (bucket, task.clone().into_record(bucket), true),
             InsertOutcome::Existing(record) if record.state == TaskState::Scheduled => {
                 task.id = record.id;
                 (record.bucket_ms, record, false)

@@ -72,7 +72,9 @@ pub(super) async fn publish(
         client
             .publish_with_reply_and_headers(
                 subject,
-                format!("{prefix}{seq}.{op}.$FI"),
+                // As a `Subject`, the reply is moved into the message; as a
+                // `String` the client would copy it.
+                Subject::from(format!("{prefix}{seq}.{op}.$FI")),
                 headers,
                 body,
             )

@@ -300,19 +300,20 @@ pub struct Occurrence {
 }
 
 impl NewTask {
-    /// Returns the status record of this task as it is right after scheduling.
-    pub fn record(&self) -> TaskRecord {
+    /// Turns this task into its status record as it is right after
+    /// scheduling into `bucket_ms`.
+    pub fn into_record(self, bucket_ms: i64) -> TaskRecord {
         TaskRecord {
             id: self.id,
-            queue: self.queue.clone(),
+            queue: self.queue,
             state: TaskState::Scheduled,
             due_at: self.due_at,
-            bucket_ms: 0,
+            bucket_ms,
             expire_at: self.expire_at,
             max_attempts: self.max_attempts,
             attempts: 0,
-            idempotency_key: self.idempotency_key.clone(),
-            content_type: self.content_type.clone(),
+            idempotency_key: self.idempotency_key,
+            content_type: self.content_type,
             payload_size: self.payload.len() as u64,
             last_error: None,
             created_at: self.created_at,

@@ -72,9 +72,7 @@ pub(super) async fn publish(
         client
             .publish_with_reply_and_headers(
                 subject,
-                // As a `Subject`, the reply is moved into the message; as a
-                // `String` the client would copy it.
-                Subject::from(format!("{prefix}{seq}.{op}.$FI")),
+                format!("{prefix}{seq}.{op}.$FI"),
                 headers,
                 body,
             )

@@ -750,7 +750,7 @@ impl Bus {
     ) -> BusResult<()> {
         let id = task_id.to_string();
         let msg_id = format!("{id}:retry:{attempts_before}");
-        self.publish_ready(wire::ready_subject(queue), &id, bucket_ms, envelope, msg_id)
+        self.publish_ready(wire::ready_subject(queue), id, bucket_ms, envelope, msg_id)
             .await?
             .await
             .map_err(BusError::from_any)?;
@@ -763,11 +763,12 @@ impl Bus {
     async fn publish_ready(
         &self,
         subject: String,
-        task_id: &str,
+        task_id: String,
         bucket_ms: i64,
         envelope: Bytes,
         msg_id: String,
     ) -> BusResult<jetstream::context::PublishAckFuture> {
+        // An owned id is moved into its header; a `&str` would be copied.
         let mut headers = HeaderMap::new();
         headers.insert(TASK_ID, task_id);
         headers.insert(BUCKET, bucket_ms.to_string());
@@ -836,7 +837,7 @@ impl Bus {
         } else {
             wire::ready_subject(&msg.queue)
         };
-        self.publish_ready(subject, &task_id, msg.bucket_ms, body, msg_id)
+        self.publish_ready(subject, task_id, msg.bucket_ms, body, msg_id)
             .await
     }
 

@@ -217,15 +217,14 @@ impl TaskService {
         inner.queues.ensure(&task.queue).await?;
         let now_ms = Utc::now().timestamp_millis();
         let bucket = bucket_of(task.due_at.timestamp_millis().max(now_ms), inner.width_ms);
-        let outcome = inner
+        let (copy, outcome) = inner
             .inserter
             .insert(vec![task.clone()], vec![bucket])
             .await?
             .pop()
-            .ok_or_else(|| AppError::Internal("no insert outcome".into()))?
-            .1;
+            .ok_or_else(|| AppError::Internal("no insert outcome".into()))?;
         let (bucket, record, fresh) = match outcome {
-            InsertOutcome::Inserted => (bucket, task.clone().into_record(bucket), true),
+            InsertOutcome::Inserted => (bucket, copy.into_record(bucket), true),
             InsertOutcome::Existing(record) if record.state == TaskState::Scheduled => {
                 task.id = record.id;
                 (record.bucket_ms, record, false)

@@ -672,90 +672,47 @@ async fn waiting_tasks_are_not_cycled(backend: Backend) {
 /// A run as the handler saw it: task id, payload, start.
 type Seen = (String, Bytes, DateTime<Utc>);
 
-/// Tasks of a bucket further out than KAIROS_BODY_PREFETCH wait headers-only
-/// (their consumer delivers no bodies), then the bucket is reloaded with bodies:
-/// each task runs once, not early, with its own payload. With no prefetch the
-/// reload happens only as the tasks fall due, and still none runs without it.
+/// Tasks of a bucket further out than KAIROS_BODY_PREFETCH wait without
+/// bodies: pulled headers-only where they were booked with headers, else
+/// pulled whole with each body dropped once read. Then the bucket is reloaded
+/// with bodies: each task runs once, not early, with its own payload. With no
+/// prefetch the reload happens only as the tasks fall due, and still none runs
+/// without it.
 async fn far_buckets_wait_without_bodies(backend: Backend) {
-    for prefetch in [Duration::from_secs(2), Duration::ZERO] {
+    for (prefetch, booking_headers) in [
+        (Duration::from_secs(2), true),
+        (Duration::from_secs(2), false),
+        (Duration::ZERO, false),
+    ] {
+        let case = format!("prefetch {prefetch:?}, booking headers {booking_headers}");
         let stack = Stack::start(backend).await;
         let mut config = stack.config();
         config.bucket_width = Duration::from_secs(1);
         config.lookahead = Duration::from_secs(10);
         config.body_prefetch = prefetch;
+        config.booking_headers = booking_headers;
         let server = stack.server_with(config).await;
         let mut client = client(&server).await;
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let record = Arc::clone(&seen);
-        let _worker = stack.worker(
-            &server,
-            "default",
-            16,
-            handler_fn(move |task| {
-                let record = Arc::clone(&record);
-                async move {
-                    let run = (task.id().to_owned(), task.payload().clone(), Utc::now());
-                    record.lock().expect("runs").push(run);
-                    Ok::<(), HandlerError>(())
-                }
-            }),
-        );
+        let seen = record_runs(&stack, &server);
 
         // Due on a whole second, the start of its one-second bucket, 6 s out.
         let due_ms = (Utc::now().timestamp_millis() / 1000 + 6) * 1000;
         let due = DateTime::from_timestamp_millis(due_ms).expect("due");
-        let batch = (0..500)
-            .map(|i| {
-                NewTask::new("default")
-                    .payload(format!("payload {i}"))
-                    .at(due)
-            })
-            .collect();
-        let mut expected = HashMap::new();
-        for (i, result) in client
-            .schedule_batch(batch)
-            .await
-            .expect("batch")
-            .into_iter()
-            .enumerate()
-        {
-            expected.insert(
-                result.expect("stored").id,
-                Bytes::from(format!("payload {i}")),
-            );
-        }
+        let mut expected = book_payloads(&mut client, 0..500, due).await;
 
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let nats = async_nats::connect(stack.nats.url()).await.expect("nats");
-        let stream = async_nats::jetstream::new(nats)
-            .get_stream(wire::TASKS_STREAM)
-            .await
-            .expect("stream");
+        let stream = tasks_stream(&stack).await;
         let info = stream
             .consumer_info(wire::bucket_consumer(due_ms))
             .await
             .expect("the bucket is open");
-        assert!(
-            info.config.headers_only,
-            "waiting without bodies ({prefetch:?})"
+        assert_eq!(
+            info.config.headers_only, booking_headers,
+            "headers-only where they tell the tasks ({case})"
         );
-        assert_eq!(info.num_ack_pending, 500, "all held");
+        assert_eq!(info.num_ack_pending, 500, "all held ({case})");
 
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while seen.lock().expect("runs").len() < 500 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "not all ran ({prefetch:?})"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let runs = seen.lock().expect("runs").clone();
-        assert_eq!(runs.len(), 500, "each ran once ({prefetch:?})");
-        for (id, payload, at) in runs {
-            assert_eq!(expected.remove(&id), Some(payload), "its own payload, once");
-            assert!(at >= due, "ran {at} before due {due}");
-        }
+        expect_runs(&seen, &mut expected, due, &case).await;
 
         // Each bucket message was acknowledged on the subject the dispatcher
         // rebuilt from its shared prefix and numbers: none is left pending (a
@@ -766,7 +723,7 @@ async fn far_buckets_wait_without_bodies(backend: Backend) {
                 Ok(info) if info.num_ack_pending == 0 => break,
                 Ok(info) => assert!(
                     tokio::time::Instant::now() < deadline,
-                    "{} bucket messages never acknowledged ({prefetch:?})",
+                    "{} bucket messages never acknowledged ({case})",
                     info.num_ack_pending
                 ),
                 Err(err) => {
@@ -783,6 +740,126 @@ async fn far_buckets_wait_without_bodies(backend: Backend) {
     }
 }
 
+/// While replicas are replaced one by one, tasks booked with headers and
+/// without share buckets. A replica that books with headers opens a far
+/// bucket headers-only; meeting tasks booked without, it pulls the bucket
+/// whole instead (bodies read, then dropped, until the prefetch): every task
+/// of both kinds runs once, not early, with its own payload.
+async fn bookings_with_and_without_headers_share_a_bucket(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let mut config = stack.config();
+    config.bucket_width = Duration::from_secs(1);
+    config.lookahead = Duration::from_secs(30);
+    config.body_prefetch = Duration::from_secs(2);
+    let due_ms = (Utc::now().timestamp_millis() / 1000 + 12) * 1000;
+    let due = DateTime::from_timestamp_millis(due_ms).expect("due");
+
+    config.booking_headers = false;
+    let mut without = stack.server_with(config.clone()).await;
+    let mut expected = book_payloads(&mut client(&without).await, 0..300, due).await;
+    without.stop().await.expect("stopped");
+
+    config.booking_headers = true;
+    let server = stack.server_with(config).await;
+    let seen = record_runs(&stack, &server);
+    expected.extend(book_payloads(&mut client(&server).await, 300..600, due).await);
+
+    // All held, and pulled with bodies while still far (before the prefetch).
+    let stream = tasks_stream(&stack).await;
+    loop {
+        assert!(
+            Utc::now().timestamp_millis() < due_ms - 2_000,
+            "the bucket was not pulled lean before its prefetch"
+        );
+        if let Ok(info) = stream.consumer_info(wire::bucket_consumer(due_ms)).await
+            && !info.config.headers_only
+            && info.num_ack_pending == 600
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    expect_runs(&seen, &mut expected, due, "mixed bookings").await;
+}
+
+/// Records each run a worker of `server` makes on the default queue.
+fn record_runs(stack: &Stack, server: &ServerHandle) -> (Arc<Mutex<Vec<Seen>>>, WorkerHandle) {
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let worker = stack.worker(
+        server,
+        "default",
+        16,
+        handler_fn(move |task| {
+            let record = Arc::clone(&record);
+            async move {
+                let run = (task.id().to_owned(), task.payload().clone(), Utc::now());
+                record.lock().expect("runs").push(run);
+                Ok::<(), HandlerError>(())
+            }
+        }),
+    );
+    (seen, worker)
+}
+
+/// Books one task per number on the default queue, due at `due`, each with
+/// its own payload; returns the payload of each id.
+async fn book_payloads(
+    client: &mut Client,
+    numbers: std::ops::Range<usize>,
+    due: DateTime<Utc>,
+) -> HashMap<String, Bytes> {
+    let payloads: Vec<Bytes> = numbers
+        .map(|i| Bytes::from(format!("payload {i}")))
+        .collect();
+    let batch = payloads
+        .iter()
+        .map(|payload| NewTask::new("default").payload(payload.clone()).at(due))
+        .collect();
+    let stored = client.schedule_batch(batch).await.expect("batch");
+    stored
+        .into_iter()
+        .zip(payloads)
+        .map(|(result, payload)| (result.expect("stored").id, payload))
+        .collect()
+}
+
+/// The tasks stream, read behind the servers' backs.
+async fn tasks_stream(stack: &Stack) -> async_nats::jetstream::stream::Stream {
+    let nats = async_nats::connect(stack.nats.url()).await.expect("nats");
+    async_nats::jetstream::new(nats)
+        .get_stream(wire::TASKS_STREAM)
+        .await
+        .expect("stream")
+}
+
+/// Waits until every expected task ran, then checks each ran once, not
+/// before `due`, with its own payload.
+async fn expect_runs(
+    seen: &(Arc<Mutex<Vec<Seen>>>, WorkerHandle),
+    expected: &mut HashMap<String, Bytes>,
+    due: DateTime<Utc>,
+    case: &str,
+) {
+    let seen = &seen.0;
+    let n = expected.len();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen.lock().expect("runs").len() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not all ran ({case})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let runs = seen.lock().expect("runs").clone();
+    assert_eq!(runs.len(), n, "each ran once ({case})");
+    for (id, payload, at) in runs {
+        assert_eq!(expected.remove(&id), Some(payload), "its own payload, once");
+        assert!(at >= due, "ran {at} before due {due}");
+    }
+}
+
 backend_tests!(
     claims_lost_with_redis_are_decided_by_sql,
     task_runs_once_not_before_due,
@@ -795,6 +872,7 @@ backend_tests!(
     invalid_input_is_rejected_and_nothing_stored,
     waiting_tasks_are_not_cycled,
     far_buckets_wait_without_bodies,
+    bookings_with_and_without_headers_share_a_bucket,
     a_start_is_answered_while_a_result_beside_it_waits_for_its_commit,
 );
 

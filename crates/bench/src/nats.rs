@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
+use prost::Message as _;
 
 /// Kills nats-server with SIGKILL (no chance to flush), starts it again with
 /// the same config, rewrites the pid file, and waits until it serves JetStream.
@@ -80,10 +81,14 @@ pub(crate) async fn missing_tasks(
         })
         .buffer_unordered(256)
         .filter_map(|msg| async move {
-            let headers = msg?.headers;
-            headers
-                .get(kairos_proto::wire::TASK_ID_HEADER)
-                .map(|v| v.as_str().to_owned())
+            let msg = msg?;
+            // Booked with headers or, by default, only the envelope tells.
+            match msg.headers.get(kairos_proto::wire::TASK_ID_HEADER) {
+                Some(id) => Some(id.as_str().to_owned()),
+                None => kairos_proto::v1::TaskEnvelope::decode(msg.payload)
+                    .ok()
+                    .map(|envelope| envelope.id),
+            }
         })
         .collect()
         .await;

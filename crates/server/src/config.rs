@@ -114,6 +114,13 @@ pub struct ServerConfig {
     #[arg(long, env = "KAIROS_BATCH_PUBLISH", value_enum, default_value = "auto")]
     pub batch_publish: crate::bus::BatchPublish,
 
+    /// Whether a new task also carries its id, due time, queue and expiry as
+    /// NATS headers. Replicas before this version read only those: keep it on
+    /// while replacing such replicas one by one, and turn it off once none is
+    /// left. Off, a booking costs less CPU (BENCHMARKS.md item 56).
+    #[arg(long, env = "KAIROS_BOOKING_HEADERS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub booking_headers: bool,
+
     /// Identity of this replica (the bucket lease value); random when empty.
     #[arg(long, env = "KAIROS_REPLICA_ID", default_value = "")]
     pub replica_id: String,

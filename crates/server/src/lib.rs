@@ -72,6 +72,7 @@ pub async fn run(
         duplicate_window: config.duplicate_window,
         dead_retention: config.dead_retention,
         batch_publish: config.batch_publish,
+        booking_headers: config.booking_headers,
     })
     .await
     .context("failed to create the jetstream streams")?;

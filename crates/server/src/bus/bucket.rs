@@ -141,36 +141,90 @@ impl Interner {
     }
 }
 
-/// Reads a bucket message's headers into what the dispatcher holds in memory.
-/// A message that is not a Kairos task comes back as an error with its reply
-/// subject, so the caller can terminate it rather than let it block the bucket.
+/// How a bucket's consumer is pulled, and what the dispatcher keeps of each
+/// message. Far from due a bucket's tasks wait without their payloads (see
+/// `DispatchSettings::body_prefetch`); near it they are held whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pull {
+    /// Headers only: no payload travels or stays. Reads tasks booked with
+    /// headers (`KAIROS_BOOKING_HEADERS`); one booked without them makes
+    /// the owner pull the bucket [`Pull::Lean`].
+    Headers,
+    /// Whole messages, each body dropped once read: a far bucket whose tasks
+    /// were booked without headers, so the envelope is what tells them.
+    Lean,
+    /// Whole messages, kept until released.
+    Whole,
+}
+
+impl Pull {
+    /// Whether the bucket's consumer delivers headers only.
+    pub fn headers_only(self) -> bool {
+        self == Pull::Headers
+    }
+
+    /// Whether the held tasks keep their bodies, ready to release.
+    pub fn keeps_bodies(self) -> bool {
+        self == Pull::Whole
+    }
+}
+
+/// Why a bucket message was not read into a [`BucketMessage`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unread {
+    /// Not a Kairos task: terminated, when it has a reply subject, rather
+    /// than left to block the bucket.
+    Malformed(&'static str, Option<Box<str>>),
+    /// Booked without headers and delivered headers-only: only its body
+    /// tells the task, so the bucket must be pulled with bodies.
+    NeedsBody,
+}
+
+/// Reads a bucket message into what the dispatcher holds in memory: from its
+/// headers where it was booked with them, else from its envelope.
 pub fn decode_bucket_message(
     msg: jetstream::Message,
     shared: &mut Interner,
-    headers_only: bool,
-) -> Result<BucketMessage, (&'static str, Option<Box<str>>)> {
+    pull: Pull,
+) -> Result<BucketMessage, Unread> {
     // Asked only for a subject kept whole: the split reads the same number.
     let reported_seq = || msg.info().map(|i| i.stream_sequence).unwrap_or(0);
     let msg = &msg.message;
     let Some(reply) = msg.reply.as_ref().map(|r| r.as_str()) else {
-        return Err(("message without reply subject", None));
+        return Err(Unread::Malformed("message without reply subject", None));
     };
-    let Some(headers) = msg.headers.as_ref() else {
-        return Err(("message without headers", Some(reply.into())));
+    let malformed = |reason| Unread::Malformed(reason, Some(reply.into()));
+    let header = |name: &str| {
+        msg.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str())
     };
-    let get = |name: &str| headers.get(name).map(|v| v.as_str());
-    let task_id = get(wire::TASK_ID_HEADER).and_then(|v| v.parse::<TaskId>().ok());
-    let due_ms = get(wire::DUE_HEADER).and_then(|v| v.parse().ok());
-    let (Some(task_id), Some(queue), Some(due_ms)) = (task_id, get(wire::QUEUE_HEADER), due_ms)
-    else {
-        return Err((
-            "missing or bad task id, queue or due header",
-            Some(reply.into()),
-        ));
+    let (task_id, queue, due_ms, expire_at_ms) = match header(wire::TASK_ID_HEADER) {
+        Some(id) => {
+            let task_id = id.parse::<TaskId>().ok();
+            let due_ms = header(wire::DUE_HEADER).and_then(|v| v.parse().ok());
+            let (Some(task_id), Some(queue), Some(due_ms)) =
+                (task_id, header(wire::QUEUE_HEADER), due_ms)
+            else {
+                return Err(malformed("missing or bad task id, queue or due header"));
+            };
+            let expire_at_ms = header(wire::EXPIRE_HEADER)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            (task_id, queue, due_ms, expire_at_ms)
+        }
+        None if pull.headers_only() => return Err(Unread::NeedsBody),
+        None => {
+            let fields = EnvelopeFields::read(&msg.payload)
+                .ok_or(malformed("neither task headers nor a task envelope"))?;
+            let task_id = fields
+                .id
+                .parse::<TaskId>()
+                .map_err(|_| malformed("bad task id in the envelope"))?;
+            (task_id, fields.queue, fields.due_ms, fields.expire_at_ms)
+        }
     };
-    let expire_at_ms = get(wire::EXPIRE_HEADER)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
     let bucket_ms = msg
         .subject
         .as_str()
@@ -186,9 +240,81 @@ pub fn decode_bucket_message(
         expire_at_ms,
         bucket_ms,
         seq,
-        body: (!headers_only).then(|| Box::from(&msg.payload[..])),
+        body: pull.keeps_bodies().then(|| Box::from(&msg.payload[..])),
         ack,
     })
+}
+
+/// The fields of an encoded `TaskEnvelope` the dispatcher holds, read in
+/// place: decoding the whole envelope would copy its payload and headers
+/// only to drop them.
+#[derive(Debug, PartialEq, Eq)]
+struct EnvelopeFields<'a> {
+    id: &'a str,
+    queue: &'a str,
+    due_ms: i64,
+    expire_at_ms: i64,
+}
+
+impl<'a> EnvelopeFields<'a> {
+    // Field numbers of kairos.v1.TaskEnvelope.
+    const ID: u64 = 1;
+    const QUEUE: u64 = 2;
+    const DUE_AT_MS: u64 = 6;
+    const EXPIRE_AT_MS: u64 = 7;
+
+    /// Reads the fields; `None` when the bytes are not such an envelope or
+    /// lack its id, queue or due time.
+    fn read(mut buf: &'a [u8]) -> Option<Self> {
+        let (mut id, mut queue, mut due_ms, mut expire_at_ms) = (None, None, None, 0);
+        while !buf.is_empty() {
+            let key = read_varint(&mut buf)?;
+            match key & 7 {
+                0 => {
+                    // int64 goes as its two's complement bits.
+                    let value = read_varint(&mut buf)? as i64;
+                    match key >> 3 {
+                        Self::DUE_AT_MS => due_ms = Some(value),
+                        Self::EXPIRE_AT_MS => expire_at_ms = value,
+                        _ => {}
+                    }
+                }
+                1 => buf = buf.get(8..)?,
+                2 => {
+                    let len = usize::try_from(read_varint(&mut buf)?).ok()?;
+                    let (bytes, rest) = buf.split_at_checked(len)?;
+                    buf = rest;
+                    match key >> 3 {
+                        Self::ID => id = Some(std::str::from_utf8(bytes).ok()?),
+                        Self::QUEUE => queue = Some(std::str::from_utf8(bytes).ok()?),
+                        _ => {}
+                    }
+                }
+                5 => buf = buf.get(4..)?,
+                _ => return None,
+            }
+        }
+        Some(Self {
+            id: id.filter(|id| !id.is_empty())?,
+            queue: queue.filter(|queue| !queue.is_empty())?,
+            due_ms: due_ms?,
+            expire_at_ms,
+        })
+    }
+}
+
+/// Reads one protobuf varint off the front of `buf`.
+fn read_varint(buf: &mut &[u8]) -> Option<u64> {
+    let mut value = 0;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = buf.split_first()?;
+        *buf = rest;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(value);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -208,6 +334,62 @@ mod tests {
         let (other, seq) = AckSubject::parse(next, &mut shared, || 0);
         assert!(Arc::ptr_eq(&ack.prefix, &other.prefix));
         assert_eq!(other.rebuild(seq), next);
+    }
+
+    #[test]
+    fn an_envelope_tells_its_task_without_copying_the_rest() {
+        use kairos_proto::v1 as pb;
+        use prost::Message as _;
+        let mut envelope = pb::TaskEnvelope {
+            id: "0190f3a2-7b1c-7d4e-9f00-123456789abc".into(),
+            queue: "emails".into(),
+            payload: vec![0xff; 300].into(),
+            content_type: "application/json".into(),
+            headers: [("k".to_owned(), "v".to_owned())].into_iter().collect(),
+            due_at_ms: 1_764_300_000_123,
+            expire_at_ms: 1_764_300_060_000,
+            max_attempts: 3,
+            bucket_ms: 1_764_300_000_000,
+            attempt_offset: 2,
+            backoff: Some(pb::Backoff {
+                initial: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                max: None,
+                multiplier: Some(2.0),
+                jitter: Some(0.25),
+            }),
+        };
+        let bytes = envelope.encode_to_vec();
+        assert_eq!(
+            EnvelopeFields::read(&bytes),
+            Some(EnvelopeFields {
+                id: "0190f3a2-7b1c-7d4e-9f00-123456789abc",
+                queue: "emails",
+                due_ms: 1_764_300_000_123,
+                expire_at_ms: 1_764_300_060_000,
+            })
+        );
+        // Cut anywhere, it is read as this task or not at all.
+        for len in 0..bytes.len() {
+            if let Some(cut) = EnvelopeFields::read(&bytes[..len]) {
+                assert_eq!(
+                    (cut.id, cut.queue, cut.due_ms),
+                    (envelope.id.as_str(), "emails", envelope.due_at_ms),
+                    "cut at {len}"
+                );
+            }
+        }
+        // No due time, no task; a negative one reads back as such.
+        envelope.due_at_ms = 0;
+        assert_eq!(EnvelopeFields::read(&envelope.encode_to_vec()), None);
+        envelope.due_at_ms = -5;
+        envelope.expire_at_ms = 0;
+        let fields = envelope.encode_to_vec();
+        let fields = EnvelopeFields::read(&fields).expect("read");
+        assert_eq!((fields.due_ms, fields.expire_at_ms), (-5, 0));
+        assert_eq!(EnvelopeFields::read(b"\xff\xff not protobuf"), None);
     }
 
     #[test]

@@ -69,15 +69,16 @@ pub(super) async fn publish(
         if first_subject.is_none() {
             first_subject = Some(subject.clone());
         }
-        client
-            .publish_with_reply_and_headers(
-                subject,
-                format!("{prefix}{seq}.{op}.$FI"),
-                headers,
-                body,
-            )
-            .await
-            .map_err(BusError::from_any)?;
+        let reply = format!("{prefix}{seq}.{op}.$FI");
+        // An empty header map would still go as HPUB, with its header block.
+        if headers.is_empty() {
+            client.publish_with_reply(subject, reply, body).await
+        } else {
+            client
+                .publish_with_reply_and_headers(subject, reply, headers, body)
+                .await
+        }
+        .map_err(BusError::from_any)?;
         // The server's first answer says whether it took the batch at all,
         // before the rest is sent for nothing.
         while seq == 1 && len > 1 && !flow.started {

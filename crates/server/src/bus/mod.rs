@@ -25,7 +25,7 @@ use crate::domain::{NewTask, Queue, TaskId};
 
 mod bucket;
 mod fast;
-pub use bucket::{AckSubject, BucketMessage, Interner, decode_bucket_message};
+pub use bucket::{AckSubject, BucketMessage, Interner, Pull, Unread, decode_bucket_message};
 
 /// Errors talking to NATS.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +75,9 @@ pub struct StreamSettings {
     pub dead_retention: Duration,
     /// How several new tasks are published at once.
     pub batch_publish: BatchPublish,
+    /// Whether new tasks also carry their id, due time, queue and expiry as
+    /// NATS headers, which replicas before this version need to read them.
+    pub booking_headers: bool,
 }
 
 /// How a replica publishes several new tasks at once, where the NATS
@@ -104,6 +107,8 @@ pub struct Bus {
     js: jetstream::Context,
     /// How several tasks are published: ONE_BY_ONE, ATOMIC or FAST.
     batches: Arc<std::sync::atomic::AtomicU8>,
+    /// Whether new tasks carry headers (see [`StreamSettings::booking_headers`]).
+    booking_headers: Arc<std::sync::atomic::AtomicBool>,
     /// Batches in flight; the server allows 50 atomic ones per stream.
     batch_slots: Arc<tokio::sync::Semaphore>,
     /// Calls of [`Bus::publish_each`] under way (see EACH_IN_FLIGHT).
@@ -258,6 +263,7 @@ impl Bus {
             client,
             js,
             batches: Arc::new(std::sync::atomic::AtomicU8::new(ONE_BY_ONE)),
+            booking_headers: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             batch_slots: Arc::new(tokio::sync::Semaphore::new(ATOMIC_IN_FLIGHT)),
             each_slots: Arc::new(tokio::sync::Semaphore::new(EACH_IN_FLIGHT)),
             lanes: Arc::default(),
@@ -270,6 +276,13 @@ impl Bus {
         self.connections.subscribe()
     }
 
+    /// Whether this replica books tasks with headers, so that a far bucket
+    /// of its own tasks can be pulled headers-only.
+    pub fn books_with_headers(&self) -> bool {
+        self.booking_headers
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Returns the NATS client, e.g. to flush on shutdown.
     pub fn client(&self) -> &async_nats::Client {
         &self.client
@@ -279,6 +292,10 @@ impl Bus {
     /// retention), and turns on atomic and fast batches for the tasks stream
     /// where the server has them.
     pub async fn ensure_streams(&self, settings: &StreamSettings) -> BusResult<()> {
+        self.booking_headers.store(
+            settings.booking_headers,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         // Dead letters: the last envelope of each dead task, for RetryTask.
         self.js
             .get_or_create_stream(stream::Config {
@@ -441,10 +458,11 @@ impl Bus {
         // A batch's tasks share a few buckets: a subject is formatted once per
         // run of them, and its clones share the text.
         let mut last: Option<(i64, Subject)> = None;
+        let with_headers = self.books_with_headers();
         let encoded: Vec<(Subject, HeaderMap, Bytes)> = tasks
             .iter()
             .map(|(bucket, task)| {
-                let (headers, body) = encode_task(*bucket, task);
+                let (headers, body) = encode_task(*bucket, task, with_headers);
                 let subject = match &last {
                     Some((b, subject)) if b == bucket => subject.clone(),
                     _ => {
@@ -1071,8 +1089,10 @@ const BATCH_ID: HeaderName = HeaderName::from_static("Nats-Batch-Id");
 const BATCH_SEQUENCE: HeaderName = HeaderName::from_static("Nats-Batch-Sequence");
 const BATCH_COMMIT: HeaderName = HeaderName::from_static("Nats-Batch-Commit");
 
-/// Encodes a task as its envelope plus the headers the dispatcher reads.
-fn encode_task(bucket_ms: i64, task: &NewTask) -> (HeaderMap, Bytes) {
+/// Encodes a task as its envelope, plus (`with_headers`) the envelope's id,
+/// due time, queue and expiry as headers. The dispatcher reads either; the
+/// headers cost the booking a fifth of its CPU (BENCHMARKS.md item 56).
+fn encode_task(bucket_ms: i64, task: &NewTask, with_headers: bool) -> (HeaderMap, Bytes) {
     let expire_at_ms = task.expire_at.map_or(0, |t| t.timestamp_millis());
     let envelope = pb::TaskEnvelope {
         attempt_offset: 0,
@@ -1093,6 +1113,9 @@ fn encode_task(bucket_ms: i64, task: &NewTask) -> (HeaderMap, Bytes) {
         }),
     };
     let mut headers = HeaderMap::new();
+    if !with_headers {
+        return (headers, Bytes::from(envelope.encode_to_vec()));
+    }
     headers.insert(TASK_ID, envelope.id.as_str());
     headers.insert(DUE, envelope.due_at_ms.to_string());
     headers.insert(QUEUE, task.queue.as_str());

@@ -12,9 +12,11 @@
 //! claim in Redis, when a worker asks to start it. A burst larger than the
 //! release lead can carry starts to leave earlier (see [`Backlog`]).
 //!
-//! A bucket whose window starts further out than `body_prefetch` is pulled
-//! headers-only: its waiting tasks cost no body memory. When its window comes
-//! near, its consumer is recreated with bodies and delivers them all again.
+//! A bucket whose window starts further out than `body_prefetch` is held
+//! without bodies: its waiting tasks cost no body memory. It is pulled
+//! headers-only, or whole with each body dropped once read where tasks were
+//! booked without headers ([`Pull`]). When its window comes near, its
+//! consumer is recreated with bodies and delivers them all again.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
@@ -23,7 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::Utc;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -32,7 +34,8 @@ use tracing::{debug, info, warn};
 
 use crate::app::Recorder;
 use crate::bus::{
-    AheadLane, BucketMessage, BucketProgress, Bus, Interner, LANE_RECHECK, decode_bucket_message,
+    AheadLane, BucketMessage, BucketProgress, Bus, Interner, LANE_RECHECK, Pull, Unread,
+    decode_bucket_message,
 };
 use crate::domain::{StatusWrite, bucket_of};
 use crate::engine::backlog::{Backlog, Plan};
@@ -138,12 +141,13 @@ struct Watch {
 struct Owned {
     /// Bumped on every (re)acquisition, so messages of an old puller are ignored.
     generation: u64,
-    puller: JoinHandle<()>,
+    /// Ends with the way to pull the bucket again, if it must be reopened.
+    puller: JoinHandle<Option<Pull>>,
     /// Tasks of this bucket in the timer, to know when it is drained.
     held: usize,
     last_renew: Instant,
-    /// Pulled without bodies (see `DispatchSettings::body_prefetch`).
-    headers_only: bool,
+    /// How it is pulled (see `DispatchSettings::body_prefetch`).
+    pull: Pull,
     /// The consumer's progress at the last audit, if it had delivered more
     /// than the timer held then.
     short: Option<BucketProgress>,
@@ -766,14 +770,19 @@ impl Dispatcher {
         let prefetch_ms = self.settings.body_prefetch.as_millis() as i64;
         let buckets: Vec<i64> = self.owned.keys().copied().collect();
         for bucket in buckets {
-            let owned = &self.owned[&bucket];
+            let owned = self.owned.get_mut(&bucket).expect("listed above");
             if owned.puller.is_finished() {
-                info!(bucket, "bucket puller stopped; reopening");
                 // Reopened at once, even when past (closed, a past bucket
                 // would wait for the next scan). What the old consumer
                 // delivered leaves the timer: the new one delivers it again.
-                let headers_only = owned.headers_only;
-                self.reload(bucket, headers_only);
+                let pull = match (&mut owned.puller).now_or_never() {
+                    Some(Ok(Some(pull))) => pull,
+                    _ => {
+                        info!(bucket, "bucket puller stopped; reopening");
+                        owned.pull
+                    }
+                };
+                self.reload(bucket, pull);
                 continue;
             }
             if owned.last_renew.elapsed() >= renew_every {
@@ -796,7 +805,7 @@ impl Dispatcher {
                 }
             }
             let owned = &self.owned[&bucket];
-            if owned.headers_only && bucket - now_ms <= prefetch_ms {
+            if !owned.pull.keeps_bodies() && bucket - now_ms <= prefetch_ms {
                 self.load_bodies(bucket);
                 continue;
             }
@@ -862,18 +871,24 @@ impl Dispatcher {
             held = owned.held,
             "bucket consumer delivered tasks this replica does not hold; reloading the bucket"
         );
-        let headers_only = owned.headers_only;
-        self.reload(bucket, headers_only);
+        let pull = owned.pull;
+        self.reload(bucket, pull);
     }
 
     /// Starts pulling a bucket whose lease this replica just took.
     fn open(&mut self, bucket: i64) {
         let far_ms = bucket - Utc::now().timestamp_millis();
-        let headers_only = far_ms > self.settings.body_prefetch.as_millis() as i64;
-        self.open_with(bucket, headers_only, Instant::now());
+        let pull = if far_ms <= self.settings.body_prefetch.as_millis() as i64 {
+            Pull::Whole
+        } else if self.bus.books_with_headers() {
+            Pull::Headers
+        } else {
+            Pull::Lean
+        };
+        self.open_with(bucket, pull, Instant::now());
     }
 
-    fn open_with(&mut self, bucket: i64, headers_only: bool, last_renew: Instant) {
+    fn open_with(&mut self, bucket: i64, mode: Pull, last_renew: Instant) {
         self.next_generation += 1;
         let generation = self.next_generation;
         let ack_wait = self.settings.width + self.settings.lookahead + Duration::from_secs(300);
@@ -882,10 +897,10 @@ impl Dispatcher {
             bucket,
             generation,
             ack_wait,
-            headers_only,
+            mode,
             self.tx.clone(),
         ));
-        debug!(bucket, generation, headers_only, "bucket opened");
+        debug!(bucket, generation, ?mode, "bucket opened");
         self.owned.insert(
             bucket,
             Owned {
@@ -893,24 +908,28 @@ impl Dispatcher {
                 puller,
                 held: 0,
                 last_renew,
-                headers_only,
+                pull: mode,
                 short: None,
             },
         );
     }
 
-    /// Reopens a headers-only bucket with bodies: the new consumer delivers
-    /// every task not yet released again, whole.
+    /// Reopens a bucket held without bodies with them: the new consumer
+    /// delivers every task not yet released again, whole.
     fn load_bodies(&mut self, bucket: i64) {
-        if self.owned.get(&bucket).is_some_and(|o| o.headers_only) {
-            self.reload(bucket, false);
+        if self
+            .owned
+            .get(&bucket)
+            .is_some_and(|o| !o.pull.keeps_bodies())
+        {
+            self.reload(bucket, Pull::Whole);
         }
     }
 
     /// Reopens a bucket this replica holds with a fresh consumer, which
     /// delivers every task not yet released again; the old generation's
     /// entries leave the timer at once rather than when they fall due.
-    fn reload(&mut self, bucket: i64, headers_only: bool) {
+    fn reload(&mut self, bucket: i64, pull: Pull) {
         let Some(owned) = self.owned.get(&bucket) else {
             return;
         };
@@ -924,8 +943,8 @@ impl Dispatcher {
             }
             keep
         });
-        debug!(bucket, headers_only, "reloading a bucket");
-        self.open_with(bucket, headers_only, last_renew);
+        debug!(bucket, ?pull, "reloading a bucket");
+        self.open_with(bucket, pull, last_renew);
     }
 
     fn close(&mut self, bucket: i64) {
@@ -960,24 +979,25 @@ impl Drop for Dispatcher {
     }
 }
 
-/// Pulls every message of one bucket into the dispatcher.
+/// Pulls every message of one bucket into the dispatcher. Ends when the
+/// bucket must be reopened; with how to pull it where that changes.
 async fn pull(
     bus: Bus,
     bucket: i64,
     generation: u64,
     ack_wait: Duration,
-    headers_only: bool,
+    mode: Pull,
     tx: mpsc::Sender<(i64, u64, BucketMessage)>,
-) {
+) -> Option<Pull> {
     let consumer = match bus
-        .reset_bucket_consumer(bucket, ack_wait, headers_only)
+        .reset_bucket_consumer(bucket, ack_wait, mode.headers_only())
         .await
     {
         Ok(consumer) => consumer,
         Err(err) => {
             warn!(bucket, error = %err, "cannot create bucket consumer");
             tokio::time::sleep(Duration::from_secs(1)).await;
-            return;
+            return None;
         }
     };
     let mut messages = match consumer
@@ -992,7 +1012,7 @@ async fn pull(
         Err(err) => {
             warn!(bucket, error = %err, "cannot pull bucket");
             tokio::time::sleep(Duration::from_secs(1)).await;
-            return;
+            return None;
         }
     };
     let mut shared = Interner::default();
@@ -1006,20 +1026,29 @@ async fn pull(
             Ok(()) = connections.changed() => {
                 if bus.bucket_consumer_lost_on_reconnect(bucket).await {
                     warn!(bucket, "bucket consumer lost with a NATS restart; reopening the bucket");
-                    return;
+                    return None;
                 }
                 continue;
             }
         };
         let Some(next) = next else { break };
         match next {
-            Ok(msg) => match decode_bucket_message(msg, &mut shared, headers_only) {
+            Ok(msg) => match decode_bucket_message(msg, &mut shared, mode) {
                 Ok(msg) => {
                     if tx.send((bucket, generation, msg)).await.is_err() {
-                        return;
+                        return None;
                     }
                 }
-                Err((reason, reply)) => {
+                Err(Unread::NeedsBody) => {
+                    // Booked without headers (by this version, or another
+                    // replica): only the envelope tells the task.
+                    debug!(
+                        bucket,
+                        "tasks booked without headers; pulling the bucket lean"
+                    );
+                    return Some(Pull::Lean);
+                }
+                Err(Unread::Malformed(reason, reply)) => {
                     warn!(bucket, reason, "malformed task message terminated");
                     if let Some(reply) = reply {
                         let _ = bus.term(&reply).await;
@@ -1031,11 +1060,12 @@ async fn pull(
                 if bus.bucket_consumer_lost(bucket, &err).await {
                     // Ending makes the dispatcher reopen the bucket with a fresh consumer.
                     warn!(bucket, "bucket consumer lost; reopening the bucket");
-                    return;
+                    return None;
                 }
             }
         }
     }
+    None
 }
 
 /// The release lead of one task: `lead_ms`, or LATE_LEAD_MS (at most

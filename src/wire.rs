@@ -10,14 +10,18 @@ pub const READY_STREAM: &str = "KAIROS_READY";
 /// Subject prefix of released tasks: `kairos.ready.<queue>`, and
 /// `kairos.ready.<queue>.ahead` (see [`ahead_subject`]).
 pub const READY_SUBJECT_PREFIX: &str = "kairos.ready";
-/// Header with the task's due instant in ms since the epoch, read by the dispatcher
-/// so it never has to decode the body.
+/// Header with the task's due instant in ms since the epoch, on waiting task
+/// messages booked with `KAIROS_BOOKING_HEADERS` (else the envelope tells it).
+/// The dispatcher reads it so that a far bucket can be pulled without bodies.
 pub const DUE_HEADER: &str = "Kairos-Due-Ms";
-/// Header with the task id on every task message.
+/// Header with the task id on every released task message, and on waiting
+/// ones booked with `KAIROS_BOOKING_HEADERS`.
 pub const TASK_ID_HEADER: &str = "Kairos-Task-Id";
-/// Header with the task's queue on waiting task messages.
+/// Header with the task's queue on waiting task messages booked with
+/// `KAIROS_BOOKING_HEADERS`.
 pub const QUEUE_HEADER: &str = "Kairos-Queue";
-/// Header with the task's start deadline in ms since the epoch, when it has one.
+/// Header with the task's start deadline in ms since the epoch, when it has
+/// one, on waiting task messages booked with `KAIROS_BOOKING_HEADERS`.
 pub const EXPIRE_HEADER: &str = "Kairos-Expire-Ms";
 /// Stream that keeps the envelope of each task that died, so RetryTask can
 /// run it again; one subject per task: `kairos.dead.<task id>`.

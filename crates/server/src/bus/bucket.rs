@@ -28,8 +28,8 @@ pub struct BucketMessage {
     pub bucket_ms: i64,
     /// Stream sequence, to order ties; also a token of the ack subject.
     pub seq: u64,
-    /// The encoded envelope, released as-is; `None` when pulled headers-only
-    /// (a bucket far from due holds no bodies, see `DispatchSettings::body_prefetch`).
+    /// The encoded envelope, released as-is; `None` while its bucket is held
+    /// without bodies (far from due, see [`Pull`]).
     /// A boxed slice: 16 bytes less than `Bytes`, per held task.
     pub body: Option<Box<[u8]>>,
     /// Where to acknowledge the bucket message once the release is durable.

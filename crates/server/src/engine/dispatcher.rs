@@ -88,7 +88,7 @@ pub struct DispatchSettings {
     /// How long after its window a drained bucket is kept open, for clock skew.
     pub grace: Duration,
     /// How long before its window starts a bucket's task bodies are loaded;
-    /// buckets further out are held headers-only.
+    /// buckets further out are held without them (see [`Pull`]).
     pub body_prefetch: Duration,
     /// How long before its due time a task is released; its worker waits
     /// for the due time before it asks to start.

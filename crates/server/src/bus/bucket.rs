@@ -217,7 +217,7 @@ pub fn decode_bucket_message(
         None if pull.headers_only() => return Err(Unread::NeedsBody),
         None => {
             let fields = EnvelopeFields::read(&msg.payload)
-                .ok_or(malformed("neither task headers nor a task envelope"))?;
+                .ok_or_else(|| malformed("neither task headers nor a task envelope"))?;
             let task_id = fields
                 .id
                 .parse::<TaskId>()

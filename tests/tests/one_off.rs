@@ -693,7 +693,7 @@ async fn far_buckets_wait_without_bodies(backend: Backend) {
         config.booking_headers = booking_headers;
         let server = stack.server_with(config).await;
         let mut client = client(&server).await;
-        let seen = record_runs(&stack, &server);
+        let (seen, _worker) = record_runs(&stack, &server);
 
         // Due on a whole second, the start of its one-second bucket, 6 s out.
         let due_ms = (Utc::now().timestamp_millis() / 1000 + 6) * 1000;
@@ -761,7 +761,7 @@ async fn bookings_with_and_without_headers_share_a_bucket(backend: Backend) {
 
     config.booking_headers = true;
     let server = stack.server_with(config).await;
-    let seen = record_runs(&stack, &server);
+    let (seen, _worker) = record_runs(&stack, &server);
     expected.extend(book_payloads(&mut client(&server).await, 300..600, due).await);
 
     // All held, and pulled with bodies while still far (before the prefetch).
@@ -782,7 +782,8 @@ async fn bookings_with_and_without_headers_share_a_bucket(backend: Backend) {
     expect_runs(&seen, &mut expected, due, "mixed bookings").await;
 }
 
-/// Records each run a worker of `server` makes on the default queue.
+/// Records each run a worker of `server` makes on the default queue; the
+/// worker runs while its handle is kept.
 fn record_runs(stack: &Stack, server: &ServerHandle) -> (Arc<Mutex<Vec<Seen>>>, WorkerHandle) {
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let record = Arc::clone(&seen);
@@ -836,12 +837,11 @@ async fn tasks_stream(stack: &Stack) -> async_nats::jetstream::stream::Stream {
 /// Waits until every expected task ran, then checks each ran once, not
 /// before `due`, with its own payload.
 async fn expect_runs(
-    seen: &(Arc<Mutex<Vec<Seen>>>, WorkerHandle),
+    seen: &Mutex<Vec<Seen>>,
     expected: &mut HashMap<String, Bytes>,
     due: DateTime<Utc>,
     case: &str,
 ) {
-    let seen = &seen.0;
     let n = expected.len();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while seen.lock().expect("runs").len() < n {

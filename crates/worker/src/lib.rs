@@ -31,11 +31,13 @@
 //! # Layout
 //! - [`handler`]: the [`Handler`] trait, [`HandlerError`] and [`TaskContext`].
 //! - [`runtime`]: [`Worker`] and its builder: pulling, acknowledging, retrying.
+//! - `acker`: acknowledgements of settled deliveries, sent together.
 //! - `hold`: tasks released ahead, held until their due time without a run slot.
 //! - `reporter`: the long-lived `StatusService/Report` stream to the server.
 //! - [`webhook`]: the built-in handler that POSTs tasks to an HTTP endpoint.
 #![warn(missing_docs)]
 
+mod acker;
 pub mod handler;
 mod hold;
 mod reporter;

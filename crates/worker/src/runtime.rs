@@ -27,6 +27,7 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
+use crate::acker::Acker;
 use crate::handler::{Erased, ErasedHandler, Handler, HandlerError, TaskContext};
 use crate::hold::Hold;
 use crate::reporter::Reporter;
@@ -364,6 +365,7 @@ impl Worker {
             inner.worker_id.clone(),
             abort.clone(),
         );
+        let (acker, acker_task) = Acker::spawn();
         let tracker = TaskTracker::new();
         info!(
             queue = inner.queue,
@@ -374,6 +376,7 @@ impl Worker {
             worker: &self,
             js: &js,
             reporter: &reporter,
+            acker: &acker,
             tracker: &tracker,
             slots: Arc::new(Semaphore::new(inner.concurrency)),
             hold: Hold::default(),
@@ -407,6 +410,9 @@ impl Worker {
         {
             abort.cancel();
         }
+        // The acknowledgements of the last results, before the flush.
+        drop(acker);
+        let _ = tokio::time::timeout(inner.shutdown_timeout, acker_task).await;
         let _ = client.flush().await;
         Ok(())
     }
@@ -437,6 +443,8 @@ struct Lanes<'a> {
     worker: &'a Worker,
     js: &'a Arc<jetstream::Context>,
     reporter: &'a Reporter,
+    /// Acknowledges settled deliveries together.
+    acker: &'a Acker,
     tracker: &'a TaskTracker,
     /// Run slots: handlers running at once.
     slots: Arc<Semaphore>,
@@ -634,9 +642,10 @@ impl Lanes<'_> {
         slot: Option<OwnedSemaphorePermit>,
         room: OwnedSemaphorePermit,
     ) {
-        let (inner, reporter, cancelled, abort, js, slots) = (
+        let (inner, reporter, acker, cancelled, abort, js, slots) = (
             self.worker.inner.clone(),
             self.reporter.clone(),
+            self.acker.clone(),
             self.shutdown.clone(),
             self.abort.clone(),
             self.js.clone(),
@@ -652,7 +661,7 @@ impl Lanes<'_> {
             let place = Place { slots, slot, room };
             tokio::select! {
                 biased;
-                () = Box::pin(settle(&inner, &reporter, &js, cancelled, &msg, envelope, place)) => {}
+                () = Box::pin(settle(&inner, (&reporter, &acker), &js, cancelled, &msg, envelope, place)) => {}
                 never = keep_alive(&msg, every) => match never {},
                 () = abort.cancelled() => {}
             }
@@ -804,10 +813,10 @@ async fn keep_alive(msg: &jetstream::Message, every: Duration) -> std::convert::
 /// Asks to start one delivery, runs it and settles its message.
 async fn settle(
     inner: &Inner,
-    reporter: &Reporter,
+    (reporter, acker): (&Reporter, &Acker),
     js: &jetstream::Context,
     shutdown: CancellationToken,
-    msg: &jetstream::Message,
+    msg: &Arc<jetstream::Message>,
     decoded: Option<Box<pb::TaskEnvelope>>,
     place: Place,
 ) {
@@ -922,7 +931,7 @@ async fn settle(
             reason = decision.reason,
             "attempt skipped"
         );
-        let _ = msg.ack().await;
+        acker.ack(Arc::clone(msg), None, id);
         return;
     }
 
@@ -1000,11 +1009,5 @@ async fn settle(
         // Hard shutdown before the server recorded it: the redelivery settles it.
         return;
     }
-    let acked = match ack {
-        None => msg.ack().await,
-        Some(kind) => msg.ack_with(kind).await,
-    };
-    if let Err(err) = acked {
-        warn!(task_id = id, error = %err, "acknowledgement failed; the task may be delivered again");
-    }
+    acker.ack(Arc::clone(msg), ack, id);
 }

@@ -120,9 +120,8 @@ struct InFlight {
 /// item 57). An answered report leaves a hole until those before it are
 /// answered too; the server answers every report, an error included, within
 /// seconds, so holes do not pile up.
-#[derive(Default)]
 struct InFlights {
-    /// Seq of `slots[0]`.
+    /// Seq of `slots[0]`; the next seq handed out is `first + slots`.
     first: u64,
     slots: VecDeque<Option<InFlight>>,
     /// Slots holding a report.
@@ -130,20 +129,20 @@ struct InFlights {
 }
 
 impl InFlights {
-    /// Starts the window at `seq`, the first seq handed out.
-    fn starting_at(seq: u64) -> Self {
+    /// An empty window whose first report gets seq 1 (0 is no report).
+    fn new() -> Self {
         Self {
-            first: seq,
-            ..Self::default()
+            first: 1,
+            slots: VecDeque::new(),
+            len: 0,
         }
     }
 
-    /// Adds the report with the next seq (`first + slots`), which the caller
-    /// hands out in order.
-    fn push(&mut self, seq: u64, item: InFlight) {
-        debug_assert_eq!(seq, self.first + self.slots.len() as u64);
+    /// Adds a report and returns the seq it gets: the next in order.
+    fn push(&mut self, item: InFlight) -> u64 {
         self.slots.push_back(Some(item));
         self.len += 1;
+        self.first + self.slots.len() as u64 - 1
     }
 
     fn get(&self, seq: u64) -> Option<&InFlight> {
@@ -185,8 +184,7 @@ async fn run(
     mut rx: mpsc::Receiver<(pb::report::Event, Reply)>,
     abort: CancellationToken,
 ) {
-    let mut next_seq: u64 = 1;
-    let mut inflight = InFlights::starting_at(next_seq);
+    let mut inflight = InFlights::new();
     let mut accepting = true;
     let mut backoff = Duration::from_millis(100);
     // Messages the server could not record (a backend down) come back here after a pause.
@@ -202,8 +200,7 @@ async fn run(
                 () = abort.cancelled() => return,
                 next = rx.recv(), if accepting => match next {
                     Some((event, reply)) => {
-                        inflight.push(next_seq, InFlight { event, reply });
-                        next_seq += 1;
+                        inflight.push(InFlight { event, reply });
                     }
                     None => accepting = false,
                 },
@@ -257,10 +254,9 @@ async fn run(
                         let mut reports = Vec::new();
                         let mut next = Some(first);
                         while let Some((event, reply)) = next {
-                            let seq = next_seq;
-                            next_seq += 1;
-                            reports.push(report(seq, &event));
-                            inflight.push(seq, InFlight { event, reply });
+                            let sent = Some(event.clone());
+                            let seq = inflight.push(InFlight { event, reply });
+                            reports.push(pb::Report { seq, event: sent });
                             next = if reports.len() < MAX_REPORTS { rx.try_recv().ok() } else { None };
                         }
                         outbox.send(reports).await;
@@ -358,14 +354,14 @@ mod tests {
 
     #[test]
     fn the_window_of_unanswered_reports_keeps_their_order_and_drops_answered_ones() {
-        let mut inflight = InFlights::starting_at(1);
+        let mut inflight = InFlights::new();
         for seq in 1..=5 {
             let (reply, _) = oneshot::channel();
             let event = pb::report::Event::Started(pb::AttemptStarted {
                 task_id: format!("t{seq}"),
                 ..Default::default()
             });
-            inflight.push(seq, InFlight { event, reply });
+            assert_eq!(inflight.push(InFlight { event, reply }), seq);
         }
         let seqs = |inflight: &InFlights| inflight.iter().map(|(s, _)| s).collect::<Vec<_>>();
         assert!(inflight.remove(3).is_some());

@@ -123,9 +123,8 @@ struct InFlight {
 struct InFlights {
     /// Seq of `slots[0]`; the next seq handed out is `first + slots`.
     first: u64,
+    /// Never starts with a hole, so it is empty once every report is answered.
     slots: VecDeque<Option<InFlight>>,
-    /// Slots holding a report.
-    len: usize,
 }
 
 impl InFlights {
@@ -134,14 +133,12 @@ impl InFlights {
         Self {
             first: 1,
             slots: VecDeque::new(),
-            len: 0,
         }
     }
 
     /// Adds a report and returns the seq it gets: the next in order.
     fn push(&mut self, item: InFlight) -> u64 {
         self.slots.push_back(Some(item));
-        self.len += 1;
         self.first + self.slots.len() as u64 - 1
     }
 
@@ -154,7 +151,6 @@ impl InFlights {
     fn remove(&mut self, seq: u64) -> Option<InFlight> {
         let at = usize::try_from(seq.checked_sub(self.first)?).ok()?;
         let item = self.slots.get_mut(at)?.take()?;
-        self.len -= 1;
         while let Some(None) = self.slots.front() {
             self.slots.pop_front();
             self.first += 1;
@@ -162,12 +158,13 @@ impl InFlights {
         Some(item)
     }
 
+    /// How many reports wait for an answer (counted: only logged).
     fn len(&self) -> usize {
-        self.len
+        self.slots.iter().flatten().count()
     }
 
     fn is_empty(&self) -> bool {
-        self.len == 0
+        self.slots.is_empty()
     }
 
     /// The reports in seq order.
